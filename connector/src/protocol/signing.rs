@@ -1,0 +1,463 @@
+//! SRI v1 request signing: the key ring, HMAC-SHA256 signatures, and replay protection.
+//!
+//! String to sign: `"v1\n" + timestamp + "\n" + session_id + "\n" + action + "\n" +
+//! hex(sha256(body))`. Keys come from `SRI_SIGNING_KEYS` (`kid:base64secret,…`); the first
+//! signs and all verify, so keys rotate without downtime. Rejections say which check failed,
+//! never the expected value.
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderValue};
+use sha2::{Digest, Sha256};
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use crate::Error;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Header carrying the session id (must equal the envelope's).
+pub const HEADER_SESSION: &str = "x-dify-plugin-session";
+/// Header carrying the signing time, Unix seconds.
+pub const HEADER_TIMESTAMP: &str = "x-dify-plugin-timestamp";
+/// Header carrying `v1=<hex HMAC>`.
+pub const HEADER_SIGNATURE: &str = "x-dify-plugin-signature";
+/// Optional header naming the key that signed.
+pub const HEADER_KEY_ID: &str = "x-dify-plugin-key-id";
+/// The environment variable holding the key ring.
+pub const KEYS_ENV: &str = "SRI_SIGNING_KEYS";
+/// Shortest accepted secret, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// Default accepted clock difference, in seconds.
+pub const DEFAULT_MAX_SKEW_SECS: u64 = 300;
+
+/// Why a request was refused. The text names the failed check and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// A required header is absent.
+    #[error("missing header `{0}`: sign the request with SRI v1")]
+    MissingHeader(&'static str),
+    /// A header is present but unusable.
+    #[error("malformed header `{0}`: {1}")]
+    MalformedHeader(&'static str, &'static str),
+    /// The key id is not in the function's key ring.
+    #[error("unknown key id `{0}`: the function's SRI_SIGNING_KEYS has no such key")]
+    UnknownKeyId(String),
+    /// The timestamp is too far from the function's clock.
+    #[error("stale timestamp: {skew_secs} s away from the function's clock (at most {max_secs} s allowed); check both clocks")]
+    StaleTimestamp {
+        /// How far off the timestamp was.
+        skew_secs: u64,
+        /// The allowed difference.
+        max_secs: u64,
+    },
+    /// No configured key produced the signature.
+    #[error("bad signature: no key in the function's SRI_SIGNING_KEYS matches; check that both sides share the key ring")]
+    BadSignature,
+    /// The signature was already used within the window.
+    #[error("replayed request: this signature was already used; sign every request anew")]
+    Replay,
+    /// The signed session differs from the envelope's.
+    #[error("session mismatch: header `x-dify-plugin-session` differs from the envelope's session_id")]
+    SessionMismatch,
+}
+
+/// A signing secret; never printed.
+#[derive(Clone)]
+struct Secret(Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// One key of a ring.
+#[derive(Clone, Debug)]
+pub struct Key {
+    id: String,
+    secret: Secret,
+}
+
+impl Key {
+    /// Creates a key; the secret must have at least [`MIN_SECRET_BYTES`] bytes.
+    pub fn new(id: impl Into<String>, secret: impl Into<Vec<u8>>) -> Result<Self, Error> {
+        let id = id.into();
+        let secret = secret.into();
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(Error::KeyRing(format!(
+                "key id `{id}` must be non-empty and use only letters, digits, `.`, `_` or `-`"
+            )));
+        }
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(Error::KeyRing(format!(
+                "key `{id}`: the secret has {} bytes, at least {MIN_SECRET_BYTES} are required \
+                 (e.g. `openssl rand -base64 32`)",
+                secret.len()
+            )));
+        }
+        Ok(Self {
+            id,
+            secret: Secret(secret),
+        })
+    }
+
+    /// The key id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn mac(&self, to_sign: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.secret.0).expect("HMAC takes any key size");
+        mac.update(to_sign);
+        mac
+    }
+}
+
+/// The string to sign for a request.
+pub fn string_to_sign(timestamp: u64, session_id: &str, action: &str, body: &[u8]) -> String {
+    let digest = hex::encode(Sha256::digest(body));
+    format!("v1\n{timestamp}\n{session_id}\n{action}\n{digest}")
+}
+
+/// The headers of a signed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedHeaders {
+    /// Session id.
+    pub session_id: String,
+    /// Unix seconds.
+    pub timestamp: u64,
+    /// `v1=<hex>`.
+    pub signature: String,
+    /// The signing key's id.
+    pub key_id: String,
+}
+
+impl SignedHeaders {
+    /// Adds the headers to a request.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let value = |s: &str| HeaderValue::from_str(s).expect("signing headers are visible ASCII");
+        headers.insert(HEADER_SESSION, value(&self.session_id));
+        headers.insert(HEADER_TIMESTAMP, value(&self.timestamp.to_string()));
+        headers.insert(HEADER_SIGNATURE, value(&self.signature));
+        headers.insert(HEADER_KEY_ID, value(&self.key_id));
+    }
+}
+
+/// What a successful verification established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The signed session id.
+    pub session_id: String,
+    /// The signed timestamp.
+    pub timestamp: u64,
+    /// The id of the key that matched.
+    pub key_id: String,
+    signature: [u8; 32],
+}
+
+/// The keys a side signs and verifies with. The first key signs.
+#[derive(Clone, Debug)]
+pub struct KeyRing {
+    keys: Vec<Key>,
+}
+
+impl KeyRing {
+    /// A ring of the given keys (at least one, unique ids).
+    pub fn new(keys: Vec<Key>) -> Result<Self, Error> {
+        if keys.is_empty() {
+            return Err(Error::KeyRing(format!(
+                "no keys: set {KEYS_ENV} to `kid:base64secret[,kid2:base64secret2…]`"
+            )));
+        }
+        let mut seen = HashSet::new();
+        for k in &keys {
+            if !seen.insert(k.id.as_str()) {
+                return Err(Error::KeyRing(format!("key id `{}` appears twice", k.id)));
+            }
+        }
+        Ok(Self { keys })
+    }
+
+    /// Reads the ring from `SRI_SIGNING_KEYS`.
+    pub fn from_env() -> Result<Self, Error> {
+        std::env::var(KEYS_ENV)
+            .map_err(|_| {
+                Error::KeyRing(format!(
+                    "{KEYS_ENV} is not set: set it to `kid:base64secret[,…]` (secrets ≥ {MIN_SECRET_BYTES} bytes)"
+                ))
+            })?
+            .parse()
+    }
+
+    /// The keys, signing key first.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    /// Signs a request with the first key.
+    pub fn sign(&self, timestamp: u64, session_id: &str, action: &str, body: &[u8]) -> SignedHeaders {
+        let key = &self.keys[0];
+        let sig = key
+            .mac(string_to_sign(timestamp, session_id, action, body).as_bytes())
+            .finalize()
+            .into_bytes();
+        SignedHeaders {
+            session_id: session_id.to_owned(),
+            timestamp,
+            signature: format!("v1={}", hex::encode(sig)),
+            key_id: key.id.clone(),
+        }
+    }
+
+    /// Verifies a request's signature headers against `action`, `body` and the clock `now`
+    /// (Unix seconds). Does not check replays or the envelope: see [`ReplayGuard`] and
+    /// [`check_session`].
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        action: &str,
+        body: &[u8],
+        now: u64,
+        max_skew_secs: u64,
+    ) -> Result<Verified, Rejection> {
+        let session_id = header(headers, HEADER_SESSION)?;
+        if session_id.is_empty() {
+            return Err(Rejection::MalformedHeader(HEADER_SESSION, "it is empty"));
+        }
+        let timestamp: u64 = header(headers, HEADER_TIMESTAMP)?
+            .parse()
+            .map_err(|_| Rejection::MalformedHeader(HEADER_TIMESTAMP, "expected Unix seconds"))?;
+        let signature = header(headers, HEADER_SIGNATURE)?;
+        let signature = signature
+            .strip_prefix("v1=")
+            .ok_or(Rejection::MalformedHeader(HEADER_SIGNATURE, "expected `v1=<hex>`"))?;
+        let mut sig = [0u8; 32];
+        hex::decode_to_slice(signature, &mut sig).map_err(|_| {
+            Rejection::MalformedHeader(HEADER_SIGNATURE, "expected 64 hex digits after `v1=`")
+        })?;
+        let skew = now.abs_diff(timestamp);
+        if skew > max_skew_secs {
+            return Err(Rejection::StaleTimestamp {
+                skew_secs: skew,
+                max_secs: max_skew_secs,
+            });
+        }
+        let candidates: Vec<&Key> = match headers.get(HEADER_KEY_ID) {
+            Some(v) => {
+                let kid = v
+                    .to_str()
+                    .map_err(|_| Rejection::MalformedHeader(HEADER_KEY_ID, "not visible ASCII"))?;
+                let key = self
+                    .keys
+                    .iter()
+                    .find(|k| k.id == kid)
+                    .ok_or_else(|| Rejection::UnknownKeyId(kid.chars().take(64).collect()))?;
+                vec![key]
+            }
+            None => self.keys.iter().collect(),
+        };
+        let to_sign = string_to_sign(timestamp, session_id, action, body);
+        let key = candidates
+            .into_iter()
+            .find(|k| k.mac(to_sign.as_bytes()).verify_slice(&sig).is_ok())
+            .ok_or(Rejection::BadSignature)?;
+        Ok(Verified {
+            session_id: session_id.to_owned(),
+            timestamp,
+            key_id: key.id.clone(),
+            signature: sig,
+        })
+    }
+}
+
+/// Checks that the signed session is the envelope's.
+pub fn check_session(verified: &Verified, envelope_session_id: &str) -> Result<(), Rejection> {
+    if verified.session_id == envelope_session_id {
+        Ok(())
+    } else {
+        Err(Rejection::SessionMismatch)
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, Rejection> {
+    headers
+        .get(name)
+        .ok_or(Rejection::MissingHeader(name))?
+        .to_str()
+        .map_err(|_| Rejection::MalformedHeader(name, "not visible ASCII"))
+}
+
+impl FromStr for KeyRing {
+    type Err = Error;
+
+    /// Parses `kid:base64secret[,kid:base64secret…]`. Errors name the key, never the secret.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mut keys = Vec::new();
+        for (i, item) in s.split(',').map(str::trim).enumerate() {
+            if item.is_empty() {
+                continue;
+            }
+            let (id, b64) = item.split_once(':').ok_or_else(|| {
+                Error::KeyRing(format!(
+                    "entry {} has no `:`; each entry is `kid:base64secret`",
+                    i + 1
+                ))
+            })?;
+            let secret = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim()))
+                .map_err(|_| {
+                    Error::KeyRing(format!("key `{}`: the secret is not valid base64", id.trim()))
+                })?;
+            keys.push(Key::new(id.trim(), secret)?);
+        }
+        Self::new(keys)
+    }
+}
+
+/// Remembers signatures seen within the clock window so that each is accepted once.
+///
+/// Memory is bounded: entries expire with the window, and at most `capacity` are kept (the
+/// oldest are forgotten first; a forgotten one is by then far older than most traffic).
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window_secs: u64,
+    capacity: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    set: HashSet<[u8; 32]>,
+    order: VecDeque<(u64, [u8; 32])>,
+}
+
+impl ReplayGuard {
+    /// A guard for signatures valid `window_secs` either side of now.
+    pub fn new(window_secs: u64, capacity: usize) -> Self {
+        Self {
+            window_secs,
+            capacity: capacity.max(1),
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// Records `verified`'s signature; refuses one already recorded.
+    pub fn check(&self, verified: &Verified, now: u64) -> Result<(), Rejection> {
+        let mut seen = self.seen.lock().expect("replay guard lock");
+        // A signature is acceptable until timestamp + window; forget it after that.
+        while let Some(&(expiry, sig)) = seen.order.front() {
+            if expiry >= now && seen.order.len() < self.capacity {
+                break;
+            }
+            seen.order.pop_front();
+            seen.set.remove(&sig);
+        }
+        if !seen.set.insert(verified.signature) {
+            return Err(Rejection::Replay);
+        }
+        let expiry = verified.timestamp.saturating_add(self.window_secs);
+        seen.order.push_back((expiry, verified.signature));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        let a = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let b = base64::engine::general_purpose::STANDARD.encode([2u8; 48]);
+        format!("k1:{a}, k2:{b}").parse().unwrap()
+    }
+
+    fn headers(s: &SignedHeaders) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        s.apply(&mut h);
+        h
+    }
+
+    #[test]
+    fn sign_then_verify() {
+        let r = ring();
+        let s = r.sign(1000, "sess", "invoke_tool", b"{}");
+        assert_eq!(s.key_id, "k1");
+        let v = r.verify(&headers(&s), "invoke_tool", b"{}", 1100, 300).unwrap();
+        assert_eq!((v.session_id.as_str(), v.key_id.as_str()), ("sess", "k1"));
+    }
+
+    #[test]
+    fn rejections_name_the_check() {
+        let r = ring();
+        let s = r.sign(1000, "sess", "invoke_tool", b"{}");
+        let h = headers(&s);
+        assert_eq!(r.verify(&h, "invoke_tool", b"{x}", 1000, 300), Err(Rejection::BadSignature));
+        assert_eq!(r.verify(&h, "other", b"{}", 1000, 300), Err(Rejection::BadSignature));
+        assert!(matches!(
+            r.verify(&h, "invoke_tool", b"{}", 1301, 300),
+            Err(Rejection::StaleTimestamp { skew_secs: 301, .. })
+        ));
+        for name in [HEADER_SESSION, HEADER_TIMESTAMP, HEADER_SIGNATURE] {
+            let mut h2 = h.clone();
+            h2.remove(name);
+            assert_eq!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::MissingHeader(name)));
+        }
+        let mut h2 = h.clone();
+        h2.insert(HEADER_SIGNATURE, HeaderValue::from_static("v2=00"));
+        assert!(matches!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::MalformedHeader(HEADER_SIGNATURE, _))));
+        let mut h2 = h.clone();
+        h2.insert(HEADER_KEY_ID, HeaderValue::from_static("nope"));
+        assert_eq!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::UnknownKeyId("nope".into())));
+        // Without a key id every key is tried.
+        let mut h2 = h.clone();
+        h2.remove(HEADER_KEY_ID);
+        assert!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300).is_ok());
+    }
+
+    #[test]
+    fn second_key_verifies_after_rotation() {
+        let r = ring();
+        let rotated = KeyRing::new(vec![r.keys()[1].clone()]).unwrap();
+        let s = rotated.sign(5, "s", "a", b"b");
+        assert_eq!(r.verify(&headers(&s), "a", b"b", 5, 300).unwrap().key_id, "k2");
+    }
+
+    #[test]
+    fn ring_errors_never_show_secrets() {
+        let short = base64::engine::general_purpose::STANDARD.encode(b"tooshort-secret");
+        let err = format!("k1:{short}").parse::<KeyRing>().unwrap_err().to_string();
+        assert!(err.contains("k1") && err.contains("32") && !err.contains(&short), "{err}");
+        assert!("k1".parse::<KeyRing>().unwrap_err().to_string().contains("kid:base64secret"));
+        assert!("k1:***".parse::<KeyRing>().unwrap_err().to_string().contains("base64"));
+        assert!("".parse::<KeyRing>().unwrap_err().to_string().contains(KEYS_ENV));
+        let ok = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        let dup = format!("a:{ok},a:{ok}").parse::<KeyRing>().unwrap_err().to_string();
+        assert!(dup.contains("twice"));
+        assert!(!format!("{:?}", ring()).contains(&ok));
+    }
+
+    #[test]
+    fn replay_guard_accepts_once_and_forgets_after_window() {
+        let r = ring();
+        let g = ReplayGuard::new(300, 1000);
+        let v = r.verify(&headers(&r.sign(1000, "s", "a", b"")), "a", b"", 1000, 300).unwrap();
+        assert_eq!(g.check(&v, 1000), Ok(()));
+        assert_eq!(g.check(&v, 1001), Err(Rejection::Replay));
+        // After the window the timestamp check refuses it anyway; the guard forgets it.
+        assert_eq!(g.check(&v, 1400), Ok(()));
+        let g = ReplayGuard::new(300, 2);
+        for ts in 0..5 {
+            let v = r.verify(&headers(&r.sign(1000 + ts, "s", "a", b"")), "a", b"", 1000, 300).unwrap();
+            g.check(&v, 1000).unwrap();
+        }
+        assert!(g.seen.lock().unwrap().order.len() <= 2);
+    }
+}
