@@ -155,7 +155,10 @@ mod tests {
             ("not json", "not a JSON object"),
             ("[1]", "not a JSON object"),
             (r#"{"event":"request","data":{}}"#, "session_id"),
-            (r#"{"session_id":"","event":"request","data":{}}"#, "session_id"),
+            (
+                r#"{"session_id":"","event":"request","data":{}}"#,
+                "session_id",
+            ),
             (r#"{"session_id":"s","data":{}}"#, "`event`"),
             (r#"{"session_id":"s","event":"request"}"#, "`data`"),
             (r#"{"session_id":"s","event":"request","data":3}"#, "`data`"),

@@ -205,7 +205,9 @@ pub fn error_body(error_type: &str, message: &str, request_id: Option<&str>) -> 
 }
 
 fn line(v: Value) -> Bytes {
-    serde_json::to_vec(&v).expect("JSON values serialize").into()
+    serde_json::to_vec(&v)
+        .expect("JSON values serialize")
+        .into()
 }
 
 /// The parts of a session `error` object the runtime reads.
@@ -252,14 +254,23 @@ mod tests {
         assert_eq!(args.len(), MAX_ERROR_ARGS);
         assert!(args.values().all(|v| !v.is_object() && !v.is_array()));
         let e = SessionError::from_event_data(&line).unwrap();
-        assert_eq!((e.error_type.as_str(), e.message.as_str()), ("PluginTimeout", "late"));
+        assert_eq!(
+            (e.error_type.as_str(), e.message.as_str()),
+            ("PluginTimeout", "late")
+        );
     }
 
     #[test]
     fn end_and_error_body_shapes() {
         let v: Value = serde_json::from_slice(&session_end("s")).unwrap();
-        assert_eq!(v, json!({"event":"session","session_id":"s","data":{"type":"end","data":{}}}));
+        assert_eq!(
+            v,
+            json!({"event":"session","session_id":"s","data":{"type":"end","data":{}}})
+        );
         let v: Value = serde_json::from_slice(&error_body("BadRequest", "m", Some("r"))).unwrap();
-        assert_eq!(v, json!({"errorType":"BadRequest","errorMessage":"m","requestId":"r"}));
+        assert_eq!(
+            v,
+            json!({"errorType":"BadRequest","errorMessage":"m","requestId":"r"})
+        );
     }
 }

@@ -46,7 +46,9 @@ pub enum Rejection {
     #[error("unknown key id `{0}`: the function's SRI_SIGNING_KEYS has no such key")]
     UnknownKeyId(String),
     /// The timestamp is too far from the function's clock.
-    #[error("stale timestamp: {skew_secs} s away from the function's clock (at most {max_secs} s allowed); check both clocks")]
+    #[error(
+        "stale timestamp: {skew_secs} s away from the function's clock (at most {max_secs} s allowed); check both clocks"
+    )]
     StaleTimestamp {
         /// How far off the timestamp was.
         skew_secs: u64,
@@ -54,13 +56,17 @@ pub enum Rejection {
         max_secs: u64,
     },
     /// No configured key produced the signature.
-    #[error("bad signature: no key in the function's SRI_SIGNING_KEYS matches; check that both sides share the key ring")]
+    #[error(
+        "bad signature: no key in the function's SRI_SIGNING_KEYS matches; check that both sides share the key ring"
+    )]
     BadSignature,
     /// The signature was already used within the window.
     #[error("replayed request: this signature was already used; sign every request anew")]
     Replay,
     /// The signed session differs from the envelope's.
-    #[error("session mismatch: header `x-dify-plugin-session` differs from the envelope's session_id")]
+    #[error(
+        "session mismatch: header `x-dify-plugin-session` differs from the envelope's session_id"
+    )]
     SessionMismatch,
 }
 
@@ -202,7 +208,13 @@ impl KeyRing {
     }
 
     /// Signs a request with the first key.
-    pub fn sign(&self, timestamp: u64, session_id: &str, action: &str, body: &[u8]) -> SignedHeaders {
+    pub fn sign(
+        &self,
+        timestamp: u64,
+        session_id: &str,
+        action: &str,
+        body: &[u8],
+    ) -> SignedHeaders {
         let key = &self.keys[0];
         let sig = key
             .mac(string_to_sign(timestamp, session_id, action, body).as_bytes())
@@ -237,7 +249,10 @@ impl KeyRing {
         let signature = header(headers, HEADER_SIGNATURE)?;
         let signature = signature
             .strip_prefix("v1=")
-            .ok_or(Rejection::MalformedHeader(HEADER_SIGNATURE, "expected `v1=<hex>`"))?;
+            .ok_or(Rejection::MalformedHeader(
+                HEADER_SIGNATURE,
+                "expected `v1=<hex>`",
+            ))?;
         let mut sig = [0u8; 32];
         hex::decode_to_slice(signature, &mut sig).map_err(|_| {
             Rejection::MalformedHeader(HEADER_SIGNATURE, "expected 64 hex digits after `v1=`")
@@ -314,7 +329,10 @@ impl FromStr for KeyRing {
                 .decode(b64.trim())
                 .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim()))
                 .map_err(|_| {
-                    Error::KeyRing(format!("key `{}`: the secret is not valid base64", id.trim()))
+                    Error::KeyRing(format!(
+                        "key `{}`: the secret is not valid base64",
+                        id.trim()
+                    ))
                 })?;
             keys.push(Key::new(id.trim(), secret)?);
         }
@@ -390,7 +408,9 @@ mod tests {
         let r = ring();
         let s = r.sign(1000, "sess", "invoke_tool", b"{}");
         assert_eq!(s.key_id, "k1");
-        let v = r.verify(&headers(&s), "invoke_tool", b"{}", 1100, 300).unwrap();
+        let v = r
+            .verify(&headers(&s), "invoke_tool", b"{}", 1100, 300)
+            .unwrap();
         assert_eq!((v.session_id.as_str(), v.key_id.as_str()), ("sess", "k1"));
     }
 
@@ -399,8 +419,14 @@ mod tests {
         let r = ring();
         let s = r.sign(1000, "sess", "invoke_tool", b"{}");
         let h = headers(&s);
-        assert_eq!(r.verify(&h, "invoke_tool", b"{x}", 1000, 300), Err(Rejection::BadSignature));
-        assert_eq!(r.verify(&h, "other", b"{}", 1000, 300), Err(Rejection::BadSignature));
+        assert_eq!(
+            r.verify(&h, "invoke_tool", b"{x}", 1000, 300),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(
+            r.verify(&h, "other", b"{}", 1000, 300),
+            Err(Rejection::BadSignature)
+        );
         assert!(matches!(
             r.verify(&h, "invoke_tool", b"{}", 1301, 300),
             Err(Rejection::StaleTimestamp { skew_secs: 301, .. })
@@ -408,14 +434,23 @@ mod tests {
         for name in [HEADER_SESSION, HEADER_TIMESTAMP, HEADER_SIGNATURE] {
             let mut h2 = h.clone();
             h2.remove(name);
-            assert_eq!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::MissingHeader(name)));
+            assert_eq!(
+                r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+                Err(Rejection::MissingHeader(name))
+            );
         }
         let mut h2 = h.clone();
         h2.insert(HEADER_SIGNATURE, HeaderValue::from_static("v2=00"));
-        assert!(matches!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::MalformedHeader(HEADER_SIGNATURE, _))));
+        assert!(matches!(
+            r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+            Err(Rejection::MalformedHeader(HEADER_SIGNATURE, _))
+        ));
         let mut h2 = h.clone();
         h2.insert(HEADER_KEY_ID, HeaderValue::from_static("nope"));
-        assert_eq!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300), Err(Rejection::UnknownKeyId("nope".into())));
+        assert_eq!(
+            r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+            Err(Rejection::UnknownKeyId("nope".into()))
+        );
         // Without a key id every key is tried.
         let mut h2 = h.clone();
         h2.remove(HEADER_KEY_ID);
@@ -427,19 +462,47 @@ mod tests {
         let r = ring();
         let rotated = KeyRing::new(vec![r.keys()[1].clone()]).unwrap();
         let s = rotated.sign(5, "s", "a", b"b");
-        assert_eq!(r.verify(&headers(&s), "a", b"b", 5, 300).unwrap().key_id, "k2");
+        assert_eq!(
+            r.verify(&headers(&s), "a", b"b", 5, 300).unwrap().key_id,
+            "k2"
+        );
     }
 
     #[test]
     fn ring_errors_never_show_secrets() {
         let short = base64::engine::general_purpose::STANDARD.encode(b"tooshort-secret");
-        let err = format!("k1:{short}").parse::<KeyRing>().unwrap_err().to_string();
-        assert!(err.contains("k1") && err.contains("32") && !err.contains(&short), "{err}");
-        assert!("k1".parse::<KeyRing>().unwrap_err().to_string().contains("kid:base64secret"));
-        assert!("k1:***".parse::<KeyRing>().unwrap_err().to_string().contains("base64"));
-        assert!("".parse::<KeyRing>().unwrap_err().to_string().contains(KEYS_ENV));
+        let err = format!("k1:{short}")
+            .parse::<KeyRing>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("k1") && err.contains("32") && !err.contains(&short),
+            "{err}"
+        );
+        assert!(
+            "k1".parse::<KeyRing>()
+                .unwrap_err()
+                .to_string()
+                .contains("kid:base64secret")
+        );
+        assert!(
+            "k1:***"
+                .parse::<KeyRing>()
+                .unwrap_err()
+                .to_string()
+                .contains("base64")
+        );
+        assert!(
+            "".parse::<KeyRing>()
+                .unwrap_err()
+                .to_string()
+                .contains(KEYS_ENV)
+        );
         let ok = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-        let dup = format!("a:{ok},a:{ok}").parse::<KeyRing>().unwrap_err().to_string();
+        let dup = format!("a:{ok},a:{ok}")
+            .parse::<KeyRing>()
+            .unwrap_err()
+            .to_string();
         assert!(dup.contains("twice"));
         assert!(!format!("{:?}", ring()).contains(&ok));
     }
@@ -448,14 +511,24 @@ mod tests {
     fn replay_guard_accepts_once_and_forgets_after_window() {
         let r = ring();
         let g = ReplayGuard::new(300, 1000);
-        let v = r.verify(&headers(&r.sign(1000, "s", "a", b"")), "a", b"", 1000, 300).unwrap();
+        let v = r
+            .verify(&headers(&r.sign(1000, "s", "a", b"")), "a", b"", 1000, 300)
+            .unwrap();
         assert_eq!(g.check(&v, 1000), Ok(()));
         assert_eq!(g.check(&v, 1001), Err(Rejection::Replay));
         // After the window the timestamp check refuses it anyway; the guard forgets it.
         assert_eq!(g.check(&v, 1400), Ok(()));
         let g = ReplayGuard::new(300, 2);
         for ts in 0..5 {
-            let v = r.verify(&headers(&r.sign(1000 + ts, "s", "a", b"")), "a", b"", 1000, 300).unwrap();
+            let v = r
+                .verify(
+                    &headers(&r.sign(1000 + ts, "s", "a", b"")),
+                    "a",
+                    b"",
+                    1000,
+                    300,
+                )
+                .unwrap();
             g.check(&v, 1000).unwrap();
         }
         assert!(g.seen.lock().unwrap().order.len() <= 2);

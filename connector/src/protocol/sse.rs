@@ -58,7 +58,11 @@ where
 /// Decodes a whole SSE body (tests, buffered consumers).
 pub async fn decode_all(body: &[u8]) -> Result<Vec<Event>, Error> {
     let chunks = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(body.to_vec())]);
-    decode(chunks).collect::<Vec<_>>().await.into_iter().collect()
+    decode(chunks)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]
@@ -82,7 +86,8 @@ mod tests {
         assert_eq!(decode_all(&wire).await.unwrap(), events);
         // Byte-at-a-time delivery decodes the same.
         let bytes = futures_util::stream::iter(
-            wire.iter().map(|b| Ok::<_, std::convert::Infallible>(vec![*b])),
+            wire.iter()
+                .map(|b| Ok::<_, std::convert::Infallible>(vec![*b])),
         );
         let got: Vec<_> = decode(bytes).map(Result::unwrap).collect().await;
         assert_eq!(got, events);

@@ -1,0 +1,159 @@
+//! The bootstrap's options, read once from the command line and the environment.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Runs a Dify plugin behind SRI v1: as an AWS Lambda custom runtime (when
+/// `AWS_LAMBDA_RUNTIME_API` is set) or as a plain HTTP server (`bootstrap serve`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bootstrap", version, about)]
+pub struct Config {
+    /// What to run; without a subcommand, the Lambda runtime.
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
+    /// Plugin options shared by every mode.
+    #[command(flatten)]
+    pub plugin: PluginOptions,
+}
+
+/// The run modes.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Mode {
+    /// Serve SRI v1 over plain HTTP (`POST /invoke`, `GET /health`).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "SRI_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run as an AWS Lambda custom runtime (the default when `AWS_LAMBDA_RUNTIME_API` is set).
+    Lambda,
+}
+
+/// How the plugin is run and bounded.
+#[derive(Debug, Clone, Args)]
+pub struct PluginOptions {
+    /// The plugin directory (holds `manifest.yaml`). Default: `$LAMBDA_TASK_ROOT/plugin` on
+    /// Lambda, else the current directory.
+    #[arg(long, env = "SRI_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Python interpreter that runs the plugin.
+    #[arg(long, env = "SRI_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+    /// Extra directories put first on the plugin's `PYTHONPATH` (`:`-separated), e.g. vendored
+    /// dependencies. Default: `$LAMBDA_TASK_ROOT/vendor` when it exists.
+    #[arg(long, env = "SRI_PYTHONPATH")]
+    pub python_path: Option<String>,
+    /// Seconds to wait for the plugin's first heartbeat.
+    #[arg(long, env = "SRI_READY_TIMEOUT_SECS", default_value_t = 30)]
+    pub ready_timeout_secs: u64,
+    /// Longest invocation, in seconds (Dify's `PLUGIN_MAX_EXECUTION_TIMEOUT`); Lambda's own
+    /// deadline (minus the margin) applies when it is sooner.
+    #[arg(long, env = "PLUGIN_MAX_EXECUTION_TIMEOUT", default_value_t = 600)]
+    pub max_execution_secs: u64,
+    /// Milliseconds kept before Lambda's deadline to report a timeout cleanly.
+    #[arg(long, env = "SRI_DEADLINE_MARGIN_MS", default_value_t = 1000)]
+    pub deadline_margin_ms: u64,
+    /// Longest plugin output line, in bytes (Dify's `PLUGIN_RUNTIME_MAX_BUFFER_SIZE`).
+    #[arg(long, env = "PLUGIN_RUNTIME_MAX_BUFFER_SIZE", default_value_t = 5 * 1024 * 1024)]
+    pub max_line_bytes: usize,
+    /// Plugin output held in memory at once across all sessions, in bytes.
+    #[arg(long, env = "SRI_MAX_BUFFERED_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
+    /// Largest request body, in bytes (Dify's `MAX_SERVERLESS_REQUEST_BYTES`).
+    #[arg(long, env = "MAX_SERVERLESS_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Seconds of silence after which a keepalive comment is sent on a stream.
+    #[arg(long, env = "SRI_KEEPALIVE_SECS", default_value_t = 10)]
+    pub keepalive_secs: u64,
+    /// Accepted difference between a request's timestamp and this clock, in seconds.
+    #[arg(long, env = "SRI_MAX_CLOCK_SKEW_SECS", default_value_t = 300)]
+    pub max_clock_skew_secs: u64,
+    /// The Dify plugin daemon, for backwards invocations (`…/backwards-invocation/transaction`).
+    #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
+    pub daemon_url: Option<String>,
+    /// Seconds a backwards invocation may take (the SDK's `MAX_INVOCATION_TIMEOUT`).
+    #[arg(long, env = "SRI_BACKWARDS_TIMEOUT_SECS", default_value_t = 250)]
+    pub backwards_timeout_secs: u64,
+    /// The SRI v1 key ring, `kid:base64secret[,kid:base64secret…]` (secrets ≥ 32 bytes; the first
+    /// signs, all verify). Set it in the environment, not on the command line.
+    #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret)]
+    pub signing_keys: Option<Secret>,
+    /// Log format: `text` or `json` (Lambda's `AWS_LAMBDA_LOG_FORMAT=JSON` selects json).
+    #[arg(long, env = "AWS_LAMBDA_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (CloudWatch).
+    Json,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "text" | "" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("`{other}` is not a log format: use text or json")),
+    }
+}
+
+impl Config {
+    /// Reads the configuration. When started as Lambda's `AWS_LAMBDA_EXEC_WRAPPER` the
+    /// arguments are the managed runtime's command line, which is ignored.
+    pub fn load() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let explicit = args
+            .get(1)
+            .is_some_and(|a| a.starts_with('-') || a == "serve" || a == "lambda" || a == "help");
+        if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() && !explicit {
+            Self::parse_from(&args[..1])
+        } else {
+            Self::parse()
+        }
+    }
+}
+
+impl PluginOptions {
+    /// The plugin directory, resolved against the Lambda task root.
+    pub fn plugin_dir(&self) -> PathBuf {
+        match (&self.plugin_dir, std::env::var_os("LAMBDA_TASK_ROOT")) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(root)) => PathBuf::from(root).join("plugin"),
+            (None, None) => PathBuf::from("."),
+        }
+    }
+
+    /// Directories to prepend to `PYTHONPATH`.
+    pub fn python_path(&self) -> Option<String> {
+        if let Some(p) = &self.python_path {
+            return Some(p.clone());
+        }
+        let root = std::env::var_os("LAMBDA_TASK_ROOT")?;
+        let vendor = PathBuf::from(root).join("vendor");
+        vendor.is_dir().then(|| vendor.display().to_string())
+    }
+
+    /// The ready timeout.
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.ready_timeout_secs)
+    }
+}
+
+/// A value that must never be printed (`Debug` shows `<redacted>`).
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_owned()))
+}

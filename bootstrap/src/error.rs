@@ -1,0 +1,46 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that stops the bootstrap or an invocation, with context.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The plugin's manifest is unusable.
+    #[error("plugin manifest {path}: {reason}")]
+    Manifest {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// The interpreter could not be started.
+    #[error(
+        "cannot start the plugin with `{python}` (set SRI_PYTHON to a Python interpreter): {source}"
+    )]
+    Spawn {
+        /// The interpreter tried.
+        python: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The plugin cannot take invocations.
+    #[error("{0}")]
+    NotReady(String),
+    /// An invocation with this session id is already running.
+    #[error("session `{0}` is already running on this function")]
+    DuplicateSession(String),
+    /// The protocol layer refused something (key ring, envelope, signature).
+    #[error(transparent)]
+    Protocol(#[from] connector::Error),
+    /// Listening or serving failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The Lambda Runtime API failed.
+    #[error("Lambda Runtime API: {0}")]
+    RuntimeApi(String),
+}

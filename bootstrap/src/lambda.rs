@@ -1,0 +1,329 @@
+//! The Lambda custom runtime: polls the Runtime API and answers each event with a streamed
+//! response (prelude, 8-NUL separator, SSE), on a connection with TCP_NODELAY.
+//!
+//! Written over `lambda_runtime_api_client` rather than `lambda_runtime` because the latter
+//! sends no TCP_NODELAY and writes stream errors into the body instead of real trailers.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http_body::Frame as BodyFrame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::client::legacy::connect::HttpConnector;
+use lambda_runtime_api_client::body::Body;
+use lambda_runtime_api_client::{PooledClient, build_request};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::Error;
+use crate::invocation::{Frame, Handler, Reply, ReplyBody, Request};
+
+const NEXT: &str = "/2018-06-01/runtime/invocation/next";
+const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+const ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+const ERROR_BODY: &str = "lambda-runtime-function-error-body";
+
+/// Runs the runtime loop. `setup` builds the handler; if it or the plugin's start fails, the
+/// failure is reported to `/runtime/init/error` (with the Python error text) and returned.
+pub async fn run(
+    api: &str,
+    setup: impl Future<Output = Result<Arc<Handler>, Error>>,
+    ready_timeout: Duration,
+) -> Result<(), Error> {
+    let client = client(api)?;
+    let handler = match setup.await {
+        Ok(h) => h,
+        Err(e) => return Err(init_error(&client, e).await),
+    };
+    if let Err(e) = handler.supervisor().wait_ready(ready_timeout).await {
+        handler
+            .supervisor()
+            .shutdown(Duration::from_millis(200))
+            .await;
+        return Err(init_error(&client, e).await);
+    }
+    tracing::info!("plugin ready; polling for invocations");
+    loop {
+        // Never time out this call: the sandbox is frozen between events.
+        let next = client
+            .call(
+                build_request()
+                    .method(Method::GET)
+                    .uri(NEXT)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .map_err(|e| Error::RuntimeApi(format!("GET next: {e}")))?;
+        let headers = next.headers().clone();
+        let event = next
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::RuntimeApi(format!("reading the event: {e}")))?
+            .to_bytes();
+        let Some(request_id) = headers
+            .get("lambda-runtime-aws-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+        else {
+            return Err(Error::RuntimeApi(
+                "an event came without lambda-runtime-aws-request-id".into(),
+            ));
+        };
+        let deadline_ms = headers
+            .get("lambda-runtime-deadline-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let reply = match parse_event(&event) {
+            Ok(ev) => route(&handler, ev, request_id.clone(), deadline_ms).await,
+            Err(why) => {
+                tracing::warn!(request_id, why, "event is not a Function URL request");
+                Reply::error(StatusCode::BAD_REQUEST, "BadRequest", &why, &request_id)
+            }
+        };
+        if let Err(e) = respond(&client, &request_id, reply).await {
+            tracing::error!(request_id, error = %e, "could not deliver the response");
+        }
+    }
+}
+
+fn client(api: &str) -> Result<PooledClient, Error> {
+    // `host:port` on AWS, `http://host:port/.rt/<fn>` under cargo lambda.
+    let base = if api.contains("://") {
+        api.to_owned()
+    } else {
+        format!("http://{api}")
+    };
+    let uri: http::Uri = base.parse().map_err(|e| {
+        Error::RuntimeApi(format!(
+            "AWS_LAMBDA_RUNTIME_API `{api}` is not an address: {e}"
+        ))
+    })?;
+    let mut connector = HttpConnector::new();
+    // Streamed responses are many small writes; Nagle + delayed ACK would hold each ~40 ms.
+    connector.set_nodelay(true);
+    Ok(PooledClient::builder()
+        .with_connector(connector)
+        .with_endpoint(uri)
+        .build())
+}
+
+async fn init_error(client: &PooledClient, error: Error) -> Error {
+    tracing::error!(error = %error, "initialization failed");
+    let body =
+        connector::protocol::events::error_body("Runtime.InitError", &error.to_string(), None);
+    let req = build_request()
+        .method(Method::POST)
+        .uri(INIT_ERROR)
+        .header(ERROR_TYPE, "Runtime.InitError")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("request");
+    if let Err(e) = client.call(req).await {
+        tracing::error!(error = %e, "could not report the init error");
+    }
+    error
+}
+
+/// A Function URL (API Gateway v2) event, or a direct invoke payload of the same shape.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UrlEvent {
+    raw_path: Option<String>,
+    raw_query_string: Option<String>,
+    #[serde(default)]
+    headers: HashMap<String, String>,
+    body: Option<String>,
+    #[serde(default)]
+    is_base64_encoded: bool,
+    request_context: Option<RequestContext>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestContext {
+    http: Option<HttpContext>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HttpContext {
+    method: Option<String>,
+    path: Option<String>,
+}
+
+fn parse_event(raw: &[u8]) -> Result<UrlEvent, String> {
+    serde_json::from_slice(raw).map_err(|e| {
+        format!("the event is not a Function URL request ({e}); invoke through the Function URL or send its event shape")
+    })
+}
+
+async fn route(
+    handler: &Handler,
+    ev: UrlEvent,
+    request_id: String,
+    deadline_ms: Option<u64>,
+) -> Reply {
+    let http_ctx = ev.request_context.and_then(|c| c.http);
+    let method = http_ctx
+        .as_ref()
+        .and_then(|h| h.method.clone())
+        .unwrap_or_else(|| "POST".into());
+    let path = ev
+        .raw_path
+        .or_else(|| http_ctx.and_then(|h| h.path))
+        .unwrap_or_else(|| "/invoke".into());
+    let path = path.trim_end_matches('/');
+    if path.ends_with("/health") && method.eq_ignore_ascii_case("GET") {
+        let (status, body) = handler.health();
+        return Reply {
+            status,
+            content_type: connector::protocol::JSON,
+            body: ReplyBody::Full(body),
+        };
+    }
+    if !path.ends_with("/invoke") || !method.eq_ignore_ascii_case("POST") {
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "routes: POST /invoke?action=…, GET /health",
+            &request_id,
+        );
+    }
+    let mut headers = HeaderMap::new();
+    for (k, v) in &ev.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    let body = match (ev.body, ev.is_base64_encoded) {
+        (None, _) => Bytes::new(),
+        (Some(b), false) => Bytes::from(b),
+        (Some(b), true) => {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(b) {
+                Ok(b) => Bytes::from(b),
+                Err(_) => {
+                    return Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "the event body is marked base64 but is not",
+                        &request_id,
+                    );
+                }
+            }
+        }
+    };
+    let action = ev.raw_query_string.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "action")
+            .map(|(_, v)| v.into_owned())
+    });
+    handler
+        .invoke(Request {
+            action,
+            headers,
+            body,
+            request_id,
+            deadline_ms,
+        })
+        .await
+}
+
+/// Streams `reply` to `/invocation/{id}/response`: the prelude and the 8-NUL separator as
+/// chunks of their own (the emulator needs both), then the body, then error trailers if the
+/// session failed.
+async fn respond(client: &PooledClient, request_id: &str, reply: Reply) -> Result<(), Error> {
+    let (tx, rx) = mpsc::channel::<Result<BodyFrame<Bytes>, std::convert::Infallible>>(8);
+    let req = build_request()
+        .method(Method::POST)
+        .uri(format!(
+            "/2018-06-01/runtime/invocation/{request_id}/response"
+        ))
+        .header("lambda-runtime-function-response-mode", "streaming")
+        .header(http::header::TRANSFER_ENCODING, "chunked")
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/vnd.awslambda.http-integration-response",
+        )
+        .header(
+            http::header::TRAILER,
+            "Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body",
+        )
+        .body(Body::new(StreamBody::new(ReceiverStream::new(rx))))
+        .expect("request");
+    let call = tokio::spawn(client.call(req));
+    let prelude = serde_json::json!({
+        "statusCode": reply.status.as_u16(),
+        "headers": {"content-type": reply.content_type, "cache-control": "no-cache"},
+        "cookies": [],
+    });
+    let data = |b: Bytes| Ok(BodyFrame::data(b));
+    let _ = tx
+        .send(data(serde_json::to_vec(&prelude).expect("JSON").into()))
+        .await;
+    let _ = tx.send(data(Bytes::from_static(&[0u8; 8]))).await;
+    match reply.body {
+        ReplyBody::Full(b) => {
+            let _ = tx.send(data(b)).await;
+        }
+        ReplyBody::Stream(rx) => {
+            let mut frames = ReceiverStream::new(rx);
+            while let Some(frame) = frames.next().await {
+                let out = match frame {
+                    Frame::Data(b) => BodyFrame::data(b),
+                    Frame::Failed {
+                        error_type,
+                        message,
+                    } => {
+                        use base64::Engine;
+                        let body = connector::protocol::events::error_body(
+                            &error_type,
+                            &message,
+                            Some(request_id),
+                        );
+                        let mut trailers = HeaderMap::new();
+                        if let Ok(v) = HeaderValue::try_from(error_type.as_str()) {
+                            trailers.insert(ERROR_TYPE, v);
+                        }
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(&body);
+                        trailers.insert(
+                            ERROR_BODY,
+                            HeaderValue::try_from(b64).expect("base64 is a header value"),
+                        );
+                        BodyFrame::trailers(trailers)
+                    }
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let resp = call
+        .await
+        .map_err(|e| Error::RuntimeApi(format!("response task: {e}")))?
+        .map_err(|e| Error::RuntimeApi(format!("POST response: {e}")))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(Error::RuntimeApi(format!(
+            "POST response answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The parts of a plugin's `manifest.yaml` the runtime needs: who it is and how to start it.
+
+use serde::Deserialize;
+use std::path::Path;
+
+use crate::Error;
+
+/// A plugin's identity and runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// `author`.
+    pub author: String,
+    /// `name`.
+    pub name: String,
+    /// `version`.
+    pub version: String,
+    /// `meta.runner.entrypoint`: the module run as `python -m <entrypoint>`.
+    pub entrypoint: String,
+    /// `meta.runner.version`: the Python version the plugin asks for.
+    pub python_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    author: Option<String>,
+    name: Option<String>,
+    version: Option<serde_yaml_ng::Value>,
+    meta: Option<Meta>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    runner: Option<Runner>,
+}
+
+#[derive(Deserialize)]
+struct Runner {
+    language: Option<String>,
+    version: Option<serde_yaml_ng::Value>,
+    entrypoint: Option<String>,
+}
+
+fn scalar(v: serde_yaml_ng::Value) -> Option<String> {
+    match v {
+        serde_yaml_ng::Value::String(s) => Some(s),
+        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl Manifest {
+    /// Reads `<dir>/manifest.yaml`.
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join("manifest.yaml");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: format!("cannot read it ({e}); is SRI_PLUGIN_DIR the plugin's directory?"),
+        })?;
+        Self::parse(&text).map_err(|reason| Error::Manifest { path, reason })
+    }
+
+    /// Parses manifest text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: Raw = serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+        let field = |v: Option<String>, name: &str| {
+            v.filter(|s| !s.trim().is_empty())
+                .ok_or_else(|| format!("`{name}` is missing"))
+        };
+        let runner = raw
+            .meta
+            .and_then(|m| m.runner)
+            .ok_or("`meta.runner` is missing")?;
+        match runner.language.as_deref() {
+            Some("python") => {}
+            Some(other) => {
+                return Err(format!(
+                    "`meta.runner.language` is `{other}`; only `python` plugins are supported"
+                ));
+            }
+            None => return Err("`meta.runner.language` is missing".into()),
+        }
+        let entrypoint = field(runner.entrypoint, "meta.runner.entrypoint")?;
+        if !entrypoint
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        {
+            return Err(format!(
+                "`meta.runner.entrypoint` `{entrypoint}` is not a Python module name"
+            ));
+        }
+        Ok(Self {
+            author: field(raw.author, "author")?,
+            name: field(raw.name, "name")?,
+            version: field(raw.version.and_then(scalar), "version")?,
+            entrypoint,
+            python_version: runner.version.and_then(scalar),
+        })
+    }
+
+    /// `author/name:version`, as Dify names a plugin.
+    pub fn identity(&self) -> String {
+        format!("{}/{}:{}", self.author, self.name, self.version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = "version: 0.1.0\ntype: plugin\nauthor: sri\nname: sample\nmeta:\n  version: 0.0.1\n  runner:\n    language: python\n    version: \"3.12\"\n    entrypoint: main\n";
+
+    #[test]
+    fn reads_identity_and_runner() {
+        let m = Manifest::parse(OK).unwrap();
+        assert_eq!(m.identity(), "sri/sample:0.1.0");
+        assert_eq!(m.entrypoint, "main");
+        assert_eq!(m.python_version.as_deref(), Some("3.12"));
+    }
+
+    #[test]
+    fn says_what_is_wrong() {
+        for (text, needle) in [
+            (OK.replace("python", "go"), "only `python`"),
+            (
+                OK.replace("entrypoint: main", "entrypoint: ../x"),
+                "not a Python module",
+            ),
+            (
+                OK.replace("    entrypoint: main\n", ""),
+                "entrypoint` is missing",
+            ),
+            (OK.replace("author: sri\n", ""), "`author` is missing"),
+            ("meta: [".to_string(), "not valid YAML"),
+        ] {
+            let err = Manifest::parse(&text).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}

@@ -1,0 +1,715 @@
+//! One running plugin process: spawning it, writing envelopes to its stdin, and routing each
+//! line of its stdout to the session it belongs to.
+//!
+//! The SDK multiplexes sessions over one stdout by `session_id`. Heartbeats mark readiness,
+//! `session`/`invoke` lines are backwards invocations (answered on stdin, never streamed), and
+//! everything the protocol does not expect is attributed where possible and logged otherwise.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use crate::Error;
+use crate::backwards::Backwards;
+use crate::lines::{Line, LineReader};
+use crate::redact::Redactor;
+
+/// How to start the plugin.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The interpreter.
+    pub python: PathBuf,
+    /// The module run with `-m`.
+    pub entrypoint: String,
+    /// The plugin directory (the process's cwd).
+    pub plugin_dir: PathBuf,
+    /// Prepended to `PYTHONPATH`.
+    pub python_path: Option<String>,
+}
+
+/// What every plugin process of a runtime shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Secrets to keep out of logs.
+    pub redactor: Arc<Redactor>,
+    /// Bytes of plugin output that may be held in memory at once.
+    pub budget: Arc<Semaphore>,
+    /// The budget's size.
+    pub max_buffered: usize,
+    /// Longest output line.
+    pub max_line: usize,
+    /// Where `session`/`invoke` lines go.
+    pub backwards: Arc<Backwards>,
+}
+
+/// Lifecycle of a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Spawned, no heartbeat yet.
+    Starting,
+    /// Heartbeat seen; `init_ms` from spawn to the first heartbeat.
+    Ready {
+        /// Milliseconds from spawn to ready.
+        init_ms: u64,
+    },
+    /// Could not start: why (the Python error text when there is one).
+    Failed(String),
+    /// Exited after being ready.
+    Exited,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    /// `exit status 3`, `killed by signal 9`, …
+    pub status: String,
+    /// The last lines of stderr, credentials redacted.
+    pub stderr_tail: String,
+}
+
+/// Which kind of session line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    /// `session`/`stream`.
+    Stream,
+    /// `log` with this session's id.
+    Log,
+    /// `session`/`error`.
+    Error,
+    /// `session`/`end`.
+    End,
+}
+
+/// What a session receives from its process.
+#[derive(Debug)]
+pub enum PluginMsg {
+    /// A line of the session, verbatim; its permit returns the bytes to the budget when dropped.
+    Line {
+        /// The line's kind.
+        kind: LineKind,
+        /// The JSON line.
+        line: Bytes,
+        /// Budget held while the line is buffered.
+        permit: OwnedSemaphorePermit,
+    },
+    /// The plugin wrote a line for this session over the limit (its length).
+    TooLarge(usize),
+    /// The plugin broke the protocol; what it wrote.
+    Protocol(String),
+    /// The process exited.
+    Exited(Arc<Exit>),
+}
+
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<String, mpsc::Sender<PluginMsg>>,
+    closed: bool,
+}
+
+/// A running plugin process.
+pub struct PluginProcess {
+    /// Which spawn this is (1, 2, …).
+    pub generation: u64,
+    /// OS process id (also its process group).
+    pub pid: u32,
+    /// When it was spawned.
+    pub spawned_at: Instant,
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    sessions: Mutex<Sessions>,
+    state: watch::Sender<State>,
+    started_sessions: AtomicU64,
+    retired: AtomicBool,
+    tail: Arc<Mutex<Tail>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PluginProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginProcess")
+            .field("generation", &self.generation)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session registered with a process; unregisters itself when dropped.
+pub struct Session {
+    /// Messages for this session.
+    pub rx: mpsc::Receiver<PluginMsg>,
+    /// The process it runs on.
+    pub process: Arc<PluginProcess>,
+    /// Whether it is the first session of its process.
+    pub cold: bool,
+    id: String,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let now_idle = {
+            let mut s = self.process.sessions.lock().expect("sessions lock");
+            s.map.remove(&self.id);
+            s.map.is_empty()
+        };
+        if now_idle && self.process.retired.load(Ordering::Acquire) {
+            self.process.kill();
+        }
+    }
+}
+
+impl PluginProcess {
+    /// Spawns the plugin. `exited` receives the generation when the process is gone.
+    pub fn spawn(
+        spec: &Spec,
+        generation: u64,
+        shared: Arc<Shared>,
+        exited: mpsc::UnboundedSender<u64>,
+    ) -> Result<Arc<Self>, Error> {
+        let mut cmd = Command::new(&spec.python);
+        cmd.arg("-m")
+            .arg(&spec.entrypoint)
+            .current_dir(&spec.plugin_dir)
+            .env("INSTALL_METHOD", "local")
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group, so that recycling also ends whatever it started.
+            .process_group(0);
+        if let Some(extra) = &spec.python_path {
+            let path = match std::env::var("PYTHONPATH") {
+                Ok(old) if !old.is_empty() => format!("{extra}:{old}"),
+                _ => extra.clone(),
+            };
+            cmd.env("PYTHONPATH", path);
+        }
+        let mut child = cmd.spawn().map_err(|e| Error::Spawn {
+            python: spec.python.clone(),
+            source: e,
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (state, _) = watch::channel(State::Starting);
+        let process = Arc::new(Self {
+            generation,
+            pid,
+            spawned_at: Instant::now(),
+            stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            sessions: Mutex::new(Sessions::default()),
+            state,
+            started_sessions: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            tail: Arc::new(Mutex::new(Tail::default())),
+            shared,
+        });
+        tracing::info!(pid, generation, "plugin process started");
+        let stderr_task = tokio::spawn(drain_stderr(
+            stderr,
+            pid,
+            process.tail.clone(),
+            process.shared.redactor.clone(),
+        ));
+        tokio::spawn(
+            process
+                .clone()
+                .read_stdout(stdout, child, stderr_task, exited),
+        );
+        Ok(process)
+    }
+
+    /// Watches the process's state.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// Marks the process as failed to start (e.g. no heartbeat in time) and kills it.
+    pub fn fail(&self, why: String) {
+        self.state.send_if_modified(|s| {
+            if *s == State::Starting {
+                *s = State::Failed(why);
+                true
+            } else {
+                false
+            }
+        });
+        self.kill();
+    }
+
+    /// Registers a session. Fails when the process is gone or the id is already running.
+    pub fn open_session(self: &Arc<Self>, id: &str) -> Result<Session, Error> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut s = self.sessions.lock().expect("sessions lock");
+        if s.closed {
+            return Err(Error::NotReady("the plugin process has exited".into()));
+        }
+        if s.map.contains_key(id) {
+            return Err(Error::DuplicateSession(id.to_owned()));
+        }
+        s.map.insert(id.to_owned(), tx);
+        let cold = self.started_sessions.fetch_add(1, Ordering::Relaxed) == 0;
+        Ok(Session {
+            rx,
+            process: self.clone(),
+            cold,
+            id: id.to_owned(),
+        })
+    }
+
+    /// Writes one line (ending in `\n`) to the plugin's stdin.
+    pub async fn write_line(&self, line: &[u8]) -> std::io::Result<()> {
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(line).await?;
+        stdin.flush().await
+    }
+
+    /// Sessions in flight.
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").map.len()
+    }
+
+    /// Peak resident memory of the plugin process, in MiB (Linux `VmHWM`).
+    pub fn peak_rss_mb(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb.div_ceil(1024))
+    }
+
+    /// Takes the process out of service: it is killed once its last session is done.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        if self.active_sessions() == 0 {
+            self.kill();
+        }
+    }
+
+    /// Kills the process group at once.
+    pub fn kill(&self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Sends `sig` to the process group.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if self.pid > 0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM), then kills it after `grace`.
+    pub async fn terminate(&self, grace: Duration) {
+        let mut state = self.state();
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let gone = tokio::time::timeout(
+            grace,
+            state.wait_for(|s| matches!(s, State::Exited | State::Failed(_))),
+        )
+        .await;
+        if gone.is_err() {
+            self.kill();
+        }
+    }
+
+    async fn read_stdout(
+        self: Arc<Self>,
+        stdout: tokio::process::ChildStdout,
+        mut child: Child,
+        stderr_task: tokio::task::JoinHandle<()>,
+        exited: mpsc::UnboundedSender<u64>,
+    ) {
+        let mut lines = LineReader::new(stdout, self.shared.max_line);
+        loop {
+            match lines.next_line().await {
+                Ok(Some(Line::Full(line))) => self.route(line).await,
+                Ok(Some(Line::TooLong { prefix, len })) => self.route_too_long(&prefix, len).await,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(pid = self.pid, error = %e, "reading plugin stdout failed");
+                    self.kill();
+                    break;
+                }
+            }
+        }
+        let status = child.wait().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
+        let exit = Arc::new(Exit {
+            status: describe(status),
+            stderr_tail: self.tail.lock().expect("tail lock").text(),
+        });
+        tracing::warn!(pid = self.pid, generation = self.generation, status = %exit.status, "plugin process exited");
+        let waiting = {
+            let mut s = self.sessions.lock().expect("sessions lock");
+            s.closed = true;
+            self.state.send_modify(|st| {
+                *st = match st {
+                    State::Starting => State::Failed(format!(
+                        "the plugin exited before it was ready ({}): {}",
+                        exit.status,
+                        if exit.stderr_tail.is_empty() {
+                            "no output on stderr"
+                        } else {
+                            &exit.stderr_tail
+                        }
+                    )),
+                    State::Failed(why) => State::Failed(std::mem::take(why)),
+                    _ => State::Exited,
+                }
+            });
+            s.map.drain().map(|(_, tx)| tx).collect::<Vec<_>>()
+        };
+        for tx in waiting {
+            let exit = exit.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(PluginMsg::Exited(exit)).await;
+            });
+        }
+        let _ = exited.send(self.generation);
+    }
+
+    async fn route(&self, mut line: Bytes) {
+        if line.ends_with(b"\r") {
+            line.truncate(line.len() - 1);
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let head: Head<'_> = match serde_json::from_slice(&line) {
+            Ok(h) => h,
+            Err(_) => return self.protocol_error(None, &line).await,
+        };
+        match head.event.as_deref() {
+            Some("heartbeat") => {
+                self.state.send_if_modified(|s| {
+                    if *s == State::Starting {
+                        let init_ms = self.spawned_at.elapsed().as_millis() as u64;
+                        tracing::info!(pid = self.pid, init_ms, "plugin ready");
+                        *s = State::Ready { init_ms };
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Some("session") => {
+                let kind = head
+                    .data
+                    .and_then(|d| serde_json::from_str::<SessionHead<'_>>(d.get()).ok())
+                    .map(|d| d.kind);
+                let Some(sid) = head.session_id.as_deref() else {
+                    return self.protocol_error(None, &line).await;
+                };
+                let kind = match kind.as_deref() {
+                    Some("stream") => LineKind::Stream,
+                    Some("end") => LineKind::End,
+                    Some("error") => LineKind::Error,
+                    Some("invoke") => {
+                        let sid = sid.to_owned();
+                        drop(head);
+                        self.shared.backwards.spawn(sid, line, self.stdin.clone());
+                        return;
+                    }
+                    _ => return self.protocol_error(Some(sid), &line).await,
+                };
+                let sid = sid.to_owned();
+                drop(head);
+                self.deliver_line(&sid, kind, line).await;
+            }
+            Some("log") => {
+                if let Some(sid) = head.session_id.as_deref().filter(|s| self.has_session(s)) {
+                    let sid = sid.to_owned();
+                    drop(head);
+                    self.deliver_line(&sid, LineKind::Log, line).await;
+                } else {
+                    self.log_plugin_message(head.data);
+                }
+            }
+            Some("error") => {
+                // The SDK's answer to a stdin line it could not handle.
+                let text = self.shared.redactor.redact(&String::from_utf8_lossy(&line));
+                match head.session_id.as_deref().filter(|s| self.has_session(s)) {
+                    Some(sid) => {
+                        let sid = sid.to_owned();
+                        self.deliver(&sid, PluginMsg::Protocol(text)).await;
+                    }
+                    None => {
+                        tracing::warn!(pid = self.pid, plugin_error = %text, "plugin reported an error")
+                    }
+                }
+            }
+            // The first line is the plugin's declaration; other objects are ignored like the
+            // daemon ignores them.
+            _ => tracing::debug!(pid = self.pid, bytes = line.len(), "ignored plugin line"),
+        }
+    }
+
+    fn has_session(&self, sid: &str) -> bool {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .map
+            .contains_key(sid)
+    }
+
+    async fn deliver_line(&self, sid: &str, kind: LineKind, line: Bytes) {
+        let n = line.len().clamp(1, self.shared.max_buffered) as u32;
+        let permit = self
+            .shared
+            .budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("budget semaphore is never closed");
+        self.deliver(sid, PluginMsg::Line { kind, line, permit })
+            .await;
+    }
+
+    async fn deliver(&self, sid: &str, msg: PluginMsg) {
+        let tx = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .map
+            .get(sid)
+            .cloned();
+        match tx {
+            Some(tx) => {
+                if tx.send(msg).await.is_err() {
+                    tracing::debug!(session_id = sid, "session gone; output dropped");
+                }
+            }
+            None => tracing::warn!(
+                pid = self.pid,
+                session_id = sid,
+                "output for a session not in flight dropped"
+            ),
+        }
+    }
+
+    /// Attributes a line that breaks the protocol: to `sid` when known, else to the only
+    /// session in flight; with several in flight it cannot be attributed and is logged.
+    async fn protocol_error(&self, sid: Option<&str>, line: &[u8]) {
+        let snippet = self.shared.redactor.redact(&snippet(line));
+        let target = sid.map(str::to_owned).or_else(|| {
+            let s = self.sessions.lock().expect("sessions lock");
+            (s.map.len() == 1)
+                .then(|| s.map.keys().next().cloned())
+                .flatten()
+        });
+        match target {
+            Some(sid) => {
+                tracing::warn!(pid = self.pid, session_id = %sid, output = %snippet, "plugin broke the stdio protocol");
+                self.deliver(&sid, PluginMsg::Protocol(snippet)).await;
+            }
+            None => {
+                tracing::warn!(pid = self.pid, output = %snippet, "plugin wrote a line that is not the Dify protocol")
+            }
+        }
+    }
+
+    async fn route_too_long(&self, prefix: &[u8], len: usize) {
+        let target = find_session_id(prefix)
+            .filter(|s| self.has_session(s))
+            .or_else(|| {
+                let s = self.sessions.lock().expect("sessions lock");
+                (s.map.len() == 1)
+                    .then(|| s.map.keys().next().cloned())
+                    .flatten()
+            });
+        tracing::warn!(pid = self.pid, bytes = len, limit = self.shared.max_line, session_id = ?target, "plugin output line over the limit dropped");
+        if let Some(sid) = target {
+            self.deliver(&sid, PluginMsg::TooLarge(len)).await;
+        }
+    }
+
+    fn log_plugin_message(&self, data: Option<&RawValue>) {
+        #[derive(Deserialize)]
+        struct LogData<'a> {
+            #[serde(borrow)]
+            level: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            message: Option<Cow<'a, str>>,
+        }
+        let Some(d) = data.and_then(|d| serde_json::from_str::<LogData<'_>>(d.get()).ok()) else {
+            return;
+        };
+        let message = self
+            .shared
+            .redactor
+            .redact(d.message.as_deref().unwrap_or_default());
+        match d.level.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            Some("ERROR" | "CRITICAL" | "FATAL") => {
+                tracing::error!(pid = self.pid, plugin_log = %message)
+            }
+            Some("WARNING" | "WARN") => tracing::warn!(pid = self.pid, plugin_log = %message),
+            Some("DEBUG") => tracing::debug!(pid = self.pid, plugin_log = %message),
+            _ => tracing::info!(pid = self.pid, plugin_log = %message),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SessionHead<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+}
+
+/// Finds `"session_id": "<id>"` in the first bytes of a line too long to parse.
+fn find_session_id(prefix: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(prefix);
+    let rest = &text[text.find("\"session_id\"")? + "\"session_id\"".len()..];
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let id = &rest[..rest.find('"')?];
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+fn snippet(line: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&line[..line.len().min(MAX)]);
+    if line.len() > MAX {
+        format!("{text}… ({} bytes)", line.len())
+    } else {
+        text.into_owned()
+    }
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => {
+                let name = nix::sys::signal::Signal::try_from(sig).map_or("?", |s| s.as_str());
+                format!("killed by signal {sig} ({name})")
+            }
+            _ => "exited".into(),
+        },
+        Err(e) => format!("exit status unknown ({e})"),
+    }
+}
+
+/// The last lines of stderr, bounded in lines and bytes.
+#[derive(Debug, Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    const MAX_LINES: usize = 40;
+    const MAX_BYTES: usize = 4096;
+
+    fn push(&mut self, line: String) {
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > Self::MAX_LINES
+            || (self.bytes > Self::MAX_BYTES && self.lines.len() > 1)
+        {
+            let old = self.lines.pop_front().expect("non-empty");
+            self.bytes -= old.len();
+        }
+    }
+
+    fn text(&self) -> String {
+        let text = self
+            .lines
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n");
+        if text.len() > Self::MAX_BYTES {
+            let cut = text.ceil_char_boundary(text.len() - Self::MAX_BYTES);
+            text[cut..].to_owned()
+        } else {
+            text
+        }
+    }
+}
+
+async fn drain_stderr(
+    stderr: tokio::process::ChildStderr,
+    pid: u32,
+    tail: Arc<Mutex<Tail>>,
+    redactor: Arc<Redactor>,
+) {
+    let mut lines = LineReader::new(stderr, 64 * 1024);
+    while let Ok(Some(line)) = lines.next_line().await {
+        let text = match line {
+            Line::Full(b) => String::from_utf8_lossy(&b).into_owned(),
+            Line::TooLong { prefix, len } => {
+                format!("{}… ({len} bytes)", String::from_utf8_lossy(&prefix))
+            }
+        };
+        let text = redactor.redact(text.trim_end());
+        if text.is_empty() {
+            continue;
+        }
+        tracing::info!(pid, stderr = %text, "plugin stderr");
+        tail.lock().expect("tail lock").push(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_session_ids_in_prefixes() {
+        assert_eq!(
+            find_session_id(br#"{"event": "session", "session_id": "abc", "data": {"#).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            find_session_id(br#"{"session_id":"x"}"#).as_deref(),
+            Some("x")
+        );
+        assert_eq!(find_session_id(br#"{"session_id": null}"#), None);
+        assert_eq!(
+            find_session_id(br#"{"event": "session", "session_id": "ab"#),
+            None
+        );
+    }
+
+    #[test]
+    fn tail_keeps_the_end() {
+        let mut t = Tail::default();
+        for i in 0..100 {
+            t.push(format!("line {i}"));
+        }
+        let text = t.text();
+        assert!(
+            text.ends_with("line 99") && !text.contains("line 10\n"),
+            "{text}"
+        );
+        t.push("x".repeat(10_000));
+        assert!(t.text().len() <= Tail::MAX_BYTES);
+    }
+}
