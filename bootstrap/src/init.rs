@@ -14,10 +14,10 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward(sig: libc_int) {
     let child = CHILD.load(Ordering::Relaxed);
-    if child > 0 {
-        if let Ok(sig) = Signal::try_from(sig) {
-            let _ = signal::kill(Pid::from_raw(child), sig);
-        }
+    if child > 0
+        && let Ok(sig) = Signal::try_from(sig)
+    {
+        let _ = signal::kill(Pid::from_raw(child), sig);
     }
 }
 

@@ -106,6 +106,7 @@ pub struct Handler {
     limits: Limits,
     identity: String,
     bootstrap_started: Instant,
+    invocations: std::sync::atomic::AtomicU64,
 }
 
 impl Handler {
@@ -127,6 +128,7 @@ impl Handler {
             limits,
             identity,
             bootstrap_started,
+            invocations: Default::default(),
         }
     }
 
@@ -143,6 +145,8 @@ impl Handler {
             "plugin": self.identity,
             "ready": h.ready,
             "generation": h.generation,
+            "invocations": self.invocations.load(std::sync::atomic::Ordering::Relaxed),
+            "active_sessions": self.supervisor.current().active_sessions(),
         });
         if let Some(reason) = h.reason {
             body["reason"] = Value::String(self.redactor.redact(&reason));
@@ -237,6 +241,8 @@ impl Handler {
             }
             Err(e) => return not_ready(&e.to_string(), rid),
         };
+        self.invocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start = StartInfo {
             session_id: envelope.session_id().to_owned(),
             request_id: req.request_id.clone(),
@@ -335,10 +341,10 @@ struct Emitter {
 
 impl Emitter {
     async fn emit(&mut self, kind: EventKind, data: Bytes) -> Result<(), ()> {
-        let id = kind.is_session_data().then(|| {
-            self.seq += 1;
-            self.seq
-        });
+        // Every event is numbered: SSE's last-event-id carries over to events without an
+        // `id:`, so numbering only some would make decoders see repeated ids.
+        self.seq += 1;
+        let id = Some(self.seq);
         if kind == EventKind::Chunk {
             self.usage.chunks += 1;
             self.usage.bytes += data.len() as u64;

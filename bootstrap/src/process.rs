@@ -372,6 +372,9 @@ impl PluginProcess {
             });
             s.map.drain().map(|(_, tx)| tx).collect::<Vec<_>>()
         };
+        if let State::Failed(why) = &*self.state.borrow() {
+            tracing::error!(pid = self.pid, reason = %why, "the plugin failed to start");
+        }
         for tx in waiting {
             let exit = exit.clone();
             tokio::spawn(async move {

@@ -39,6 +39,8 @@ pub struct Supervisor {
     generation: AtomicU64,
     exits: mpsc::UnboundedSender<u64>,
     stopping: AtomicBool,
+    /// Why the last process failed to start, kept while a replacement starts.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Supervisor {
@@ -60,6 +62,7 @@ impl Supervisor {
             generation: AtomicU64::new(1),
             exits,
             stopping: AtomicBool::new(false),
+            last_failure: Mutex::new(None),
         });
         this.watch_start(&first);
         tokio::spawn(Self::restart_loop(Arc::downgrade(&this), exits_rx));
@@ -121,7 +124,15 @@ impl Supervisor {
         let state = process.state().borrow().clone();
         let (ready, reason) = match state {
             State::Ready { .. } => (true, None),
-            State::Starting => (false, Some("the plugin is starting".to_owned())),
+            State::Starting => match self.last_failure.lock().expect("failure lock").clone() {
+                Some(why) => (
+                    false,
+                    Some(format!(
+                        "the plugin is being restarted after it failed to start: {why}"
+                    )),
+                ),
+                None => (false, Some("the plugin is starting".to_owned())),
+            },
             State::Failed(why) => (false, Some(why)),
             State::Exited => (
                 false,
@@ -143,10 +154,10 @@ impl Supervisor {
             why,
             "recycling the plugin process"
         );
-        if self.current().generation == process.generation {
-            if let Err(e) = self.respawn() {
-                tracing::error!(error = %e, "could not start a replacement plugin process");
-            }
+        if self.current().generation == process.generation
+            && let Err(e) = self.respawn()
+        {
+            tracing::error!(error = %e, "could not start a replacement plugin process");
         }
         process.retire();
     }
@@ -197,6 +208,9 @@ impl Supervisor {
             let current = sup.current();
             if current.generation != generation || sup.stopping.load(Ordering::Acquire) {
                 continue;
+            }
+            if let State::Failed(why) = &*current.state().borrow() {
+                *sup.last_failure.lock().expect("failure lock") = Some(why.clone());
             }
             let healthy = !spawn_failed
                 && current.spawned_at.elapsed() >= HEALTHY_RUN

@@ -38,11 +38,6 @@ impl EventKind {
             Self::End => "end",
         }
     }
-
-    /// Whether events of this kind carry session data and so get a sequence `id:`.
-    pub fn is_session_data(self) -> bool {
-        matches!(self, Self::Chunk | Self::Log | Self::Error | Self::End)
-    }
 }
 
 impl fmt::Display for EventKind {
@@ -71,7 +66,7 @@ impl FromStr for EventKind {
 pub struct Event {
     /// What the event is.
     pub kind: EventKind,
-    /// Sequence number, for events that carry session data.
+    /// Sequence number (1, 2, … within a stream).
     pub id: Option<u64>,
     /// One line of JSON text.
     pub data: Bytes,

@@ -1,0 +1,50 @@
+# The two commands a newcomer types: `make demo` and `make test`. Every target installs what it
+# needs itself (Python venvs, cargo-lambda) so a fresh machine with Rust + Python works.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+TOOLS := $(VENV)/tools
+CARGO_LAMBDA := $(TOOLS)/bin/cargo-lambda
+CARGO ?= cargo
+
+.PHONY: help setup python tools build test demo bench lint fmt clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+setup: python tools ## Python venvs (SDK 0.10 on 3.12, 0.7.4 on 3.11) and cargo-lambda
+
+python:
+	@tests/tooling/setup-venvs.sh
+
+tools: $(CARGO_LAMBDA)
+
+$(CARGO_LAMBDA): tests/tooling/requirements-tools.txt
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+build: ## build every crate (debug) once; the tests reuse the binaries
+	$(CARGO) build --workspace --all-targets --locked
+
+test: setup build ## every test: unit, protocol vectors, end-to-end against the real SDK and cargo lambda
+	$(CARGO) test --workspace --locked
+
+demo: python build ## run the sample plugin behind the bootstrap and stream a tool's output
+	$(CARGO) run --quiet --locked -p sri-tests --example demo
+
+bench: setup ## benchmarks (release build); figures go to BENCHMARKS.md
+	$(CARGO) build --release --locked -p sri-bootstrap
+	$(CARGO) run --release --locked -p sri-tests --example bench
+
+lint: ## formatting and clippy, as CI wants them
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,380 @@
+//! `bootstrap serve` against the real SDK: the sample plugin's tools, buffered mode, health,
+//! authentication, key rotation and concurrent sessions.
+
+use connector::protocol::events::EventKind;
+use connector::protocol::signing::{
+    HEADER_KEY_ID, HEADER_SESSION, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+use harness::*;
+use http::{HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+
+fn validate_data(api_key: &str) -> Value {
+    json!({"action": "validate_tool_credentials", "credentials": {"api_key": api_key},
+           "provider": "sample", "type": "tool", "user_id": "u-test"})
+}
+
+async fn sample_tools(py: Py) {
+    let b = Bootstrap::start(Options::new("sample").py(py));
+    let h = b.wait_ready().await;
+    assert_eq!(h["plugin"], "sri/sample:0.1.0");
+    assert_eq!(h["status"], "ok");
+
+    // echo: the parameters come back as JSON and text.
+    let sid = session_id("echo");
+    let params = json!({"query": "dify", "n": 7});
+    let ev = invoke_stream(
+        &b.url(),
+        envelope(
+            &sid,
+            tool_data("sample", "echo", params.clone(), Some("sri-demo-key")),
+        ),
+    )
+    .await;
+    assert_well_formed(&ev);
+    let start = ev[0].1.json().unwrap();
+    assert_eq!(start["session_id"], sid.as_str());
+    assert_eq!(
+        start["cold_start"], true,
+        "first invocation is a cold start: {start}"
+    );
+    let chunks: Vec<Value> = ev
+        .iter()
+        .filter(|(_, e)| e.kind == EventKind::Chunk)
+        .map(|(_, e)| e.json().unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["session_id"] == sid.as_str() && c["event"] == "session")
+    );
+    let json_msg = chunks
+        .iter()
+        .find(|c| c["data"]["data"]["type"] == "json")
+        .expect("a json message");
+    assert_eq!(json_msg["data"]["data"]["message"]["json_object"], params);
+    let usage = ev[ev.len() - 2].1.json().unwrap();
+    assert_eq!(usage["chunks"].as_u64().unwrap(), chunks.len() as u64);
+    assert!(
+        usage["memory_used_mb"].as_u64().unwrap() > 10,
+        "plugin peak memory reported: {usage}"
+    );
+    assert!(usage["bytes"].as_u64().unwrap() > 0);
+
+    // stream: N chunks in order; the second invocation is warm.
+    let ev = invoke_stream(
+        &b.url(),
+        envelope(
+            &session_id("stream"),
+            tool_data("sample", "stream", json!({"n": 4, "delay_ms": 20}), None),
+        ),
+    )
+    .await;
+    assert_well_formed(&ev);
+    assert_eq!(texts(&ev), ["chunk 0", "chunk 1", "chunk 2", "chunk 3"]);
+    assert_eq!(ev[0].1.json().unwrap()["cold_start"], false);
+
+    // Credential validation, both ways.
+    let ev = invoke_stream_action(
+        &b.url(),
+        "validate_tool_credentials",
+        envelope(&session_id("v"), validate_data("sri-demo-key")),
+    )
+    .await;
+    assert_well_formed(&ev);
+    assert!(!kinds(&ev).contains(&EventKind::Error));
+    assert_eq!(ev[1].1.json().unwrap()["data"]["data"]["result"], true);
+    let ev = invoke_stream_action(
+        &b.url(),
+        "validate_tool_credentials",
+        envelope(&session_id("v"), validate_data("wrong")),
+    )
+    .await;
+    assert_well_formed(&ev);
+    let err = error_of(&ev);
+    assert_eq!(err["error_type"], "ToolProviderCredentialValidationError");
+    assert!(err["message"].as_str().unwrap().contains("invalid api_key"));
+
+    // whoami never echoes the key.
+    let ev = invoke_stream(
+        &b.url(),
+        envelope(
+            &session_id("who"),
+            tool_data("sample", "whoami", json!({}), Some("sri-demo-key")),
+        ),
+    )
+    .await;
+    assert_well_formed(&ev);
+    let text = texts(&ev).join(" ");
+    assert!(!text.is_empty() && !text.contains("sri-demo-key"), "{text}");
+}
+
+async fn invoke_stream_action(
+    base: &str,
+    action: &str,
+    body: bytes::Bytes,
+) -> Vec<(std::time::Duration, connector::protocol::events::Event)> {
+    let ring = signer("k1", SECRET_A);
+    let resp = Call {
+        base,
+        action,
+        body,
+        ring: Some(&ring),
+        accept: "text/event-stream",
+    }
+    .send()
+    .await;
+    assert_eq!(resp.status(), 200);
+    read_events(resp).await
+}
+
+#[tokio::test]
+async fn sample_tools_on_sdk_0_10_python_3_12() {
+    sample_tools(Py::Py312).await;
+}
+
+#[tokio::test]
+async fn sample_tools_on_sdk_0_7_python_3_11() {
+    sample_tools(Py::Py311).await;
+}
+
+#[tokio::test]
+async fn buffered_mode_returns_the_json_form() {
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let ring = signer("k1", SECRET_A);
+    let body = envelope(
+        &session_id("buf"),
+        tool_data("sample", "stream", json!({"n": 3, "delay_ms": 1}), None),
+    );
+    let resp = Call {
+        base: &b.url(),
+        action: "invoke_tool",
+        body,
+        ring: Some(&ring),
+        accept: "application/json",
+    }
+    .send()
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "success", "{v}");
+    let texts: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["message"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["chunk 0", "chunk 1", "chunk 2"]);
+    assert_eq!(v["usage"]["chunks"], 3);
+
+    let body = envelope(&session_id("buf"), validate_data("wrong"));
+    let resp = Call {
+        base: &b.url(),
+        action: "validate_tool_credentials",
+        body,
+        ring: Some(&ring),
+        accept: "application/json",
+    }
+    .send()
+    .await;
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "ToolProviderCredentialValidationError");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid api_key")
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_the_plugin_sees_them() {
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let base = b.url();
+    let ring = signer("k1", SECRET_A);
+    let sid = session_id("auth");
+    let body = envelope(
+        &sid,
+        tool_data("sample", "echo", json!({"q": 1}), Some("sri-demo-key")),
+    );
+    let call = Call {
+        base: &base,
+        action: "invoke_tool",
+        body: body.clone(),
+        ring: Some(&ring),
+        accept: "text/event-stream",
+    };
+    let signed = |ring: &connector::protocol::signing::KeyRing, ts: u64, session: &str| {
+        let mut h = HeaderMap::new();
+        ring.sign(ts, session, "invoke_tool", &body).apply(&mut h);
+        h
+    };
+    let expect = |status: u16, needle: &'static str| {
+        move |resp: (u16, Value)| {
+            assert_eq!(resp.0, status, "{}", resp.1);
+            let msg = resp.1["errorMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+            if status == 401 {
+                assert_eq!(resp.1["errorType"], "Sri.Unauthorized");
+            }
+        }
+    };
+    async fn send(call: &Call<'_>, h: HeaderMap) -> (u16, Value) {
+        let r = call.send_with(h).await;
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    expect(401, "missing header `x-dify-plugin-session`")(send(&call, HeaderMap::new()).await);
+    let mut h = signed(&ring, now(), &sid);
+    h.insert(HEADER_SIGNATURE, HeaderValue::from_static("v1=zz"));
+    expect(401, "malformed header `x-dify-plugin-signature`")(send(&call, h).await);
+    let mut h = signed(&ring, now(), &sid);
+    h.insert(HEADER_TIMESTAMP, HeaderValue::from_static("yesterday"));
+    expect(401, "malformed header `x-dify-plugin-timestamp`")(send(&call, h).await);
+    let forged = signer("k1", [0x33; 32]);
+    expect(401, "bad signature")(send(&call, signed(&forged, now(), &sid)).await);
+    expect(401, "stale timestamp")(send(&call, signed(&ring, now() - 1000, &sid)).await);
+    let mut h = signed(&ring, now(), &sid);
+    h.insert(HEADER_KEY_ID, HeaderValue::from_static("k9"));
+    expect(401, "unknown key id `k9`")(send(&call, h).await);
+    expect(401, "session mismatch")(send(&call, signed(&ring, now(), "someone-else")).await);
+    let mut h = signed(&ring, now(), &sid);
+    h.insert(HEADER_SESSION, HeaderValue::from_static("someone-else"));
+    expect(401, "bad signature")(send(&call, h).await);
+    // Signed garbage is authentic but malformed: 400.
+    let garbage = Call {
+        body: bytes::Bytes::from_static(b"not json"),
+        ..call
+    };
+    let mut h = HeaderMap::new();
+    ring.sign(now(), &sid, "invoke_tool", b"not json")
+        .apply(&mut h);
+    expect(400, "not a JSON object")(send(&garbage, h).await);
+    // No action.
+    let r = reqwest::Client::new()
+        .post(format!("{base}/invoke"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    assert_eq!(
+        health(&base).await["invocations"],
+        0,
+        "the plugin saw a refused request"
+    );
+
+    // A valid request goes through once; its replay is refused.
+    let h = signed(&ring, now(), &sid);
+    let call = Call {
+        base: &base,
+        action: "invoke_tool",
+        body: body.clone(),
+        ring: Some(&ring),
+        accept: "text/event-stream",
+    };
+    let first = call.send_with(h.clone()).await;
+    assert_eq!(first.status(), 200);
+    assert_well_formed(&read_events(first).await);
+    expect(401, "replayed")(send(&call, h).await);
+    assert_eq!(health(&base).await["invocations"], 1);
+
+    // Key rotation: the ring's second key verifies.
+    let rotated = signer("k2", SECRET_B);
+    let body = envelope(
+        &session_id("rot"),
+        tool_data("sample", "echo", json!({}), None),
+    );
+    let resp = Call {
+        base: &base,
+        action: "invoke_tool",
+        body,
+        ring: Some(&rotated),
+        accept: "text/event-stream",
+    }
+    .send()
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_well_formed(&read_events(resp).await);
+}
+
+#[tokio::test]
+async fn concurrent_sessions_each_get_their_own_chunks_in_order() {
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let base = b.url();
+    let calls = (0..32).map(|i| {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let sid = session_id(&format!("c{i}"));
+            let prefix = format!("s{i}");
+            let params = json!({"n": 8, "delay_ms": 5, "prefix": prefix});
+            let ev = invoke_stream(
+                &base,
+                envelope(&sid, tool_data("sample", "stream", params, None)),
+            )
+            .await;
+            (sid, prefix, ev)
+        })
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let pid_gen = health(&base).await["generation"].clone();
+    for r in results {
+        let (sid, prefix, ev) = r.unwrap();
+        assert_well_formed(&ev);
+        let want: Vec<String> = (0..8).map(|i| format!("{prefix} {i}")).collect();
+        assert_eq!(texts(&ev), want, "session {sid}");
+        for (_, e) in ev.iter().filter(|(_, e)| e.kind == EventKind::Chunk) {
+            assert_eq!(e.json().unwrap()["session_id"], sid.as_str());
+        }
+    }
+    assert_eq!(pid_gen, 1, "all sessions ran on the one plugin process");
+}
+
+#[tokio::test]
+async fn import_failure_makes_health_say_why_and_invokes_not_ready() {
+    let b = Bootstrap::start(Options::new("import_error"));
+    b.wait_log(
+        "the plugin failed to start",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    let resp = reqwest::get(format!("{}/health", b.url())).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let h: Value = resp.json().await.unwrap();
+    assert_eq!(h["ready"], false);
+    let reason = h["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ModuleNotFoundError") && reason.contains("this_module_does_not_exist"),
+        "{h}"
+    );
+    let ring = signer("k1", SECRET_A);
+    let body = envelope(&session_id("nr"), tool_data("x", "y", json!({}), None));
+    let resp = Call {
+        base: &b.url(),
+        action: "invoke_tool",
+        body,
+        ring: Some(&ring),
+        accept: "text/event-stream",
+    }
+    .send()
+    .await;
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["errorType"], "PluginNotReady");
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("ModuleNotFoundError"),
+        "{v}"
+    );
+}

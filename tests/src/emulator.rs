@@ -1,0 +1,141 @@
+//! `cargo lambda watch` as the Lambda emulator, with our `bootstrap` as the function.
+//!
+//! The emulator runs with `--only-lambda-apis` on a free loopback port; the bootstrap is then
+//! started by the test with `AWS_LAMBDA_RUNTIME_API` pointing at it (as cargo-lambda would), so
+//! the same built binary serves every test. The function is named `bootstrap` because the
+//! emulator only routes names of binaries in the workspace.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{Options, SECRET_A, SECRET_B, bootstrap_bin, keys_env, plugin_dir, root, stop};
+
+/// The function name the emulator routes.
+pub const FUNCTION: &str = "bootstrap";
+
+/// The `cargo-lambda` executable installed by the test tooling.
+pub fn cargo_lambda() -> PathBuf {
+    let path = std::env::var_os("SRI_CARGO_LAMBDA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/tools/bin/cargo-lambda"));
+    assert!(
+        path.exists(),
+        "{} is missing: `make tools` installs cargo-lambda from PyPI",
+        path.display()
+    );
+    path
+}
+
+/// A running emulator plus the bootstrap polling it; both are killed on drop.
+pub struct Lambda {
+    emulator: Child,
+    bootstrap: Option<Child>,
+    /// Emulator port.
+    pub port: u16,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Lambda {
+    /// Starts a fresh emulator (one per test: a poller that dies mid-`/next` can swallow the
+    /// next invocation) and the bootstrap for `opts`.
+    pub fn start(opts: Options) -> Self {
+        let port = free_port();
+        let emulator = Command::new(cargo_lambda())
+            .args([
+                "lambda",
+                "watch",
+                "--only-lambda-apis",
+                "-A",
+                "127.0.0.1",
+                "-P",
+                &port.to_string(),
+            ])
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cargo lambda watch");
+        let mut this = Self {
+            emulator,
+            bootstrap: None,
+            port,
+            logs: Arc::new(Mutex::new(Vec::new())),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cargo lambda watch did not listen on {port} within 30 s"
+            );
+            if let Ok(Some(status)) = this.emulator.try_wait() {
+                panic!("cargo lambda watch exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let bootstrap = spawn_runtime(&this.runtime_api(), &opts, this.logs.clone());
+        this.bootstrap = Some(bootstrap);
+        this
+    }
+
+    /// `AWS_LAMBDA_RUNTIME_API` as cargo-lambda hands it to a function.
+    pub fn runtime_api(&self) -> String {
+        format!("http://127.0.0.1:{}/.rt/{FUNCTION}", self.port)
+    }
+
+    /// The emulated Function URL.
+    pub fn function_url(&self) -> String {
+        format!("http://127.0.0.1:{}/lambda-url/{FUNCTION}", self.port)
+    }
+
+    /// The bootstrap's log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+/// Starts the bootstrap in Lambda mode against `api`, collecting its logs.
+pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -> Child {
+    let mut cmd = Command::new(bootstrap_bin());
+    cmd.env("AWS_LAMBDA_RUNTIME_API", api)
+        .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
+        .env("SRI_PYTHON", opts.py.python())
+        .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
+        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn bootstrap");
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            logs.lock().unwrap().push(line);
+        }
+    });
+    child
+}
+
+impl Drop for Lambda {
+    fn drop(&mut self) {
+        if let Some(b) = self.bootstrap.as_mut() {
+            stop(b);
+        }
+        stop(&mut self.emulator);
+    }
+}

@@ -1,0 +1,433 @@
+//! Test tooling shared by the end-to-end tests: finding the built binaries and the Python
+//! environments, starting a `bootstrap` against a real plugin, signing SRI v1 requests, reading
+//! event streams, and a fake Dify daemon for backwards invocations.
+//!
+//! Everything listens on 127.0.0.1 with ports chosen per run, and every wait is bounded.
+
+pub mod daemon;
+pub mod emulator;
+
+use bytes::Bytes;
+use connector::protocol::events::{Event, EventKind};
+use connector::protocol::signing::{Key, KeyRing};
+use connector::protocol::sse;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The first key of the test ring (signs).
+pub const SECRET_A: [u8; 32] = [0x11; 32];
+/// The second key of the test ring (verifies only: rotation).
+pub const SECRET_B: [u8; 32] = [0x22; 32];
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `bootstrap` binary built by `cargo build` (or `SRI_BOOTSTRAP_BIN`).
+pub fn bootstrap_bin() -> PathBuf {
+    let path = std::env::var_os("SRI_BOOTSTRAP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target"));
+            target.join("debug").join("bootstrap")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p sri-bootstrap` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The Python environments the tests run plugins on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Py {
+    /// Python 3.12 with dify-plugin 0.10.x: the primary environment (Lambda's python3.12).
+    Py312,
+    /// Python 3.11 with dify-plugin 0.7.4.
+    Py311,
+}
+
+impl Py {
+    /// The interpreter of the environment's venv.
+    pub fn python(self) -> PathBuf {
+        let dir = match self {
+            Py::Py312 => "py312",
+            Py::Py311 => "py311",
+        };
+        let path = root().join(".venv").join(dir).join("bin").join("python");
+        assert!(
+            path.exists(),
+            "{} is missing: run `tests/tooling/setup-venvs.sh` (`make test` does)",
+            path.display()
+        );
+        path
+    }
+}
+
+/// A plugin directory: `sample` is the template's, the others are fixtures.
+pub fn plugin_dir(name: &str) -> PathBuf {
+    if name == "sample" {
+        root().join("template").join("plugin")
+    } else {
+        root().join("tests/fixtures/plugins").join(name)
+    }
+}
+
+/// `SRI_SIGNING_KEYS` for the given secrets, named `k1`, `k2`, ….
+pub fn keys_env(secrets: &[[u8; 32]]) -> String {
+    use base64::Engine;
+    secrets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "k{}:{}",
+                i + 1,
+                base64::engine::general_purpose::STANDARD.encode(s)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A key ring signing with `secret` under id `kid`.
+pub fn signer(kid: &str, secret: [u8; 32]) -> KeyRing {
+    KeyRing::new(vec![Key::new(kid, secret.to_vec()).expect("key")]).expect("ring")
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// A Dify request envelope, keys in the daemon's order.
+pub fn envelope(session_id: &str, data: Value) -> Bytes {
+    let v = json!({
+        "session_id": session_id, "conversation_id": null, "message_id": null, "app_id": null,
+        "endpoint_id": null, "context": {}, "event": "request", "data": data,
+    });
+    serde_json::to_vec(&v).expect("JSON").into()
+}
+
+/// The `data` of an `invoke_tool` request.
+pub fn tool_data(provider: &str, tool: &str, params: Value, api_key: Option<&str>) -> Value {
+    let creds = api_key.map_or(json!({}), |k| json!({"api_key": k}));
+    json!({"action": "invoke_tool", "credential_type": "api-key", "credentials": creds,
+           "provider": provider, "tool": tool, "tool_parameters": params, "type": "tool", "user_id": "u-test"})
+}
+
+/// A fresh session id.
+pub fn session_id(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A running `bootstrap serve` (killed on drop, plugin included).
+pub struct Bootstrap {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Options for [`Bootstrap::start`].
+pub struct Options {
+    /// Plugin name (see [`plugin_dir`]).
+    pub plugin: String,
+    /// Python environment.
+    pub py: Py,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+impl Options {
+    /// Defaults for `plugin` on the primary environment.
+    pub fn new(plugin: &str) -> Self {
+        Self {
+            plugin: plugin.into(),
+            py: Py::Py312,
+            env: Vec::new(),
+        }
+    }
+    /// Sets an environment variable.
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    /// Chooses the Python environment.
+    pub fn py(mut self, py: Py) -> Self {
+        self.py = py;
+        self
+    }
+}
+
+impl Bootstrap {
+    /// Starts `bootstrap serve` on a free loopback port and waits until it listens.
+    pub fn start(opts: Options) -> Self {
+        let mut cmd = Command::new(bootstrap_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
+            .env("SRI_PYTHON", opts.py.python())
+            .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
+            .env("AWS_LAMBDA_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("AWS_LAMBDA_RUNTIME_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn bootstrap");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "serving SRI v1"
+                {
+                    let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "bootstrap did not start listening within 20 s; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self { child, addr, logs }
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Log lines so far (JSON).
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The bootstrap's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) until `/health` says ready; returns its body.
+    pub async fn wait_ready(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let h = health(&self.url()).await;
+            if h["ready"] == true {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin not ready after 60 s: {h}; logs:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) for a log line containing `needle`.
+    pub async fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {within:?}; logs:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Bootstrap {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// Stops a child: SIGTERM, then SIGKILL after 5 s.
+pub fn stop(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `GET /health` as JSON.
+pub async fn health(base: &str) -> Value {
+    match reqwest::get(format!("{base}/health")).await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// A signed SRI v1 request.
+pub struct Call<'a> {
+    /// Function base URL (`…/invoke` is appended).
+    pub base: &'a str,
+    /// `action` query parameter.
+    pub action: &'a str,
+    /// Body.
+    pub body: Bytes,
+    /// Signing ring (`None`: unsigned).
+    pub ring: Option<&'a KeyRing>,
+    /// `Accept`.
+    pub accept: &'a str,
+}
+
+impl Call<'_> {
+    /// Sends it, signing for the envelope's session id now.
+    pub async fn send(&self) -> reqwest::Response {
+        let sid = serde_json::from_slice::<Value>(&self.body)
+            .ok()
+            .and_then(|v| v["session_id"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let mut headers = http::HeaderMap::new();
+        if let Some(ring) = self.ring {
+            ring.sign(now(), &sid, self.action, &self.body)
+                .apply(&mut headers);
+        }
+        self.send_with(headers).await
+    }
+
+    /// Sends it with exactly these extra headers.
+    pub async fn send_with(&self, headers: http::HeaderMap) -> reqwest::Response {
+        client()
+            .post(format!("{}/invoke?action={}", self.base, self.action))
+            .header("content-type", "application/json")
+            .header("accept", self.accept)
+            .headers(headers)
+            .body(self.body.clone())
+            .send()
+            .await
+            .expect("request reaches the function")
+    }
+}
+
+fn client() -> reqwest::Client {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("client")
+    })
+    .clone()
+}
+
+/// Signs and invokes a tool, returning the decoded events with their arrival times.
+pub async fn invoke_stream(base: &str, body: Bytes) -> Vec<(Duration, Event)> {
+    let ring = signer("k1", SECRET_A);
+    let resp = Call {
+        base,
+        action: "invoke_tool",
+        body,
+        ring: Some(&ring),
+        accept: "text/event-stream",
+    }
+    .send()
+    .await;
+    assert_eq!(resp.status(), 200, "invoke answered {}", resp.status());
+    read_events(resp).await
+}
+
+/// Decodes an SSE response, timing each event from the call.
+pub async fn read_events(resp: reqwest::Response) -> Vec<(Duration, Event)> {
+    let started = Instant::now();
+    let stream = sse::decode(Box::pin(resp.bytes_stream()));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        stream
+            .map(|e| (started.elapsed(), e.expect("valid SSE")))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("stream finished within 60 s")
+}
+
+/// The kinds of `events`, in order.
+pub fn kinds(events: &[(Duration, Event)]) -> Vec<EventKind> {
+    events.iter().map(|(_, e)| e.kind).collect()
+}
+
+/// The `message.text` of each chunk (text messages).
+pub fn texts(events: &[(Duration, Event)]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|(_, e)| e.kind == EventKind::Chunk)
+        .filter_map(|(_, e)| {
+            e.json().ok()?["data"]["data"]["message"]["text"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The `error` event's `data.data` (error_type, message, args).
+pub fn error_of(events: &[(Duration, Event)]) -> Value {
+    let (_, e) = events
+        .iter()
+        .find(|(_, e)| e.kind == EventKind::Error)
+        .unwrap_or_else(|| panic!("no error event in {:?}", kinds(events)));
+    e.json().expect("JSON")["data"]["data"].clone()
+}
+
+/// Asserts the SRI stream grammar: `start` first, exactly one `end` last, `usage` right before it,
+/// and every event numbered 1, 2, 3, ….
+pub fn assert_well_formed(events: &[(Duration, Event)]) {
+    let k = kinds(events);
+    assert_eq!(k.first(), Some(&EventKind::Start), "{k:?}");
+    assert_eq!(k.last(), Some(&EventKind::End), "{k:?}");
+    assert_eq!(
+        k.iter().filter(|k| **k == EventKind::End).count(),
+        1,
+        "{k:?}"
+    );
+    assert_eq!(k[k.len() - 2], EventKind::Usage, "{k:?}");
+    let ids: Vec<Option<u64>> = events.iter().map(|(_, e)| e.id).collect();
+    let want: Vec<Option<u64>> = (1..=events.len() as u64).map(Some).collect();
+    assert_eq!(ids, want, "event ids");
+}
