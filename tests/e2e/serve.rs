@@ -210,7 +210,9 @@ async fn bad_requests_are_refused_before_the_plugin_sees_them() {
     };
     let signed = |ring: &connector::protocol::signing::KeyRing, ts: u64, session: &str| {
         let mut h = HeaderMap::new();
-        ring.sign(ts, session, "invoke_tool", &body).apply(&mut h);
+        ring.sign(ts, session, "invoke_tool", &body)
+            .apply(&mut h)
+            .unwrap();
         h
     };
     let expect = |status: u16, needle: &'static str| {
@@ -255,7 +257,8 @@ async fn bad_requests_are_refused_before_the_plugin_sees_them() {
     };
     let mut h = HeaderMap::new();
     ring.sign(now(), &sid, "invoke_tool", b"not json")
-        .apply(&mut h);
+        .apply(&mut h)
+        .unwrap();
     expect(400, "not a JSON object")(send(&garbage, h).await);
     // No action.
     let r = reqwest::Client::new()

@@ -158,6 +158,8 @@ pub struct Options {
     pub py: Py,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// A command the bootstrap runs under (e.g. `unshare --pid --fork`).
+    pub wrapper: Vec<String>,
 }
 
 impl Options {
@@ -167,7 +169,14 @@ impl Options {
             plugin: plugin.into(),
             py: Py::Py312,
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs the bootstrap under `wrapper`.
+    pub fn wrap(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
     }
     /// Sets an environment variable.
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
@@ -184,7 +193,14 @@ impl Options {
 impl Bootstrap {
     /// Starts `bootstrap serve` on a free loopback port and waits until it listens.
     pub fn start(opts: Options) -> Self {
-        let mut cmd = Command::new(bootstrap_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bootstrap_bin());
+                c
+            }
+            None => Command::new(bootstrap_bin()),
+        };
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
             .env("SRI_PYTHON", opts.py.python())
@@ -239,6 +255,33 @@ impl Bootstrap {
     /// The bootstrap's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The plugin's pid, from the bootstrap's log.
+    pub async fn plugin_pid(&self) -> u32 {
+        let line = self
+            .wait_log("plugin process started", Duration::from_secs(20))
+            .await;
+        serde_json::from_str::<Value>(&line).unwrap()["pid"]
+            .as_u64()
+            .expect("pid logged") as u32
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the bootstrap to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal bootstrap");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bootstrap still running 10 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits (bounded) until `/health` says ready; returns its body.
@@ -328,7 +371,8 @@ impl Call<'_> {
         let mut headers = http::HeaderMap::new();
         if let Some(ring) = self.ring {
             ring.sign(now(), &sid, self.action, &self.body)
-                .apply(&mut headers);
+                .apply(&mut headers)
+                .unwrap();
         }
         self.send_with(headers).await
     }

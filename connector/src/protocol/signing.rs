@@ -146,13 +146,22 @@ pub struct SignedHeaders {
 }
 
 impl SignedHeaders {
-    /// Adds the headers to a request.
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        let value = |s: &str| HeaderValue::from_str(s).expect("signing headers are visible ASCII");
-        headers.insert(HEADER_SESSION, value(&self.session_id));
+    /// Adds the headers to a request. Fails when the session id cannot be a header value
+    /// (it must be visible ASCII; Dify's are UUIDs).
+    pub fn apply(&self, headers: &mut HeaderMap) -> Result<(), Error> {
+        let visible = |b: u8| (0x20..0x7f).contains(&b);
+        let session = Some(&self.session_id)
+            .filter(|s| s.bytes().all(visible))
+            .and_then(|s| HeaderValue::from_str(s).ok())
+            .ok_or_else(|| {
+                Error::Envelope("session_id must be visible ASCII to be sent in a header".into())
+            })?;
+        let value = |s: &str| HeaderValue::from_str(s).expect("ASCII by construction");
+        headers.insert(HEADER_SESSION, session);
         headers.insert(HEADER_TIMESTAMP, value(&self.timestamp.to_string()));
         headers.insert(HEADER_SIGNATURE, value(&self.signature));
         headers.insert(HEADER_KEY_ID, value(&self.key_id));
+        Ok(())
     }
 }
 
@@ -399,7 +408,7 @@ mod tests {
 
     fn headers(s: &SignedHeaders) -> HeaderMap {
         let mut h = HeaderMap::new();
-        s.apply(&mut h);
+        s.apply(&mut h).unwrap();
         h
     }
 
@@ -455,6 +464,12 @@ mod tests {
         let mut h2 = h.clone();
         h2.remove(HEADER_KEY_ID);
         assert!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300).is_ok());
+    }
+
+    #[test]
+    fn non_ascii_sessions_cannot_be_sent() {
+        let s = ring().sign(1, "sess-\u{fc}", "a", b"");
+        assert!(s.apply(&mut HeaderMap::new()).is_err());
     }
 
     #[test]
