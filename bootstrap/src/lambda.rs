@@ -35,7 +35,8 @@ pub async fn run(
     setup: impl Future<Output = Result<Arc<Handler>, Error>>,
     ready_timeout: Duration,
 ) -> Result<(), Error> {
-    let client = client(api)?;
+    let client = Arc::new(client(api)?);
+    register_shutdown_extension(client.clone()).await;
     let handler = match setup.await {
         Ok(h) => h,
         Err(e) => return Err(init_error(&client, e).await),
@@ -91,6 +92,53 @@ pub async fn run(
             tracing::error!(request_id, error = %e, "could not deliver the response");
         }
     }
+}
+
+/// Registers an internal extension that subscribes to no events. Lambda only sends SIGTERM
+/// to a runtime that has an extension; without one, the plugin would be killed without notice
+/// at shutdown. Failure is logged and ignored (older emulators lack the Extensions API).
+async fn register_shutdown_extension(client: Arc<PooledClient>) {
+    let req = build_request()
+        .method(Method::POST)
+        .uri("/2020-01-01/extension/register")
+        .header("lambda-extension-name", "sri-bootstrap-shutdown")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"events":[]}"#))
+        .expect("request");
+    let id = match client.call(req).await {
+        Ok(resp) if resp.status().is_success() => resp
+            .headers()
+            .get("lambda-extension-identifier")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        Ok(resp) => {
+            tracing::debug!(status = %resp.status(), "extension registration refused; SIGTERM may not be delivered");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "extension registration failed; SIGTERM may not be delivered");
+            None
+        }
+    };
+    let Some(id) = id else { return };
+    tracing::info!("shutdown extension registered: SIGTERM will reach the plugin");
+    // An internal extension must keep polling; with no events subscribed this call parks.
+    tokio::spawn(async move {
+        loop {
+            let req = build_request()
+                .method(Method::GET)
+                .uri("/2020-01-01/extension/event/next")
+                .header("lambda-extension-identifier", id.as_str())
+                .body(Body::empty())
+                .expect("request");
+            match client.call(req).await {
+                Ok(resp) => {
+                    let _ = resp.into_body().collect().await;
+                }
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 fn client(api: &str) -> Result<PooledClient, Error> {

@@ -1,32 +1,33 @@
 //! Structured logs: text on a terminal, JSON on Lambda (`AWS_LAMBDA_LOG_FORMAT=JSON`).
 //!
-//! The level comes from `RUST_LOG`, else `AWS_LAMBDA_LOG_LEVEL`, else `info`.
+//! The level comes from `RUST_LOG` (`info`, or `warn,sri_bootstrap=debug`), else
+//! `AWS_LAMBDA_LOG_LEVEL`, else `info`. Parsed as static targets: no regex engine in the binary.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber (stderr).
 pub fn init(format: LogFormat) {
-    let filter = std::env::var("RUST_LOG")
+    let filter: Targets = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| {
             std::env::var("AWS_LAMBDA_LOG_LEVEL")
                 .ok()
                 .map(|l| l.to_lowercase())
         })
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| "info".parse().expect("valid filter"));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(layer.json().flatten_event(true).with_current_span(false))
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => registry.with(layer).try_init(),
     };
 }

@@ -109,10 +109,18 @@ impl Lambda {
 /// Starts the bootstrap in Lambda mode against `api`, collecting its logs.
 pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -> Child {
     let mut cmd = Command::new(bootstrap_bin());
-    cmd.env("AWS_LAMBDA_RUNTIME_API", api)
-        .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
-        .env("SRI_PYTHON", opts.py.python())
-        .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
+    cmd.args(&opts.args).env("AWS_LAMBDA_RUNTIME_API", api);
+    match &opts.task_root {
+        Some((root, python)) => cmd
+            .env("LAMBDA_TASK_ROOT", root)
+            .env("SRI_PYTHON", python)
+            .env_remove("SRI_PLUGIN_DIR")
+            .env_remove("SRI_PYTHONPATH"),
+        None => cmd
+            .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
+            .env("SRI_PYTHON", opts.py.python()),
+    };
+    cmd.env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
         .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -160,6 +160,11 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// A command the bootstrap runs under (e.g. `unshare --pid --fork`).
     pub wrapper: Vec<String>,
+    /// Arguments after the binary (Lambda mode; e.g. what a managed runtime passes a wrapper).
+    pub args: Vec<String>,
+    /// Run as a function laid out under this `LAMBDA_TASK_ROOT` with this interpreter, leaving
+    /// `SRI_PLUGIN_DIR` and `SRI_PYTHONPATH` to their defaults.
+    pub task_root: Option<(PathBuf, PathBuf)>,
 }
 
 impl Options {
@@ -170,7 +175,16 @@ impl Options {
             py: Py::Py312,
             env: Vec::new(),
             wrapper: Vec::new(),
+            args: Vec::new(),
+            task_root: None,
         }
+    }
+
+    /// Runs as a function laid out under `root` (see `template/README.md`) with `python`.
+    pub fn task_root(mut self, root: PathBuf, python: PathBuf, args: &[&str]) -> Self {
+        self.task_root = Some((root, python));
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Runs the bootstrap under `wrapper`.
