@@ -31,8 +31,9 @@ build: ## build every crate (debug) once; the tests reuse the binaries
 test: setup build ## every test: unit, protocol vectors, end-to-end against the real SDK and cargo lambda
 	$(CARGO) test --workspace --locked
 
-demo: python build ## run the sample plugin behind the bootstrap and stream a tool's output
-	$(CARGO) run --quiet --locked -p sri-tests --example demo
+demo: tools ## sri serve + local backend: launch the sample plugin, stream a tool's output
+	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
+	tests/tooling/demo.sh
 
 bench: setup ## benchmarks (release build); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap

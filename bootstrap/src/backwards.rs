@@ -105,7 +105,12 @@ impl Backwards {
             .body(line)
             .send()
             .await
-            .map_err(|e| format!("cannot reach the Dify daemon at {url}: {}", error_chain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot reach the Dify daemon at {url}: {}",
+                    connector::error::chain(&e)
+                )
+            })?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.bytes().await.unwrap_or_default();
@@ -126,7 +131,7 @@ impl Backwards {
                 Some(Err(e)) => {
                     return Err(format!(
                         "the daemon's answer broke off: {}",
-                        error_chain(&e)
+                        connector::error::chain(&e)
                     ));
                 }
                 None => buf.extend_from_slice(b"\n"),
@@ -192,15 +197,4 @@ pub fn response_line(session_id: &str, request_id: &str, event: &str, message: &
     .expect("JSON serializes");
     line.push(b'\n');
     line
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -1,6 +1,8 @@
 //! The bootstrap's options, read once from the command line and the environment.
 
 use clap::{Args, Parser, Subcommand};
+use connector::logging::{LogFormat, parse_log_format};
+use connector::secret::{self, Secret};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,28 +80,11 @@ pub struct PluginOptions {
     pub backwards_timeout_secs: u64,
     /// The SRI v1 key ring, `kid:base64secret[,kid:base64secret…]` (secrets ≥ 32 bytes; the first
     /// signs, all verify). Set it in the environment, not on the command line.
-    #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret)]
+    #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
     pub signing_keys: Option<Secret>,
     /// Log format: `text` or `json` (Lambda's `AWS_LAMBDA_LOG_FORMAT=JSON` selects json).
     #[arg(long, env = "AWS_LAMBDA_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
     pub log_format: LogFormat,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (CloudWatch).
-    Json,
-}
-
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "text" | "" => Ok(LogFormat::Text),
-        "json" => Ok(LogFormat::Json),
-        other => Err(format!("`{other}` is not a log format: use text or json")),
-    }
 }
 
 impl Config {
@@ -142,18 +127,4 @@ impl PluginOptions {
     pub fn ready_timeout(&self) -> Duration {
         Duration::from_secs(self.ready_timeout_secs)
     }
-}
-
-/// A value that must never be printed (`Debug` shows `<redacted>`).
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-fn secret(s: &str) -> Result<Secret, String> {
-    Ok(Secret(s.to_owned()))
 }

@@ -5,14 +5,6 @@ use std::path::PathBuf;
 /// Everything that stops the bootstrap or an invocation, with context.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The plugin's manifest is unusable.
-    #[error("plugin manifest {path}: {reason}")]
-    Manifest {
-        /// The manifest's path.
-        path: PathBuf,
-        /// What is wrong and how to fix it.
-        reason: String,
-    },
     /// The interpreter could not be started.
     #[error(
         "cannot start the plugin with `{python}` (set SRI_PYTHON to a Python interpreter): {source}"

@@ -12,8 +12,6 @@ pub mod init;
 pub mod invocation;
 pub mod lambda;
 pub mod lines;
-pub mod logging;
-pub mod manifest;
 pub mod process;
 pub mod redact;
 pub mod serve;
@@ -86,7 +84,7 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         None => KeyRing::from_env()?,
     };
     let plugin_dir = o.plugin_dir();
-    let manifest = manifest::Manifest::load(&plugin_dir)?;
+    let manifest = connector::manifest::Manifest::load(&plugin_dir)?;
     let redactor = Arc::new(Redactor::default());
     let backwards = Arc::new(backwards::Backwards::new(
         o.daemon_url.as_deref(),

@@ -14,7 +14,34 @@ pub enum Error {
     /// A request failed SRI v1 authentication.
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] Rejection),
+    /// A plugin manifest is unusable.
+    #[error("plugin manifest {path}: {reason}")]
+    Manifest {
+        /// Where it was read from.
+        path: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A plugin package is unusable.
+    #[error("invalid plugin package: {0}")]
+    Package(String),
+    /// A backend could not do what was asked.
+    #[error("{0}")]
+    Backend(String),
     /// An SSE stream could not be decoded.
     #[error("invalid SRI event stream: {0}")]
     Sse(String),
+}
+
+/// `e` with all its sources, `outer: inner: innermost` (what reqwest and hyper errors need to
+/// say anything useful).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }

@@ -4,7 +4,27 @@
 //! connector and a plugin function. It has no AWS or server dependencies so that the
 //! `bootstrap` binary can use it with `default-features = false`; the protocol exists once.
 
+#[cfg(feature = "server")]
+pub mod backend;
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod client;
 pub mod error;
+#[cfg(feature = "server")]
+pub mod gateway;
+#[cfg(feature = "server")]
+pub mod launch;
+#[cfg(feature = "logging")]
+pub mod logging;
+pub mod manifest;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod package;
 pub mod protocol;
+pub mod secret;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use error::Error;

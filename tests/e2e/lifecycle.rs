@@ -12,6 +12,7 @@ async fn as_pid_1_the_plugin_keeps_running() {
         "unshare",
         "--pid",
         "--fork",
+        "--kill-child=SIGTERM",
         "--mount-proc",
     ]));
     b.wait_ready().await;

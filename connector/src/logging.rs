@@ -7,8 +7,6 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
-
 /// Installs the global subscriber (stderr).
 pub fn init(format: LogFormat) {
     let filter: Targets = std::env::var("RUST_LOG")
@@ -30,4 +28,22 @@ pub fn init(format: LogFormat) {
             .try_init(),
         LogFormat::Text => registry.with(layer).try_init(),
     };
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (CloudWatch).
+    Json,
+}
+
+/// Parses `text` or `json` (any case), as `AWS_LAMBDA_LOG_FORMAT` holds it.
+pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "text" | "" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("`{other}` is not a log format: use text or json")),
+    }
 }

@@ -53,10 +53,13 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let path = dir.join("manifest.yaml");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Manifest {
-            path: path.clone(),
+            path: path.display().to_string(),
             reason: format!("cannot read it ({e}); is SRI_PLUGIN_DIR the plugin's directory?"),
         })?;
-        Self::parse(&text).map_err(|reason| Error::Manifest { path, reason })
+        Self::parse(&text).map_err(|reason| Error::Manifest {
+            path: path.display().to_string(),
+            reason,
+        })
     }
 
     /// Parses manifest text.

@@ -1,0 +1,66 @@
+//! Where functions run. One trait, so the control plane and the gateway do not care whether a
+//! plugin is a local process or a cloud function.
+
+pub mod local;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::Error;
+use crate::package::Package;
+
+/// A deployed function.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Function {
+    /// Function name (no `,` or `=`: the daemon's launch parser splits on them).
+    pub name: String,
+    /// `author/name:version@checksum`.
+    pub identifier: String,
+    /// The package checksum.
+    pub checksum: String,
+}
+
+/// Progress of a deployment: a stage (`build`, `run`, …) and a human message.
+pub type Progress = mpsc::UnboundedSender<(&'static str, String)>;
+
+/// A place functions are deployed to.
+pub trait Backend: Send + Sync + 'static {
+    /// Deploys `pkg` (idempotent: an existing function is returned as is).
+    fn deploy<'a>(
+        &'a self,
+        pkg: &'a Package,
+        progress: Progress,
+    ) -> BoxFuture<'a, Result<Function, Error>>;
+    /// The function built from the package with this checksum, if any.
+    fn find(&self, checksum: &str) -> Option<Function>;
+    /// Every function.
+    fn list(&self) -> Vec<Function>;
+    /// The base URL the gateway calls for `name` (SRI v1), if it is running.
+    fn target(&self, name: &str) -> Option<String>;
+    /// Deletes a function and everything it owns.
+    fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    /// Deletes leftovers and functions superseded by newer versions of the same plugin,
+    /// keeping the `keep` newest per plugin. Returns what was removed.
+    fn gc(&self, keep: usize) -> BoxFuture<'_, Result<Vec<String>, Error>>;
+    /// Stops what the backend runs (connector shutdown).
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The function name for a package: lowercase letters, digits and `-` only.
+pub fn function_name(pkg: &Package) -> String {
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+    };
+    let m = &pkg.manifest;
+    let mut base = format!("{}-{}", clean(&m.author), clean(&m.name));
+    base.truncate(40);
+    format!("sri-{base}-{}", &pkg.checksum[..12])
+}

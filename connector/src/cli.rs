@@ -1,0 +1,512 @@
+//! The `sri` command line: `serve`, and the same operations from a terminal (`package`,
+//! `deploy`, `invoke`, `list`, `remove`, `gc`) against a running `sri serve`.
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Error;
+use crate::backend::local::{LocalBackend, LocalOptions};
+use crate::client::{Client, ClientOptions};
+use crate::launch::Launcher;
+use crate::logging::{LogFormat, parse_log_format};
+use crate::package::{DEFAULT_MAX_PACKAGE_BYTES, Package};
+use crate::protocol::signing::KeyRing;
+use crate::secret::{self, Secret};
+use crate::server::{API_KEY_ENV, AppState};
+
+/// The Dify serverless connector: runs plugins as functions for a daemon with
+/// `PLATFORM=serverless`.
+#[derive(Debug, Parser)]
+#[command(name = "sri", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, env = "AWS_LAMBDA_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the control plane and the gateway (the daemon's DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL).
+    Serve(ServeOptions),
+    /// Check a plugin (directory or .difypkg) and write the package the daemon would upload.
+    Package {
+        /// A plugin directory or a `.difypkg`.
+        path: PathBuf,
+        /// Where to write the `.difypkg` (default: `<author>@<name>@<version>@<checksum>.difypkg`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Deploy a plugin through a running connector, showing progress.
+    Deploy {
+        /// A plugin directory or a `.difypkg`.
+        path: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Invoke a function through the gateway and stream its output.
+    Invoke(InvokeOptions),
+    /// List the deployed functions.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a function.
+    Remove {
+        /// Function name.
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove leftovers and superseded versions of each plugin.
+    Gc {
+        /// Versions kept per plugin.
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Options of `sri serve`.
+#[derive(Debug, Args)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    #[arg(long, env = "SRI_LISTEN", default_value = "127.0.0.1:5004")]
+    pub listen: SocketAddr,
+    /// The URL the daemon reaches this connector at (endpoints are `{public_url}/v1/functions/{name}`).
+    #[arg(long, env = "SRI_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// The control plane's API key (the daemon sends it in `Authorization`).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true, value_parser = secret::parse)]
+    pub api_key: Secret,
+    /// SRI v1 key ring shared with the functions (`kid:base64secret,…`).
+    #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
+    pub signing_keys: Secret,
+    /// Where the local backend keeps functions.
+    #[arg(long, env = "SRI_DATA_DIR", default_value = ".sri-data")]
+    pub data_dir: PathBuf,
+    /// The `bootstrap` binary (default: beside `sri`).
+    #[arg(long, env = "SRI_BOOTSTRAP_BIN")]
+    pub bootstrap: Option<PathBuf>,
+    /// Python that plugin venvs are made from.
+    #[arg(long, env = "SRI_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// `uv` for fast dependency installs (default: `uv` on PATH; pip otherwise).
+    #[arg(long, env = "SRI_UV")]
+    pub uv: Option<PathBuf>,
+    /// The daemon's address, handed to functions for backwards invocations.
+    #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
+    pub daemon_url: Option<String>,
+    /// Largest package accepted.
+    #[arg(long, env = "MAX_PLUGIN_PACKAGE_SIZE", default_value_t = DEFAULT_MAX_PACKAGE_BYTES)]
+    pub max_package_bytes: usize,
+    /// Largest invoke body accepted.
+    #[arg(long, env = "MAX_SERVERLESS_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Seconds a new function may take to become ready.
+    #[arg(long, env = "SRI_READY_TIMEOUT_SECS", default_value_t = 120)]
+    pub ready_timeout_secs: u64,
+}
+
+/// Where a running connector is.
+#[derive(Debug, Args)]
+pub struct Remote {
+    /// The connector's URL.
+    #[arg(long, env = "SRI_URL", default_value = "http://127.0.0.1:5004")]
+    pub url: String,
+    /// Its API key.
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true, value_parser = secret::parse)]
+    pub api_key: Option<Secret>,
+}
+
+/// Options of `sri invoke`.
+#[derive(Debug, Args)]
+pub struct InvokeOptions {
+    /// Function name (see `sri list`).
+    pub name: String,
+    /// Dify action.
+    #[arg(long, default_value = "invoke_tool")]
+    pub action: String,
+    /// Tool provider.
+    #[arg(long)]
+    pub provider: String,
+    /// Tool name.
+    #[arg(long, default_value = "")]
+    pub tool: String,
+    /// Tool parameters (JSON object).
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// Credentials (JSON object).
+    #[arg(long, default_value = "{}")]
+    pub credentials: String,
+    /// Print the daemon's raw NDJSON objects.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(o) => serve(o).await,
+        Command::Package { path, output } => {
+            let pkg = load(&path)?;
+            let out = output.unwrap_or_else(|| PathBuf::from(pkg.filename()));
+            std::fs::write(&out, &pkg.bytes)?;
+            println!(
+                "{}\n  checksum {}\n  wrote {}",
+                pkg.unique_identifier(),
+                pkg.checksum,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Deploy { path, remote } => deploy(&path, &remote).await,
+        Command::Invoke(o) => invoke(o).await,
+        Command::List { remote, json } => {
+            let v: Value = request(&remote, reqwest::Method::GET, "/v1/runner/instances")
+                .send()
+                .await?
+                .json()
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for i in v["Items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<48} {:<60} {}",
+                        i["Name"].as_str().unwrap_or(""),
+                        i["Identifier"].as_str().unwrap_or(""),
+                        i["Endpoint"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Remove { name, remote } => {
+            let resp = request(
+                &remote,
+                reqwest::Method::DELETE,
+                &format!("/v1/functions/{name}"),
+            )
+            .send()
+            .await?;
+            let ok = resp.status().is_success();
+            let v: Value = resp.json().await.unwrap_or_default();
+            anyhow::ensure!(ok, "{}", v["error"].as_str().unwrap_or("remove failed"));
+            println!("removed {name}");
+            Ok(())
+        }
+        Command::Gc { keep, remote } => {
+            let v: Value = request(
+                &remote,
+                reqwest::Method::POST,
+                &format!("/v1/gc?keep={keep}"),
+            )
+            .send()
+            .await?
+            .json()
+            .await?;
+            for r in v["removed"].as_array().into_iter().flatten() {
+                println!("removed {}", r.as_str().unwrap_or_default());
+            }
+            anyhow::ensure!(
+                v["error"].as_str().unwrap_or_default().is_empty(),
+                "{}",
+                v["error"]
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(o: ServeOptions) -> anyhow::Result<()> {
+    let keys: KeyRing = o.signing_keys.0.parse()?;
+    let listener = crate::server::bind(o.listen).await?;
+    let public_url = match o.public_url.clone() {
+        Some(u) => u,
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    anyhow::ensure!(
+        !public_url.contains(',') && !public_url.contains('='),
+        "SRI_PUBLIC_URL must not contain `,` or `=` (the daemon's launch parser splits on them)"
+    );
+    let bootstrap = match o.bootstrap {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("bootstrap"),
+    };
+    anyhow::ensure!(
+        bootstrap.exists(),
+        "the bootstrap binary {} is missing; set SRI_BOOTSTRAP_BIN",
+        bootstrap.display()
+    );
+    let uv = o.uv.or_else(|| find_on_path("uv"));
+    let backend = LocalBackend::open(LocalOptions {
+        data_dir: o.data_dir.clone(),
+        bootstrap,
+        python: o.python.clone(),
+        uv,
+        signing_keys: o.signing_keys.0.clone(),
+        daemon_url: o.daemon_url.clone(),
+        ready_timeout: Duration::from_secs(o.ready_timeout_secs),
+    })
+    .await?;
+    let launcher = Arc::new(Launcher::new(backend.clone(), public_url));
+    let state = Arc::new(AppState {
+        backend,
+        launcher,
+        client: Client::new(keys, ClientOptions::default()),
+        metrics: Default::default(),
+        api_key: o.api_key.0,
+        max_package_bytes: o.max_package_bytes,
+        max_request_bytes: o.max_request_bytes,
+    });
+    crate::server::serve(state, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping");
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Reads a `.difypkg`, or packs a plugin directory the way the daemon can checksum it (files
+/// only, no directory entries; `__pycache__` and `.venv` left out).
+pub fn load(path: &Path) -> Result<Package, Error> {
+    let bytes = if path.is_dir() {
+        pack_dir(path)?
+    } else {
+        std::fs::read(path)
+            .map_err(|e| Error::Package(format!("cannot read {}: {e}", path.display())))?
+    };
+    Package::read(Bytes::from(bytes), DEFAULT_MAX_PACKAGE_BYTES)
+}
+
+fn pack_dir(dir: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Write;
+    let mut files = Vec::new();
+    collect(dir, dir, &mut files)?;
+    files.sort();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut buf);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for rel in files {
+        let content =
+            std::fs::read(dir.join(&rel)).map_err(|e| Error::Package(format!("{rel}: {e}")))?;
+        zip.start_file(rel.as_str(), opts)
+            .map_err(|e| Error::Package(e.to_string()))?;
+        zip.write_all(&content)
+            .map_err(|e| Error::Package(e.to_string()))?;
+    }
+    zip.finish().map_err(|e| Error::Package(e.to_string()))?;
+    Ok(buf.into_inner())
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::Package(format!("{}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if matches!(name.as_str(), "__pycache__" | ".venv" | ".git") {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            collect(root, &path, out)?;
+        } else {
+            let rel = path
+                .strip_prefix(root)
+                .expect("below root")
+                .to_string_lossy()
+                .into_owned();
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+fn request(remote: &Remote, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    let mut req = reqwest::Client::new().request(
+        method,
+        format!("{}{path}", remote.url.trim_end_matches('/')),
+    );
+    if let Some(k) = &remote.api_key {
+        req = req.header("authorization", &k.0);
+    }
+    req
+}
+
+async fn deploy(path: &Path, remote: &Remote) -> anyhow::Result<()> {
+    let pkg = load(path)?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(format!("launching {}", pkg.unique_identifier()));
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "context",
+            reqwest::multipart::Part::bytes(pkg.bytes.to_vec()).file_name(pkg.filename()),
+        )
+        .text("verified", "false")
+        .text(
+            "metadata",
+            json!({"plugin_unique_identifier": pkg.unique_identifier()}).to_string(),
+        );
+    let resp = request(remote, reqwest::Method::POST, "/v1/launch")
+        .multipart(form)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "launch answered {}: {}",
+        resp.status(),
+        resp.text().await.unwrap_or_default()
+    );
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut endpoint = None;
+    let mut failure = None;
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(v) = line
+                .trim()
+                .strip_prefix("data:")
+                .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
+            else {
+                continue;
+            };
+            let (stage, state, msg) = (
+                v["Stage"].as_str().unwrap_or(""),
+                v["State"].as_str().unwrap_or(""),
+                v["Message"].as_str().unwrap_or(""),
+            );
+            bar.suspend(|| eprintln!("[{stage}] {state}: {msg}"));
+            bar.set_message(format!("{stage}: {msg}"));
+            if state == "failed" && stage != "end" {
+                failure = Some(msg.to_owned());
+            }
+            if stage == "run" && state == "success" {
+                endpoint = Some(msg.to_owned());
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(f) = failure {
+        anyhow::bail!("launch failed: {f}");
+    }
+    println!(
+        "{}",
+        endpoint.ok_or_else(|| anyhow::anyhow!("the launch ended without an endpoint"))?
+    );
+    Ok(())
+}
+
+async fn invoke(o: InvokeOptions) -> anyhow::Result<()> {
+    let params: Value = serde_json::from_str(&o.params)
+        .map_err(|e| anyhow::anyhow!("--params is not JSON: {e}"))?;
+    let credentials: Value = serde_json::from_str(&o.credentials)
+        .map_err(|e| anyhow::anyhow!("--credentials is not JSON: {e}"))?;
+    let session = format!("cli-{:016x}", rand::random::<u64>());
+    let envelope = json!({
+        "session_id": session, "conversation_id": null, "message_id": null, "app_id": null, "endpoint_id": null,
+        "context": {}, "event": "request",
+        "data": {"action": o.action, "credential_type": "api-key", "credentials": credentials, "provider": o.provider,
+                 "tool": o.tool, "tool_parameters": params, "type": "tool", "user_id": "sri-cli"},
+    });
+    let url = format!(
+        "{}/v1/functions/{}/invoke?action={}",
+        o.remote.url.trim_end_matches('/'),
+        o.name,
+        o.action
+    );
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(envelope.to_string())
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or_default();
+        anyhow::bail!(
+            "HTTP {status}: {}: {}",
+            v["errorType"].as_str().unwrap_or(""),
+            v["errorMessage"].as_str().unwrap_or("")
+        );
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut failed = false;
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if o.json {
+                print!("{}", String::from_utf8_lossy(&line));
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&line).unwrap_or_default();
+            let data = &v["data"];
+            match (v["event"].as_str(), data["type"].as_str()) {
+                (Some("session"), Some("stream")) => {
+                    let m = &data["data"];
+                    match m["type"].as_str() {
+                        Some("text") => {
+                            println!("{}", m["message"]["text"].as_str().unwrap_or_default())
+                        }
+                        _ => println!("{}", m),
+                    }
+                }
+                (Some("session"), Some("error")) => {
+                    failed = true;
+                    eprintln!(
+                        "error: {}: {}",
+                        data["data"]["error_type"].as_str().unwrap_or(""),
+                        data["data"]["message"].as_str().unwrap_or("")
+                    );
+                }
+                (Some("log"), _) => {
+                    eprintln!("log: {}", data["message"].as_str().unwrap_or_default())
+                }
+                _ => {}
+            }
+        }
+    }
+    anyhow::ensure!(!failed, "the invocation failed");
+    Ok(())
+}

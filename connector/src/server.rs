@@ -1,0 +1,305 @@
+//! `sri serve`: Dify's serverless-connector control plane, the gateway, health and metrics.
+//!
+//! Control plane exactly as the daemon calls it (`dify-wire.md`): `POST /ping` → `"pong"`,
+//! `GET /v1/runner/instances`, `POST /v1/launch` (a stream of stage lines closed right after
+//! `end`). Every control call carries the raw API key in `Authorization`.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::backend::{Backend, Function};
+use crate::client::Client;
+use crate::launch::{Launcher, StageLine};
+use crate::metrics::{Metrics, ResultLabel};
+use crate::package::{self, Package};
+use crate::{Error, gateway};
+
+/// The variable holding the control-plane API key.
+pub const API_KEY_ENV: &str = "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY";
+
+/// Shared state of the server.
+pub struct AppState {
+    /// Where functions run.
+    pub backend: Arc<dyn Backend>,
+    /// Deployments.
+    pub launcher: Arc<Launcher>,
+    /// Signs and calls functions.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The control plane's key.
+    pub api_key: String,
+    /// Largest package.
+    pub max_package_bytes: usize,
+    /// Largest invoke body.
+    pub max_request_bytes: usize,
+}
+
+/// The router: control plane (authenticated), gateway, health, metrics.
+pub fn router(state: Arc<AppState>) -> Router {
+    let control = Router::new()
+        .route("/ping", post(ping))
+        .route("/v1/runner/instances", get(instances))
+        .route(
+            "/v1/launch",
+            post(launch).layer(DefaultBodyLimit::max(state.max_package_bytes + 1024 * 1024)),
+        )
+        .route("/v1/functions/{name}", delete(remove))
+        .route("/v1/gc", post(gc))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .merge(control)
+        .route("/v1/functions/{name}/invoke", post(gateway::invoke))
+        .route(
+            "/healthz",
+            get(|| async {
+                (
+                    [("content-type", "application/json")],
+                    "{\"status\":\"ok\"}",
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<AppState>>| async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    s.metrics.render(),
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// Binds the listen address (before the public URL is known when the port is 0).
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Backend(format!("cannot listen on {listen} (SRI_LISTEN): {e}")))
+}
+
+/// Serves until `shutdown` completes, then stops the backend's functions.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Backend(e.to_string()))?;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(listen = %local, "sri listening");
+    let backend = state.backend.clone();
+    let result = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Backend(format!("serving HTTP: {e}")));
+    backend.shutdown().await;
+    result
+}
+
+async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let ok = given.is_some_and(|g| {
+        let g = g.strip_prefix("Bearer ").unwrap_or(g);
+        constant_time_eq(g.as_bytes(), state.api_key.as_bytes())
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let why = if given.is_none() { "missing" } else { "wrong" };
+    let message = format!(
+        "{why} API key: the Authorization header must carry the connector's key; set \
+         {API_KEY_ENV} to the same value on the Dify plugin daemon and on the connector"
+    );
+    (
+        StatusCode::UNAUTHORIZED,
+        [("content-type", "application/json")],
+        serde_json::to_string(
+            &json!({"error": message, "errorType": "Unauthorized", "errorMessage": message}),
+        )
+        .expect("JSON"),
+    )
+        .into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ping() -> impl IntoResponse {
+    ([("content-type", "application/json")], "\"pong\"")
+}
+
+fn item(launcher: &Launcher, f: &Function) -> Value {
+    json!({"ID": f.name, "Name": f.name, "Endpoint": launcher.endpoint(&f.name), "ResourceName": f.name,
+           "Identifier": f.identifier, "Status": {"State": "running"}})
+}
+
+async fn instances(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let items: Vec<Value> = match q.get("filename") {
+        Some(filename) => match package::checksum_of_filename(filename) {
+            Some(checksum) => s
+                .backend
+                .find(checksum)
+                .iter()
+                .map(|f| item(&s.launcher, f))
+                .collect(),
+            None => {
+                let msg =
+                    format!("filename `{filename}` is not `author@name@version@checksum.difypkg`");
+                return axum::Json(json!({"error": msg, "Items": []})).into_response();
+            }
+        },
+        None => s
+            .backend
+            .list()
+            .iter()
+            .map(|f| item(&s.launcher, f))
+            .collect(),
+    };
+    axum::Json(json!({"error": "", "Items": items})).into_response()
+}
+
+async fn launch(State(s): State<Arc<AppState>>, mut form: Multipart) -> Response {
+    let mut context: Option<Bytes> = None;
+    let mut verified = false;
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_owned();
+                match field.bytes().await {
+                    Ok(b) if name == "context" => context = Some(b),
+                    Ok(b) if name == "verified" => verified = b.as_ref() == b"true",
+                    Ok(_) => {}
+                    Err(e) => {
+                        return lines(vec![failed(
+                            "healthz",
+                            &format!("cannot read the upload: {e}"),
+                        )]);
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return lines(vec![failed(
+                    "healthz",
+                    &format!("the upload is not valid multipart: {e}"),
+                )]);
+            }
+        }
+    }
+    let Some(bytes) = context else {
+        return lines(vec![failed(
+            "healthz",
+            "the upload has no `context` part holding the .difypkg",
+        )]);
+    };
+    let pkg = match Package::read(bytes, s.max_package_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            s.metrics
+                .launches
+                .get_or_create(&ResultLabel {
+                    result: "failed".into(),
+                })
+                .inc();
+            return lines(vec![failed("healthz", &e.to_string())]);
+        }
+    };
+    tracing::info!(identifier = %pkg.unique_identifier(), verified, "launch requested");
+    let record = s.launcher.launch(pkg);
+    let metrics = s.clone();
+    // Follow the deployment's record from its first line; close right after `end`.
+    let stream = futures_util::stream::unfold((0usize, false), move |(sent, done)| {
+        let mut record = record.clone();
+        let metrics = metrics.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let _ = record.wait_for(|v| v.len() > sent).await;
+            let lines = record.borrow().clone();
+            let new: Vec<StageLine> = lines[sent..].to_vec();
+            let end = new.iter().find(|l| l.is_end());
+            if let Some(end) = end {
+                let result = if end.state == "failed" {
+                    "failed"
+                } else {
+                    "success"
+                };
+                metrics
+                    .metrics
+                    .launches
+                    .get_or_create(&ResultLabel {
+                        result: result.into(),
+                    })
+                    .inc();
+            }
+            let text: String = new.iter().map(StageLine::to_sse).collect();
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(text)),
+                (lines.len(), end.is_some()),
+            ))
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+fn failed(stage: &str, message: &str) -> StageLine {
+    StageLine::new(stage, "failed", message)
+}
+
+/// A finished launch stream: the given lines and `end`.
+fn lines(mut v: Vec<StageLine>) -> Response {
+    v.push(StageLine::new("end", "failed", "launch failed"));
+    let text: String = v.iter().map(StageLine::to_sse).collect();
+    ([("content-type", "text/event-stream")], text).into_response()
+}
+
+async fn remove(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    match s.backend.remove(&name).await {
+        Ok(()) => axum::Json(json!({"error": "", "removed": [name]})).into_response(),
+        Err(e) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn gc(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let keep = q.get("keep").and_then(|k| k.parse().ok()).unwrap_or(2);
+    match s.backend.gc(keep).await {
+        Ok(removed) => axum::Json(json!({"error": "", "removed": removed})).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
