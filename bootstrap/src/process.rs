@@ -178,6 +178,9 @@ impl PluginProcess {
         cmd.arg("-m")
             .arg(&spec.entrypoint)
             .current_dir(&spec.plugin_dir)
+            // The plugin must not be able to sign requests to other functions.
+            .env_remove(connector::protocol::signing::KEYS_ENV)
+            .env_remove("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY")
             .env("INSTALL_METHOD", "local")
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::piped())

@@ -145,6 +145,16 @@ async fn credentials_never_reach_the_logs() {
 }
 
 #[tokio::test]
+async fn the_plugin_never_sees_the_signing_keys() {
+    let b = Bootstrap::start(
+        Options::new("faults").env("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY", "k"),
+    );
+    b.wait_ready().await;
+    let ev = invoke_stream(&b.url(), faults("env_probe", json!({}))).await;
+    assert_eq!(texts(&ev), ["visible: none"]);
+}
+
+#[tokio::test]
 async fn backwards_invocation_reaches_the_daemon_and_answers_the_plugin() {
     let daemon = FakeDaemon::start().await;
     daemon
