@@ -162,7 +162,21 @@ impl Client {
 
     fn events(&self, resp: reqwest::Response) -> EventStream {
         let idle = self.options.idle_timeout;
-        let events = sse::decode(Box::pin(resp.bytes_stream()));
+        // Bound the SSE line length before the decoder buffers it: a function cannot make the
+        // caller hold an arbitrarily long line.
+        let mut line = 0usize;
+        let bounded = resp.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|e| crate::error::chain(&e))?;
+            line = match memchr_last(&chunk) {
+                Some(i) => chunk.len() - i - 1,
+                None => line + chunk.len(),
+            };
+            if line > MAX_EVENT_BYTES {
+                return Err(format!("an event line is over {MAX_EVENT_BYTES} bytes"));
+            }
+            Ok(chunk)
+        });
+        let events = sse::decode(Box::pin(bounded));
         let stream = futures_util::stream::unfold(Some(events), move |state| async move {
             let mut events = state?;
             match tokio::time::timeout(idle, events.next()).await {
@@ -180,6 +194,13 @@ impl Client {
         });
         Box::pin(stream)
     }
+}
+
+/// The longest SSE line the client accepts (the daemon's 5 MiB line plus framing).
+pub const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
+
+fn memchr_last(b: &[u8]) -> Option<usize> {
+    b.iter().rposition(|&c| c == b'\n')
 }
 
 async fn rejected(resp: reqwest::Response) -> InvokeError {
