@@ -274,6 +274,7 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         api_key: o.api_key.0,
         max_package_bytes: o.max_package_bytes,
         max_request_bytes: o.max_request_bytes,
+        start_wait: Duration::from_secs(o.ready_timeout_secs),
     });
     crate::server::serve(state, listener, shutdown_signal()).await?;
     Ok(())

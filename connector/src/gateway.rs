@@ -75,7 +75,7 @@ pub async fn invoke(
         Ok(e) => e.session_id().to_owned(),
         Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
     };
-    let Some(target) = state.backend.target(&name) else {
+    let Some(target) = state.backend.wait_target(&name, state.start_wait).await else {
         let known = state.backend.list().iter().any(|f| f.name == name);
         let (status, kind, msg) = if known {
             (

@@ -44,6 +44,8 @@ pub struct AppState {
     pub max_package_bytes: usize,
     /// Largest invoke body.
     pub max_request_bytes: usize,
+    /// How long an invocation waits for a function that is (re)starting.
+    pub start_wait: std::time::Duration,
 }
 
 /// The router: control plane (authenticated), gateway, health, metrics.

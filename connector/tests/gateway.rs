@@ -125,6 +125,7 @@ async fn start_gateway(target: String) -> String {
         api_key: "key".into(),
         max_package_bytes: 1 << 20,
         max_request_bytes: 1 << 20,
+        start_wait: Duration::from_millis(100),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

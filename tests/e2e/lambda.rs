@@ -84,20 +84,11 @@ async fn streams_incrementally_through_the_function_url() {
     );
 
     // Buffered mode too.
-    let ring = signer("k1", SECRET_A);
     let body = envelope(
         &session_id("l"),
         tool_data("sample", "stream", json!({"n": 2, "delay_ms": 1}), None),
     );
-    let resp = Call {
-        base: &url,
-        action: "invoke_tool",
-        body,
-        ring: Some(&ring),
-        accept: "application/json",
-    }
-    .send()
-    .await;
+    let resp = signed_call(&url, "invoke_tool", body, "application/json").await;
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "success", "{v}");
     assert_eq!(v["data"].as_array().unwrap().len(), 2);

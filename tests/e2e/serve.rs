@@ -109,25 +109,6 @@ async fn sample_tools(py: Py) {
     assert!(!text.is_empty() && !text.contains("sri-demo-key"), "{text}");
 }
 
-async fn invoke_stream_action(
-    base: &str,
-    action: &str,
-    body: bytes::Bytes,
-) -> Vec<(std::time::Duration, connector::protocol::events::Event)> {
-    let ring = signer("k1", SECRET_A);
-    let resp = Call {
-        base,
-        action,
-        body,
-        ring: Some(&ring),
-        accept: "text/event-stream",
-    }
-    .send()
-    .await;
-    assert_eq!(resp.status(), 200);
-    read_events(resp).await
-}
-
 #[tokio::test]
 async fn sample_tools_on_sdk_0_10_python_3_12() {
     sample_tools(Py::Py312).await;
@@ -142,20 +123,11 @@ async fn sample_tools_on_sdk_0_7_python_3_11() {
 async fn buffered_mode_returns_the_json_form() {
     let b = Bootstrap::start(Options::new("sample"));
     b.wait_ready().await;
-    let ring = signer("k1", SECRET_A);
     let body = envelope(
         &session_id("buf"),
         tool_data("sample", "stream", json!({"n": 3, "delay_ms": 1}), None),
     );
-    let resp = Call {
-        base: &b.url(),
-        action: "invoke_tool",
-        body,
-        ring: Some(&ring),
-        accept: "application/json",
-    }
-    .send()
-    .await;
+    let resp = signed_call(&b.url(), "invoke_tool", body, "application/json").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let v: Value = resp.json().await.unwrap();
@@ -170,14 +142,12 @@ async fn buffered_mode_returns_the_json_form() {
     assert_eq!(v["usage"]["chunks"], 3);
 
     let body = envelope(&session_id("buf"), validate_data("wrong"));
-    let resp = Call {
-        base: &b.url(),
-        action: "validate_tool_credentials",
+    let resp = signed_call(
+        &b.url(),
+        "validate_tool_credentials",
         body,
-        ring: Some(&ring),
-        accept: "application/json",
-    }
-    .send()
+        "application/json",
+    )
     .await;
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "error", "{v}");
@@ -359,17 +329,8 @@ async fn import_failure_makes_health_say_why_and_invokes_not_ready() {
         reason.contains("ModuleNotFoundError") && reason.contains("this_module_does_not_exist"),
         "{h}"
     );
-    let ring = signer("k1", SECRET_A);
     let body = envelope(&session_id("nr"), tool_data("x", "y", json!({}), None));
-    let resp = Call {
-        base: &b.url(),
-        action: "invoke_tool",
-        body,
-        ring: Some(&ring),
-        accept: "text/event-stream",
-    }
-    .send()
-    .await;
+    let resp = signed_call(&b.url(), "invoke_tool", body, "text/event-stream").await;
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["errorType"], "PluginNotReady");

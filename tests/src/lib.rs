@@ -5,7 +5,12 @@
 //! Everything listens on 127.0.0.1 with ports chosen per run, and every wait is bounded.
 
 pub mod daemon;
+pub mod difypkg;
 pub mod emulator;
+pub mod godaemon;
+/// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).
+#[path = "connector.rs"]
+pub mod sri;
 
 use bytes::Bytes;
 use connector::protocol::events::{Event, EventKind};
@@ -416,19 +421,29 @@ fn client() -> reqwest::Client {
     .clone()
 }
 
-/// Signs and invokes a tool, returning the decoded events with their arrival times.
-pub async fn invoke_stream(base: &str, body: Bytes) -> Vec<(Duration, Event)> {
+/// Signs (key `k1`) and sends an SRI call, returning the raw response.
+pub async fn signed_call(base: &str, action: &str, body: Bytes, accept: &str) -> reqwest::Response {
     let ring = signer("k1", SECRET_A);
-    let resp = Call {
+    Call {
         base,
-        action: "invoke_tool",
+        action,
         body,
         ring: Some(&ring),
-        accept: "text/event-stream",
+        accept,
     }
     .send()
-    .await;
-    assert_eq!(resp.status(), 200, "invoke answered {}", resp.status());
+    .await
+}
+
+/// Signs and invokes a tool, returning the decoded events with their arrival times.
+pub async fn invoke_stream(base: &str, body: Bytes) -> Vec<(Duration, Event)> {
+    invoke_stream_action(base, "invoke_tool", body).await
+}
+
+/// Signs and streams any action, returning the decoded events with their arrival times.
+pub async fn invoke_stream_action(base: &str, action: &str, body: Bytes) -> Vec<(Duration, Event)> {
+    let resp = signed_call(base, action, body, connector::protocol::EVENT_STREAM).await;
+    assert_eq!(resp.status(), 200, "{action} answered {}", resp.status());
     read_events(resp).await
 }
 

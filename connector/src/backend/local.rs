@@ -323,6 +323,21 @@ impl Backend for LocalBackend {
             .and_then(|r| r.target.borrow().clone())
     }
 
+    fn wait_target<'a>(&'a self, name: &'a str, within: Duration) -> BoxFuture<'a, Option<String>> {
+        async move {
+            let mut target = self
+                .running
+                .lock()
+                .expect("running lock")
+                .get(name)?
+                .target
+                .clone();
+            let ready = tokio::time::timeout(within, target.wait_for(|t| t.is_some())).await;
+            ready.ok()?.ok().and_then(|t| t.clone())
+        }
+        .boxed()
+    }
+
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async move {
             let dir = self.dir(name);

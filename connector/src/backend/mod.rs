@@ -37,6 +37,16 @@ pub trait Backend: Send + Sync + 'static {
     fn list(&self) -> Vec<Function>;
     /// The base URL the gateway calls for `name` (SRI v1), if it is running.
     fn target(&self, name: &str) -> Option<String>;
+    /// Like [`Backend::target`], but waits up to `within` for a known function that is
+    /// (re)starting, so that a call right after a restart is served rather than refused.
+    fn wait_target<'a>(
+        &'a self,
+        name: &'a str,
+        within: std::time::Duration,
+    ) -> BoxFuture<'a, Option<String>> {
+        let _ = within;
+        Box::pin(async move { self.target(name) })
+    }
     /// Deletes a function and everything it owns.
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
     /// Deletes leftovers and functions superseded by newer versions of the same plugin,

@@ -1,0 +1,380 @@
+//! Starting and stopping the connector (`sri serve`) for end-to-end tests.
+//!
+//! Each [`Connector`] gets a fresh data directory (removed on drop), listens on a loopback port
+//! chosen by the OS, and is killed on drop: SIGTERM, then SIGKILL of its whole process group after
+//! a bounded wait (its group holds the functions it supervises). It can be stopped and started
+//! again on the same data directory and the same address, as a restarted connector would be.
+
+use crate::godaemon::GoDaemon;
+use crate::{Py, SECRET_A, bootstrap_bin, keys_env, root};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The API key the tests give the connector and the daemon.
+pub const API_KEY: &str = "sri-e2e-connector-key-0123456789";
+
+/// How long the connector may take to listen.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long it may take to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `sri` binary built by `cargo build` (or `SRI_CONNECTOR_BIN`).
+pub fn sri_bin() -> PathBuf {
+    let path = std::env::var_os("SRI_CONNECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target"));
+            target.join("debug").join("sri")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p sri-connector` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A temporary directory removed on drop (kept when `SRI_KEEP_TEST_DIRS` is set).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "sri-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("SRI_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Options for [`Connector::start_with`].
+#[derive(Clone)]
+pub struct ConnectorOptions {
+    /// `DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY`.
+    pub api_key: String,
+    /// The Python environment whose interpreter builds the functions' venvs.
+    pub py: Py,
+    /// Extra environment (e.g. `SRI_PUBLIC_URL`).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ConnectorOptions {
+    fn default() -> Self {
+        Self {
+            api_key: API_KEY.into(),
+            py: Py::Py312,
+            env: Vec::new(),
+        }
+    }
+}
+
+impl ConnectorOptions {
+    /// Sets an environment variable.
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Clone)]
+pub struct StopReport {
+    /// Exit status.
+    pub status: Option<ExitStatus>,
+    /// It exited by itself within [`STOP_TIMEOUT`] of SIGTERM.
+    pub graceful: bool,
+    /// Processes of its group were still alive after it exited (functions it left behind);
+    /// they were killed.
+    pub strays: bool,
+    /// Time from SIGTERM to exit.
+    pub took: Duration,
+}
+
+/// A running `sri serve`.
+pub struct Connector {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    opts: ConnectorOptions,
+    data_dir: TempDir,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Connector {
+    /// Starts one with the default options on a fresh data directory.
+    pub fn start() -> Self {
+        Self::start_with(ConnectorOptions::default())
+    }
+
+    /// Starts one with these options on a fresh data directory.
+    pub fn start_with(opts: ConnectorOptions) -> Self {
+        let data_dir = TempDir::new("connector");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (child, addr) = spawn(&opts, data_dir.path(), "127.0.0.1:0", &logs);
+        Self {
+            child: Some(child),
+            addr,
+            opts,
+            data_dir,
+            logs,
+        }
+    }
+
+    /// Base URL (`DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `SRI_PUBLIC_URL`: as configured, else `http://<listen>`.
+    pub fn public_url(&self) -> String {
+        self.opts
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "SRI_PUBLIC_URL")
+            .map(|(_, v)| v.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| self.url())
+    }
+
+    /// A daemon configured with the right key.
+    pub fn daemon(&self) -> GoDaemon {
+        GoDaemon::new(&self.url(), Some(&self.opts.api_key))
+    }
+
+    /// A daemon configured with another key (`None`: no `Authorization` header).
+    pub fn daemon_with_key(&self, key: Option<&str>) -> GoDaemon {
+        GoDaemon::new(&self.url(), key)
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// Its pid (while running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Log lines so far (stderr and stdout, across restarts).
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The logs, for assertion messages (the last `n` lines).
+    pub fn log_tail(&self, n: usize) -> String {
+        let logs = self.logs();
+        logs[logs.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGTERM, a bounded wait, then SIGKILL of the whole process group. Keeps the data dir.
+    pub fn stop(&mut self) -> StopReport {
+        let Some(mut child) = self.child.take() else {
+            return StopReport {
+                status: None,
+                graceful: true,
+                strays: false,
+                took: Duration::ZERO,
+            };
+        };
+        stop_group(&mut child)
+    }
+
+    /// Stops it and starts it again on the same data directory and address (the daemon keeps
+    /// the endpoint URLs it was given, so the public URL must not change).
+    pub fn restart(&mut self) -> StopReport {
+        let report = self.stop();
+        self.logs.lock().unwrap().push("---- restart ----".into());
+        let (child, addr) = spawn(
+            &self.opts,
+            self.data_dir.path(),
+            &self.addr.to_string(),
+            &self.logs,
+        );
+        assert_eq!(addr, self.addr, "restarted on another address");
+        self.child = Some(child);
+        report
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_group(&mut child);
+        }
+    }
+}
+
+fn spawn(
+    opts: &ConnectorOptions,
+    data_dir: &Path,
+    listen: &str,
+    logs: &Arc<Mutex<Vec<String>>>,
+) -> (Child, SocketAddr) {
+    let python = std::fs::canonicalize(opts.py.python()).expect("canonical python path");
+    let mut cmd = Command::new(sri_bin());
+    cmd.args(["serve", "--listen", listen])
+        .env("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY", &opts.api_key)
+        .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A]))
+        .env("SRI_DATA_DIR", data_dir)
+        .env("SRI_BOOTSTRAP_BIN", bootstrap_bin())
+        .env("SRI_PYTHON", python)
+        // The test tooling's uv: venvs in about a second from its cache (pip takes ~20 s).
+        .env("SRI_UV", root().join(".venv/tools/bin/uv"))
+        .env("AWS_LAMBDA_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("SRI_PUBLIC_URL")
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that what it spawns can be cleaned up with it.
+        .process_group(0);
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn sri");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for pipe in [
+        Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stdout.take().expect("stdout")),
+    ] {
+        let sink = logs.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Some(addr) = listening(&line) {
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(a) => {
+                let addr = a
+                    .parse()
+                    .unwrap_or_else(|e| panic!("listen address {a:?}: {e}"));
+                return (child, addr);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // Both pipes closed: it exited.
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // Give the log threads what is left (bounded).
+            let _ = rx.recv_timeout(Duration::from_millis(500));
+            panic!(
+                "sri serve exited with {status} before listening; logs:\n{}",
+                logs.lock().unwrap().join("\n")
+            );
+        }
+        if Instant::now() >= deadline {
+            stop_group(&mut child);
+            panic!(
+                "sri serve did not log \"sri listening\" within {START_TIMEOUT:?}; logs:\n{}",
+                logs.lock().unwrap().join("\n")
+            );
+        }
+    }
+}
+
+/// The `listen` address of a `{"message":"sri listening","listen":"…"}` log line (fields at the
+/// top level or under `fields`).
+pub fn listening(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    for o in [&v, &v["fields"]] {
+        if o["message"] == "sri listening"
+            && let Some(a) = o["listen"].as_str()
+        {
+            return Some(a.to_owned());
+        }
+    }
+    if v["message"] == "sri listening" {
+        return v["fields"]["listen"].as_str().map(str::to_owned);
+    }
+    None
+}
+
+fn stop_group(child: &mut Child) -> StopReport {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(child.id() as i32);
+    let started = Instant::now();
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = started + STOP_TIMEOUT;
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let graceful = status.is_some();
+    let took = started.elapsed();
+    // The group (its pgid is its pid): anything still alive in it was left behind.
+    let strays = kill(Pid::from_raw(-pid.as_raw()), None).is_ok();
+    let _ = killpg(pid, Signal::SIGKILL);
+    if status.is_none() {
+        status = child.wait().ok();
+    }
+    StopReport {
+        status,
+        graceful,
+        strays,
+        took,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_forms() {
+        assert_eq!(
+            listening(r#"{"level":"INFO","message":"sri listening","listen":"127.0.0.1:4321"}"#),
+            Some("127.0.0.1:4321".into())
+        );
+        assert_eq!(
+            listening(r#"{"fields":{"message":"sri listening","listen":"127.0.0.1:1"}}"#),
+            Some("127.0.0.1:1".into())
+        );
+        assert_eq!(listening(r#"{"message":"other","listen":"x"}"#), None);
+        assert_eq!(listening("not json"), None);
+    }
+}
