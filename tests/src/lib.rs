@@ -447,18 +447,28 @@ pub async fn invoke_stream_action(base: &str, action: &str, body: Bytes) -> Vec<
     read_events(resp).await
 }
 
-/// Decodes an SSE response, timing each event from the call.
+/// Decodes an SSE response up to its `end` event (the last event of every SRI stream, as the
+/// connector reads it), timing each event from the call. Reading stops at `end` rather than at
+/// EOF because `cargo lambda watch` may leave the connection open after a function's error
+/// trailers.
 pub async fn read_events(resp: reqwest::Response) -> Vec<(Duration, Event)> {
     let started = Instant::now();
-    let stream = sse::decode(Box::pin(resp.bytes_stream()));
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        stream
-            .map(|e| (started.elapsed(), e.expect("valid SSE")))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .expect("stream finished within 60 s")
+    let mut stream = sse::decode(Box::pin(resp.bytes_stream()));
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(e) = stream.next().await {
+            let e = e.expect("valid SSE");
+            let end = e.kind == EventKind::End;
+            events.push((started.elapsed(), e));
+            if end {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("stream finished within 60 s");
+    events
 }
 
 /// The kinds of `events`, in order.
