@@ -128,6 +128,7 @@ pub struct PluginProcess {
     sessions: Mutex<Sessions>,
     state: watch::Sender<State>,
     started_sessions: AtomicU64,
+    peak_rss_kb: AtomicU64,
     retired: AtomicBool,
     tail: Arc<Mutex<Tail>>,
     shared: Arc<Shared>,
@@ -213,6 +214,7 @@ impl PluginProcess {
             sessions: Mutex::new(Sessions::default()),
             state,
             started_sessions: AtomicU64::new(0),
+            peak_rss_kb: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             tail: Arc::new(Mutex::new(Tail::default())),
             shared,
@@ -262,6 +264,8 @@ impl PluginProcess {
         }
         s.map.insert(id.to_owned(), tx);
         let cold = self.started_sessions.fetch_add(1, Ordering::Relaxed) == 0;
+        // Sampled now too, so a process that dies mid-session still has a figure.
+        self.peak_rss_mb();
         Ok(Session {
             rx,
             process: self.clone(),
@@ -282,16 +286,19 @@ impl PluginProcess {
         self.sessions.lock().expect("sessions lock").map.len()
     }
 
-    /// Peak resident memory of the plugin process, in MiB (Linux `VmHWM`).
+    /// Peak resident memory of the plugin process, in MiB (Linux `VmHWM`; the highest value
+    /// seen, since a process that has exited has none).
     pub fn peak_rss_mb(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+        let now = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
             .and_then(|s| {
                 s.lines()
                     .find_map(|l| l.strip_prefix("VmHWM:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
-            .map_or(0, |kb| kb.div_ceil(1024))
+            .unwrap_or(0);
+        let kb = self.peak_rss_kb.fetch_max(now, Ordering::Relaxed).max(now);
+        kb.div_ceil(1024)
     }
 
     /// Takes the process out of service: it is killed once its last session is done.

@@ -50,6 +50,11 @@ async fn crash_mid_stream_reports_exit_and_the_next_call_runs_on_a_restarted_plu
         "{err}"
     );
     assert!(err["args"].as_object().unwrap().len() <= 10);
+    let usage = ev[ev.len() - 2].1.json().unwrap();
+    assert!(
+        usage["memory_used_mb"].as_u64().unwrap() > 10,
+        "peak memory survives the crash: {usage}"
+    );
 
     let ev = invoke_stream(&b.url(), faults("leak_secret", json!({}))).await;
     assert_well_formed(&ev);
