@@ -6,6 +6,9 @@ SHELL := /bin/bash
 VENV := .venv
 TOOLS := $(VENV)/tools
 CARGO_LAMBDA := $(TOOLS)/bin/cargo-lambda
+# The benchmark's peer, AWS Lambda Web Adapter, built from crates.io (never vendored).
+LWA_VERSION := 0.9.1
+LWA_STAMP := $(TOOLS)/lwa/.installed-$(LWA_VERSION)
 CARGO ?= cargo
 
 .PHONY: help setup python tools build test demo bench lint fmt clean
@@ -35,9 +38,14 @@ demo: tools ## sri serve + local backend: launch the sample plugin, stream a too
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	tests/tooling/demo.sh
 
-bench: setup ## benchmarks (release build); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then a ~70 s run); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
+	$(CARGO) build --profile dist --locked -p sri-bootstrap
 	$(CARGO) run --release --locked -p sri-tests --example bench
+
+$(LWA_STAMP):
+	$(CARGO) install --locked lambda_web_adapter --version $(LWA_VERSION) --root $(TOOLS)/lwa
+	touch $@
 
 lint: ## formatting and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check

@@ -122,7 +122,9 @@ async fn register_shutdown_extension(client: Arc<PooledClient>) {
     };
     let Some(id) = id else { return };
     tracing::info!("shutdown extension registered: SIGTERM will reach the plugin");
-    // An internal extension must keep polling; with no events subscribed this call parks.
+    // An internal extension must keep polling; with no events subscribed this call parks on
+    // AWS. An API that answers at once instead (cargo lambda answers 500) ends the loop, so it
+    // never spins.
     tokio::spawn(async move {
         loop {
             let req = build_request()
@@ -132,8 +134,12 @@ async fn register_shutdown_extension(client: Arc<PooledClient>) {
                 .body(Body::empty())
                 .expect("request");
             match client.call(req).await {
-                Ok(resp) => {
+                Ok(resp) if resp.status().is_success() => {
                     let _ = resp.into_body().collect().await;
+                }
+                Ok(resp) => {
+                    tracing::debug!(status = %resp.status(), "extension event polling refused; stopped");
+                    return;
                 }
                 Err(_) => return,
             }

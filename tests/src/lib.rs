@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod difypkg;
 pub mod emulator;
 pub mod godaemon;
+pub mod lwa;
 /// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).
 #[path = "connector.rs"]
 pub mod sri;
