@@ -658,3 +658,85 @@ async fn function_survives_a_connector_restart() {
         .expect("still listed");
     assert_eq!((found.name, found.endpoint), (name, endpoint));
 }
+
+#[tokio::test]
+async fn a_launch_cut_by_the_daemons_deadline_finishes_in_the_background() {
+    let c = Connector::start();
+    // A deadline far shorter than the build: the daemon gives up on the stream, as its 240 s
+    // absolute deadline does with a slow install.
+    let d = c.daemon().with_launch_timeout(Duration::from_millis(300));
+    let pkg = sample();
+    let o = d
+        .launch_package(&pkg, false)
+        .await
+        .expect("launch accepted");
+    assert!(
+        o.deadline_hit,
+        "the short deadline cut the stream:\n{}",
+        o.transcript()
+    );
+    assert!(!o.done);
+    // The build carries on; a later `instances` call finds the function.
+    let d = daemon(&c);
+    let deadline = std::time::Instant::now() + LAUNCH_BUDGET;
+    let found = loop {
+        if let Some(i) = d.instances(&pkg.filename()).await.unwrap() {
+            break i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never deployed:\n{}",
+            c.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // And a relaunch answers at once with the same function.
+    let again = d.launch_package(&pkg, false).await.unwrap();
+    assert!(again.done, "{}", again.transcript());
+    assert!(
+        again.elapsed < Duration::from_secs(2),
+        "relaunch took {:?}",
+        again.elapsed
+    );
+    let (name, _) = again.installed.clone().expect("installed");
+    assert_eq!(name, found.name);
+}
+
+#[tokio::test]
+async fn the_cli_lists_removes_and_garbage_collects() {
+    let c = Connector::start();
+    let d = daemon(&c);
+    let (name, _) = launch_ok(&c, &d, &sample()).await;
+    let sri = |args: &[&str]| {
+        let out = std::process::Command::new(harness::sri::sri_bin())
+            .args(args)
+            .env("SRI_URL", c.url())
+            .env(
+                "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY",
+                harness::sri::API_KEY,
+            )
+            .output()
+            .expect("run sri");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = sri(&["list"]);
+    assert!(ok && out.contains(&name), "{out}{err}");
+    let (ok, out, err) = sri(&["gc", "--keep", "1"]);
+    assert!(
+        ok && !out.contains(&name),
+        "gc keeps the only version: {out}{err}"
+    );
+    let (ok, _, err) = sri(&["remove", &name]);
+    assert!(ok, "{err}");
+    assert!(
+        !c.data_dir().join("functions").join(&name).exists(),
+        "its directory is gone"
+    );
+    assert!(d.list_instances(None).await.unwrap().is_empty());
+    let (ok, _, err) = sri(&["remove", &name]);
+    assert!(!ok && err.contains("no function named"), "{err}");
+}

@@ -342,3 +342,37 @@ async fn import_failure_makes_health_say_why_and_invokes_not_ready() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn chunked_request_bodies_are_accepted_like_the_daemon_sends_them() {
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let sid = session_id("chunked");
+    let body = envelope(
+        &sid,
+        tool_data("sample", "echo", json!({"via": "chunked"}), None),
+    );
+    let mut headers = HeaderMap::new();
+    signer("k1", SECRET_A)
+        .sign(now(), &sid, "invoke_tool", &body)
+        .apply(&mut headers)
+        .unwrap();
+    // A streamed body has no Content-Length: reqwest sends it chunked, as Go's client does.
+    let parts: Vec<Result<bytes::Bytes, std::io::Error>> = body
+        .chunks(17)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/invoke?action=invoke_tool", b.url()))
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let ev = read_events(resp).await;
+    assert_well_formed(&ev);
+    assert!(String::from_utf8_lossy(&ev[1].1.data).contains("chunked"));
+}
