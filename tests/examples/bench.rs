@@ -21,7 +21,8 @@
 use bytes::Bytes;
 use connector::protocol::signing::KeyRing;
 use futures_util::StreamExt;
-use harness::lwa::{Emulator, Lines, LwaFunction, lwa_bin, lwa_version};
+use harness::emulator::Emulator;
+use harness::lwa::{Lines, LwaFunction, lwa_bin, lwa_version};
 use harness::*;
 use serde_json::{Value, json};
 use std::fmt::Write as _;

@@ -30,16 +30,8 @@ pub fn cargo_lambda() -> PathBuf {
     path
 }
 
-/// A running emulator plus the bootstrap polling it; both are killed on drop.
-pub struct Lambda {
-    emulator: Child,
-    bootstrap: Option<Child>,
-    /// Emulator port.
-    pub port: u16,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-fn free_port() -> u16 {
+/// A free loopback port (bound, then released: the caller binds it next).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -47,12 +39,32 @@ fn free_port() -> u16 {
         .port()
 }
 
-impl Lambda {
-    /// Starts a fresh emulator (one per test: a poller that dies mid-`/next` can swallow the
-    /// next invocation) and the bootstrap for `opts`.
-    pub fn start(opts: Options) -> Self {
+/// A fresh `cargo lambda watch --only-lambda-apis` on a free loopback port (killed on drop).
+/// One per function run: a poller that dies mid-`/next` can swallow the next invocation.
+pub struct Emulator {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Emulator {
+    /// Starts it from the repository root (it routes only names of the workspace's binaries,
+    /// hence the function name [`FUNCTION`]) and waits (bounded) until it accepts connections.
+    /// A port taken between choosing and binding it makes it exit: then another port is tried.
+    pub fn start() -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(this) => return this,
+                Err(e) => last = e,
+            }
+        }
+        panic!("cargo lambda watch did not start: {last}");
+    }
+
+    fn try_start() -> Result<Self, String> {
         let port = free_port();
-        let emulator = Command::new(cargo_lambda())
+        let child = Command::new(cargo_lambda())
             .args([
                 "lambda",
                 "watch",
@@ -60,37 +72,35 @@ impl Lambda {
                 "-A",
                 "127.0.0.1",
                 "-P",
-                &port.to_string(),
             ])
+            .arg(port.to_string())
             .current_dir(root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn cargo lambda watch");
-        let mut this = Self {
-            emulator,
-            bootstrap: None,
-            port,
-            logs: Arc::new(Mutex::new(Vec::new())),
-        };
+        let mut this = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Connection attempts are the readiness signal here: it prints nothing parseable.
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "cargo lambda watch did not listen on {port} within 30 s"
-            );
-            if let Ok(Some(status)) = this.emulator.try_wait() {
-                panic!("cargo lambda watch exited early: {status}");
+            if let Ok(Some(status)) = this.child.try_wait() {
+                return Err(format!("it exited early on port {port}: {status}"));
             }
-            std::thread::sleep(Duration::from_millis(25));
+            if Instant::now() >= deadline {
+                return Err(format!("it did not listen on 127.0.0.1:{port} within 30 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let bootstrap = spawn_runtime(&this.runtime_api(), &opts, this.logs.clone());
-        this.bootstrap = Some(bootstrap);
-        this
+        Ok(this)
     }
 
-    /// `AWS_LAMBDA_RUNTIME_API` as cargo-lambda hands it to a function.
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `AWS_LAMBDA_RUNTIME_API` as cargo-lambda hands it to a function (a URL with a path).
     pub fn runtime_api(&self) -> String {
         format!("http://127.0.0.1:{}/.rt/{FUNCTION}", self.port)
     }
@@ -98,6 +108,44 @@ impl Lambda {
     /// The emulated Function URL.
     pub fn function_url(&self) -> String {
         format!("http://127.0.0.1:{}/lambda-url/{FUNCTION}", self.port)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// A running emulator plus the bootstrap polling it; both are stopped on drop.
+pub struct Lambda {
+    bootstrap: Option<Child>,
+    emulator: Emulator,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lambda {
+    /// Starts a fresh emulator (one per test: a poller that dies mid-`/next` can swallow the
+    /// next invocation) and the bootstrap for `opts`.
+    pub fn start(opts: Options) -> Self {
+        let emulator = Emulator::start();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let bootstrap = spawn_runtime(&emulator.runtime_api(), &opts, logs.clone());
+        Self {
+            bootstrap: Some(bootstrap),
+            emulator,
+            logs,
+        }
+    }
+
+    /// `AWS_LAMBDA_RUNTIME_API` as cargo-lambda hands it to a function.
+    pub fn runtime_api(&self) -> String {
+        self.emulator.runtime_api()
+    }
+
+    /// The emulated Function URL.
+    pub fn function_url(&self) -> String {
+        self.emulator.function_url()
     }
 
     /// The bootstrap's log lines so far.
@@ -141,9 +189,9 @@ pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -
 
 impl Drop for Lambda {
     fn drop(&mut self) {
+        // The bootstrap first, so that it does not see its Runtime API vanish mid-call.
         if let Some(b) = self.bootstrap.as_mut() {
             stop(b);
         }
-        stop(&mut self.emulator);
     }
 }

@@ -20,13 +20,13 @@ use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use http::{HeaderName, StatusCode, header};
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::emulator::{FUNCTION, cargo_lambda};
+use crate::emulator::{Emulator, FUNCTION, free_port};
 use crate::{Py, plugin_dir, root, stop};
 
 /// The `lambda-adapter` executable (`SRI_LWA_BIN`, else `.venv/tools/lwa/bin/lambda-adapter`).
@@ -49,15 +49,6 @@ pub fn lwa_version() -> Option<String> {
     let text = std::fs::read_to_string(record).ok()?;
     let at = text.find("\"lambda_web_adapter ")? + "\"lambda_web_adapter ".len();
     Some(text[at..].split_whitespace().next()?.to_owned())
-}
-
-/// A free loopback port (bound, then released: the caller binds it next).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 type Stamped = Vec<(Instant, String)>;
@@ -121,84 +112,6 @@ impl Lines {
             .map(|(_, l)| l)
             .collect::<Vec<_>>()
             .join("\n")
-    }
-}
-
-/// A fresh `cargo lambda watch --only-lambda-apis` on a free loopback port (killed on drop).
-/// One per function run: a poller that dies mid-`/next` can swallow the next invocation.
-pub struct Emulator {
-    child: Child,
-    /// Its port.
-    pub port: u16,
-}
-
-impl Emulator {
-    /// Starts it from the repository root (it routes only names of the workspace's binaries,
-    /// hence the function name [`FUNCTION`]) and waits (bounded) until it accepts connections.
-    /// A port taken between choosing and binding it makes it exit: then another port is tried.
-    pub fn start() -> Self {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match Self::try_start() {
-                Ok(this) => return this,
-                Err(e) => last = e,
-            }
-        }
-        panic!("cargo lambda watch did not start: {last}");
-    }
-
-    fn try_start() -> Result<Self, String> {
-        let port = free_port();
-        let child = Command::new(cargo_lambda())
-            .args([
-                "lambda",
-                "watch",
-                "--only-lambda-apis",
-                "-A",
-                "127.0.0.1",
-                "-P",
-            ])
-            .arg(port.to_string())
-            .current_dir(root())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn cargo lambda watch");
-        let mut this = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // Connection attempts are the readiness signal here: it prints nothing parseable.
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = this.child.try_wait() {
-                return Err(format!("it exited early on port {port}: {status}"));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("it did not listen on 127.0.0.1:{port} within 30 s"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(this)
-    }
-
-    /// Its pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `AWS_LAMBDA_RUNTIME_API` as cargo-lambda hands it to a function (a URL with a path).
-    pub fn runtime_api(&self) -> String {
-        format!("http://127.0.0.1:{}/.rt/{FUNCTION}", self.port)
-    }
-
-    /// The emulated Function URL.
-    pub fn function_url(&self) -> String {
-        format!("http://127.0.0.1:{}/lambda-url/{FUNCTION}", self.port)
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        stop(&mut self.child);
     }
 }
 
