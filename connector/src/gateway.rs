@@ -130,7 +130,7 @@ pub async fn invoke(
     };
     let metrics = state.clone();
     metrics.metrics.active_streams.inc();
-    let out = async_ndjson(stream, session_id, metrics, started);
+    let out = ndjson(stream, session_id, metrics, started);
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/x-ndjson")
@@ -141,7 +141,7 @@ pub async fn invoke(
 
 /// Rewrites SRI events as NDJSON lines, guaranteeing an `end` after an explicit error when
 /// the function's stream breaks off.
-fn async_ndjson(
+fn ndjson(
     stream: crate::client::EventStream,
     session_id: String,
     state: Arc<AppState>,
