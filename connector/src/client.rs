@@ -162,34 +162,25 @@ impl Client {
 
     fn events(&self, resp: reqwest::Response) -> EventStream {
         let idle = self.options.idle_timeout;
-        // Bound the SSE line length before the decoder buffers it: a function cannot make the
-        // caller hold an arbitrarily long line.
-        let mut line = 0usize;
-        let bounded = resp.bytes_stream().map(move |chunk| {
-            let chunk = chunk.map_err(|e| crate::error::chain(&e))?;
-            line = match memchr_last(&chunk) {
-                Some(i) => chunk.len() - i - 1,
-                None => line + chunk.len(),
-            };
-            if line > MAX_EVENT_BYTES {
-                return Err(format!("an event line is over {MAX_EVENT_BYTES} bytes"));
-            }
-            Ok(chunk)
-        });
-        let events = sse::decode(Box::pin(bounded));
-        let stream = futures_util::stream::unfold(Some(events), move |state| async move {
-            let mut events = state?;
-            match tokio::time::timeout(idle, events.next()).await {
-                Err(_) => Some((
-                    Err(InvokeError::Broken(format!(
-                        "no event or keepalive for {} s",
-                        idle.as_secs()
-                    ))),
-                    None,
-                )),
-                Ok(None) => None,
-                Ok(Some(Ok(ev))) => Some((Ok(ev), Some(events))),
-                Ok(Some(Err(e))) => Some((Err(InvokeError::Broken(e.to_string())), None)),
+        // The decoder bounds the line length, so a function cannot make the caller hold an
+        // arbitrarily long line; comments (keepalives) count as signs of life.
+        let items = sse::decode_items(Box::pin(resp.bytes_stream()), MAX_EVENT_BYTES);
+        let stream = futures_util::stream::unfold(Some(items), move |state| async move {
+            let mut items = state?;
+            loop {
+                return match tokio::time::timeout(idle, items.next()).await {
+                    Err(_) => Some((
+                        Err(InvokeError::Broken(format!(
+                            "no event or keepalive for {} s",
+                            idle.as_secs()
+                        ))),
+                        None,
+                    )),
+                    Ok(None) => None,
+                    Ok(Some(Ok(sse::Item::Comment))) => continue,
+                    Ok(Some(Ok(sse::Item::Event(ev)))) => Some((Ok(ev), Some(items))),
+                    Ok(Some(Err(e))) => Some((Err(InvokeError::Broken(e.to_string())), None)),
+                };
             }
         });
         Box::pin(stream)
@@ -197,11 +188,7 @@ impl Client {
 }
 
 /// The longest SSE line the client accepts (the daemon's 5 MiB line plus framing).
-pub const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
-
-fn memchr_last(b: &[u8]) -> Option<usize> {
-    b.iter().rposition(|&c| c == b'\n')
-}
+pub const MAX_EVENT_BYTES: usize = sse::DEFAULT_MAX_LINE;
 
 async fn rejected(resp: reqwest::Response) -> InvokeError {
     let status = resp.status();

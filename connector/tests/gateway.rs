@@ -30,6 +30,8 @@ enum Script {
     Status(u16, &'static str),
     /// SSE events (kind, data), then close.
     Events(Vec<(EventKind, String)>),
+    /// `start`, then `n` keepalive comments `gap` apart, then a chunk and `end`.
+    Keepalives(usize, Duration),
 }
 
 #[derive(Default)]
@@ -47,6 +49,31 @@ async fn function(
     match scripts[n.min(scripts.len() - 1)].clone() {
         Script::Status(code, body) => {
             (StatusCode::from_u16(code).unwrap(), body.to_owned()).into_response()
+        }
+        Script::Keepalives(n, gap) => {
+            let head = sse::encode(&Event::new(EventKind::Start, Some(1), "{}"));
+            let tail: Vec<u8> = [chunk("late"), end()]
+                .iter()
+                .flat_map(|(k, d)| sse::encode(&Event::new(*k, None, d.clone())).to_vec())
+                .collect();
+            let parts = futures_util::stream::iter(0..n + 2).then(move |i| {
+                let (head, tail) = (head.clone(), tail.clone());
+                async move {
+                    if i > 0 {
+                        tokio::time::sleep(gap).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(match i {
+                        0 => head,
+                        i if i == n + 1 => Bytes::from(tail),
+                        _ => Bytes::from_static(sse::KEEPALIVE),
+                    })
+                }
+            });
+            (
+                [("content-type", "text/event-stream")],
+                axum::body::Body::from_stream(parts),
+            )
+                .into_response()
         }
         Script::Events(evs) => {
             let body: Vec<u8> = evs
@@ -322,4 +349,38 @@ async fn the_client_retries_only_before_the_first_byte() {
         "{err}"
     );
     assert_eq!(seen.attempts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn keepalives_keep_a_silent_stream_from_timing_out() {
+    // Silent for 3× the idle timeout, with keepalives at half of it: not a broken stream.
+    let (target, _) = start_function(vec![Script::Keepalives(6, Duration::from_millis(100))]).await;
+    let client = Client::new(
+        ring(),
+        ClientOptions {
+            idle_timeout: Duration::from_millis(200),
+            ..fast()
+        },
+    );
+    let events: Vec<_> = client
+        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(events.iter().all(Result::is_ok), "{events:?}");
+    assert_eq!(events.len(), 3, "start, chunk, end");
+
+    // Without keepalives the same silence is an error.
+    let (target, _) = start_function(vec![Script::Keepalives(0, Duration::from_millis(600))]).await;
+    let events: Vec<_> = client
+        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        matches!(events.last(), Some(Err(InvokeError::Broken(_)))),
+        "{events:?}"
+    );
 }
