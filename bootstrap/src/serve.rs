@@ -1,23 +1,34 @@
 //! `bootstrap serve`: SRI v1 over plain HTTP (the local backend, tests, and platforms such as
 //! Cloud Run or Azure Functions custom handlers).
 //!
-//! Accepts chunked and `Content-Length` bodies alike (the Dify daemon sends chunked ones).
+//! Two routes on hyper directly (a router framework would only add weight to the function's
+//! binary). Accepts chunked and `Content-Length` bodies alike (the Dify daemon sends chunked
+//! ones), sets TCP_NODELAY on every connection, and lets in-flight streams finish on shutdown.
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request as HttpRequest, State};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::serve::ListenerExt;
+use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Error;
-use crate::invocation::{Frame, Handler, Reply, ReplyBody, Request};
+use crate::invocation::{Frame as ReplyFrame, Handler, Reply, ReplyBody, Request as Invocation};
+
+/// How long in-flight streams may run on after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Serves `handler` on `listen` until `shutdown` completes; in-flight streams are let finish.
 pub async fn serve(
@@ -36,47 +47,74 @@ pub async fn serve(
         context: "local address".into(),
         source: e,
     })?;
-    // Small SSE writes must not wait for delayed ACKs.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tracing::info!(listen = %local, "serving SRI v1");
-    let app = Router::new()
-        .route("/invoke", post(invoke))
-        .route("/health", get(health))
-        .fallback(|| async {
-            reply_into_response(Reply::error(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "routes: POST /invoke?action=…, GET /health",
-                "",
-            ))
-        })
-        .with_state(AppState {
-            handler,
-            max_request_bytes,
-        });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                // Small SSE writes must not wait for delayed ACKs.
+                let _ = tcp.set_nodelay(true);
+                let handler = handler.clone();
+                let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
+                let conn = graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(tcp), service));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
-        .map_err(|e| Error::Io {
-            context: "serving HTTP".into(),
-            source: e,
-        })
+        .is_err()
+    {
+        tracing::warn!(
+            "streams still open {} s after shutdown; closing them",
+            DRAIN.as_secs()
+        );
+    }
+    Ok(())
 }
 
-#[derive(Clone)]
-struct AppState {
+async fn route(
     handler: Arc<Handler>,
     max_request_bytes: usize,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => {
+            let (status, body) = handler.health();
+            respond(Reply {
+                status,
+                content_type: connector::protocol::JSON,
+                body: ReplyBody::Full(body),
+            })
+        }
+        (&Method::POST, "/invoke") => invoke(&handler, max_request_bytes, req).await,
+        _ => respond(Reply::error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "routes: POST /invoke?action=…, GET /health",
+            "",
+        )),
+    })
 }
 
-async fn health(State(state): State<AppState>) -> Response {
-    let (status, body) = state.handler.health();
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-async fn invoke(State(state): State<AppState>, req: HttpRequest) -> Response {
+async fn invoke(
+    handler: &Handler,
+    max_request_bytes: usize,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let action = parts.uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
@@ -89,19 +127,16 @@ async fn invoke(State(state): State<AppState>, req: HttpRequest) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    // One byte over the limit is enough to know it is too large; the handler says so.
-    let body = match axum::body::to_bytes(body, state.max_request_bytes + 1).await {
-        Ok(b) => b,
+    // One byte over the limit is enough to know it is too large.
+    let body = match Limited::new(body, max_request_bytes + 1).collect().await {
+        Ok(b) => b.to_bytes(),
         Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            let (status, kind, msg) = if too_large {
+            let (status, kind, msg) = if e.is::<http_body_util::LengthLimitError>() {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "PayloadTooLarge",
                     format!(
-                        "the request body is over {} bytes (MAX_SERVERLESS_REQUEST_BYTES)",
-                        state.max_request_bytes
+                        "the request body is over {max_request_bytes} bytes (MAX_SERVERLESS_REQUEST_BYTES)"
                     ),
                 )
             } else {
@@ -111,12 +146,11 @@ async fn invoke(State(state): State<AppState>, req: HttpRequest) -> Response {
                     format!("could not read the request body: {e}"),
                 )
             };
-            return reply_into_response(Reply::error(status, kind, &msg, &request_id));
+            return respond(Reply::error(status, kind, &msg, &request_id));
         }
     };
-    let reply = state
-        .handler
-        .invoke(Request {
+    let reply = handler
+        .invoke(Invocation {
             action,
             headers: parts.headers,
             body,
@@ -124,20 +158,20 @@ async fn invoke(State(state): State<AppState>, req: HttpRequest) -> Response {
             deadline_ms: None,
         })
         .await;
-    reply_into_response(reply)
+    respond(reply)
 }
 
-fn reply_into_response(reply: Reply) -> Response {
-    let body = match reply.body {
-        ReplyBody::Full(b) => Body::from(b),
-        ReplyBody::Stream(rx) => {
-            Body::from_stream(ReceiverStream::new(rx).filter_map(|f| async move {
+fn respond(reply: Reply) -> Response<Body> {
+    let body: Body = match reply.body {
+        ReplyBody::Full(b) => Full::new(b).boxed(),
+        ReplyBody::Stream(rx) => BodyExt::boxed(StreamBody::new(
+            ReceiverStream::new(rx).filter_map(|f| async move {
                 match f {
-                    Frame::Data(b) => Some(Ok::<_, std::convert::Infallible>(b)),
-                    Frame::Failed { .. } => None,
+                    ReplyFrame::Data(b) => Some(Ok::<_, Infallible>(Frame::data(b))),
+                    ReplyFrame::Failed { .. } => None,
                 }
-            }))
-        }
+            }),
+        )),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = reply.status;
