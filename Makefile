@@ -38,10 +38,11 @@ demo: tools ## sri serve + local backend: launch the sample plugin, stream a too
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	tests/tooling/demo.sh
 
-bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then a ~70 s run); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
 	$(CARGO) build --profile dist --locked -p sri-bootstrap
 	$(CARGO) run --release --locked -p sri-tests --example bench
+	$(CARGO) run --release --locked -p sri-tests --example bench_connector
 
 $(LWA_STAMP):
 	$(CARGO) install --locked lambda_web_adapter --version $(LWA_VERSION) --root $(TOOLS)/lwa

@@ -1,6 +1,7 @@
 //! `make bench`: what the bootstrap costs over talking to the plugin directly, and how it
 //! compares with the closest public peer (AWS Lambda Web Adapter in front of the SDK's own
-//! serverless HTTP server). Writes `BENCHMARKS.md` at the repository root and prints it.
+//! serverless HTTP server). Writes its section of `BENCHMARKS.md` at the repository root (the
+//! text between `<!-- bench:bootstrap:begin -->` and `<!-- bench:bootstrap:end -->`) and prints it.
 //!
 //! Paths, all on the template's sample plugin (tool `echo`) on the real SDK (`.venv/py312`):
 //! - (a) the floor: the plugin over stdio, no HTTP at all;
@@ -120,7 +121,7 @@ fn main() {
         .expect("runtime");
     let report = rt.block_on(run(release, dist));
     let out = root().join("BENCHMARKS.md");
-    std::fs::write(&out, &report).expect("write BENCHMARKS.md");
+    harness::benchmarks::write_section(&out, "bootstrap", &report).expect("write BENCHMARKS.md");
     println!("{report}");
     println!("(written to {})", out.display());
 }

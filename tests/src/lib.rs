@@ -4,6 +4,8 @@
 //!
 //! Everything listens on 127.0.0.1 with ports chosen per run, and every wait is bounded.
 
+/// Sections of `BENCHMARKS.md`, one per benchmark.
+pub mod benchmarks;
 pub mod daemon;
 pub mod difypkg;
 pub mod emulator;
