@@ -235,6 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(o: ServeOptions) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let keys: KeyRing = o.signing_keys.0.parse()?;
     let listener = crate::server::bind(o.listen).await?;
     let public_url = match o.public_url.clone() {
@@ -278,6 +279,20 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
     });
     crate::server::serve(state, listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Every open stream holds two sockets (daemon side and function side): the usual soft limit
+/// of 1024 would refuse new streams at ~500. Raise the soft limit to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit"),
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
