@@ -38,13 +38,16 @@ use connector::protocol::{EVENT_STREAM, sse};
 use connector::server::AppState;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
+use harness::benchmarks::{
+    cmd_out, dify_plugin_version, http_client, knob, loadavg, machine, median, mib, ms, pct,
+    start_time, target_dir,
+};
 use harness::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io::{BufRead, Read, Write as _};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,28 +88,12 @@ const CHILD_START: Duration = Duration::from_secs(20);
 const COMMAND: &str = "make bench (its last step, after the bootstrap's benchmark: cargo run \
                        --release --locked -p sri-tests --example bench_connector)";
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Cleanup on failure: the release profile aborts on panic, so no destructor would stop the
 // processes started so far. A panic hook stops them (SIGTERM, then SIGKILL after 3 s), each
 // identified by pid and start time so that a reused pid is never hit.
 
 static LIVE: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
-
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None; // exited, not reaped yet
-    }
-    fields.get(19)?.parse().ok() // field 22 of stat: starttime
-}
 
 fn track(pid: u32) {
     if let Some(t) = start_time(pid) {
@@ -666,15 +653,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(8)
-        .build()
-        .expect("client")
-}
-
 /// One streamed call: signed SSE to a function (`ring`), or unsigned to the gateway (NDJSON).
 async fn call(
     client: &reqwest::Client,
@@ -728,22 +706,6 @@ fn tool_request(sid: &str, tool: &str, params: Value) -> Bytes {
 // ---------------------------------------------------------------------------------------------
 // Figures
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentile of `v` (sorted here).
-fn pct(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
-}
-
-fn median(v: &[f64]) -> f64 {
-    pct(v, 0.5)
-}
-
 fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -753,78 +715,6 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-fn mib(kib: Option<u64>) -> String {
-    kib.map_or("–".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
-}
-
-fn cmd_out(prog: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Option<String> {
-    let out = Command::new(prog).args(args).output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !text.is_empty()).then_some(text)
-}
-
-fn machine() -> Vec<String> {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<f64>().ok())
-        })
-        .map_or("?".into(), |k| format!("{:.1} GiB", k / 1024.0 / 1024.0));
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    vec![
-        format!("nproc {nproc}"),
-        format!("CPU {cpu}"),
-        format!("RAM {mem}"),
-        format!("Linux {kernel}"),
-    ]
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn dify_plugin_version() -> String {
-    let lib = root().join(".venv/py312/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|py| std::fs::read_dir(py.ok()?.path().join("site-packages")).ok())
-        .and_then(|entries| {
-            entries.filter_map(Result::ok).find_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_prefix("dify_plugin-")?
-                    .strip_suffix(".dist-info")
-                    .map(str::to_owned)
-            })
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------------------------

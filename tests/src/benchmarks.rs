@@ -2,6 +2,11 @@
 //! only its own section, the text between `<!-- bench:NAME:begin -->` and
 //! `<!-- bench:NAME:end -->`, and leaves everything else in the file as it was.
 
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::root;
 use std::path::Path;
 
 fn markers(name: &str) -> (String, String) {
@@ -50,6 +55,132 @@ pub fn write_section(path: &Path, name: &str, body: &str) -> std::io::Result<()>
     let tmp = path.with_extension(format!("md.tmp-{}", std::process::id()));
     std::fs::write(&tmp, new)?;
     std::fs::rename(&tmp, path)
+}
+
+// Helpers both benches use.
+
+/// Shared by the benches.
+pub fn cmd_out(prog: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Option<String> {
+    let out = Command::new(prog).args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// Shared by the benches.
+pub fn dify_plugin_version() -> String {
+    let lib = root().join(".venv/py312/lib");
+    std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|py| std::fs::read_dir(py.ok()?.path().join("site-packages")).ok())
+        .and_then(|entries| {
+            entries.filter_map(Result::ok).find_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("dify_plugin-")?
+                    .strip_suffix(".dist-info")
+                    .map(str::to_owned)
+            })
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Shared by the benches.
+pub fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// Shared by the benches.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Shared by the benches.
+pub fn machine() -> Vec<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or("?".into(), |k| format!("{:.1} GiB", k / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    vec![
+        format!("nproc {nproc}"),
+        format!("CPU {cpu}"),
+        format!("RAM {mem}"),
+        format!("Linux {kernel}"),
+    ]
+}
+
+/// Shared by the benches.
+pub fn median(v: &[f64]) -> f64 {
+    pct(v, 0.5)
+}
+
+/// Shared by the benches.
+pub fn mib(kib: Option<u64>) -> String {
+    kib.map_or("–".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+/// Shared by the benches.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Nearest-rank percentile of `v` (sorted here).
+pub fn pct(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// Shared by the benches.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None; // exited, not reaped yet
+    }
+    fields.get(19)?.parse().ok() // field 22 of stat: starttime
+}
+
+/// Shared by the benches.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Shared by the benches.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(8)
+        .build()
+        .expect("client")
 }
 
 #[cfg(test)]
