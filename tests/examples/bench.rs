@@ -23,8 +23,8 @@ use bytes::Bytes;
 use connector::protocol::signing::KeyRing;
 use futures_util::StreamExt;
 use harness::benchmarks::{
-    cmd_out, dify_plugin_version, http_client, knob, loadavg, machine, median, mib, ms, pct,
-    start_time, target_dir,
+    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
+    mib, ms, pct, start_time, target_dir, track,
 };
 use harness::emulator::Emulator;
 use harness::lwa::{Lines, LwaFunction, lwa_bin, lwa_version};
@@ -55,44 +55,8 @@ const COMMAND: &str = "make bench (= cargo install --locked lambda_web_adapter -
 // processes started so far. A panic hook stops them (SIGTERM, then SIGKILL after 3 s), each
 // identified by pid and start time so that a reused pid is never hit.
 
-static LIVE: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
-
-fn track(pid: u32) {
-    if let Some(t) = start_time(pid) {
-        LIVE.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((pid, t));
-    }
-}
-
-fn install_cleanup() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        let pids = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let ours = |(pid, t): &(u32, u64)| start_time(*pid) == Some(*t);
-        let live: Vec<_> = pids.iter().filter(|p| ours(p)).collect();
-        eprintln!(
-            "bench failed: stopping the {} processes it started",
-            live.len()
-        );
-        for (pid, _) in &live {
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && live.iter().any(|p| ours(p)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in live.iter().filter(|p| ours(p)) {
-            let _ = kill(Pid::from_raw(p.0 as i32), Signal::SIGKILL);
-        }
-    }));
-}
-
 fn main() {
-    install_cleanup();
+    install_cleanup("bench");
     let release = target_dir().join("release/bootstrap");
     let dist = target_dir().join("dist/bootstrap");
     assert!(

@@ -39,8 +39,8 @@ use connector::server::AppState;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use harness::benchmarks::{
-    cmd_out, dify_plugin_version, http_client, knob, loadavg, machine, median, mib, ms, pct,
-    start_time, target_dir,
+    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
+    mib, ms, pct, start_time, target_dir, track,
 };
 use harness::*;
 use serde_json::{Value, json};
@@ -92,42 +92,6 @@ const COMMAND: &str = "make bench (its last step, after the bootstrap's benchmar
 // Cleanup on failure: the release profile aborts on panic, so no destructor would stop the
 // processes started so far. A panic hook stops them (SIGTERM, then SIGKILL after 3 s), each
 // identified by pid and start time so that a reused pid is never hit.
-
-static LIVE: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
-
-fn track(pid: u32) {
-    if let Some(t) = start_time(pid) {
-        LIVE.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((pid, t));
-    }
-}
-
-fn install_cleanup() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        let pids = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let ours = |(pid, t): &(u32, u64)| start_time(*pid) == Some(*t);
-        let live: Vec<_> = pids.iter().filter(|p| ours(p)).collect();
-        eprintln!(
-            "bench_connector failed: stopping the {} processes it started",
-            live.len()
-        );
-        for (pid, _) in &live {
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && live.iter().any(|p| ours(p)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in live.iter().filter(|p| ours(p)) {
-            let _ = kill(Pid::from_raw(p.0 as i32), Signal::SIGKILL);
-        }
-    }));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Open-file limits: the gateway holds two sockets per stream.
@@ -730,7 +694,7 @@ fn main() {
         Some(other) => panic!("unknown argument {other:?}"),
         None => {}
     }
-    install_cleanup();
+    install_cleanup("bench_connector");
     let release = target_dir().join("release/bootstrap");
     assert!(
         release.exists(),

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::root;
 use std::path::Path;
@@ -181,6 +181,45 @@ pub fn http_client() -> reqwest::Client {
         .pool_max_idle_per_host(8)
         .build()
         .expect("client")
+}
+
+/// Processes a bench started, by pid and start time.
+static LIVE: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers a started process, to be stopped if the bench fails.
+pub fn track(pid: u32) {
+    if let Some(t) = start_time(pid) {
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pid, t));
+    }
+}
+
+/// Installs a panic hook that stops every tracked process (SIGTERM, then SIGKILL after 3 s).
+pub fn install_cleanup(bench: &'static str) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let pids = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ours = |(pid, t): &(u32, u64)| start_time(*pid) == Some(*t);
+        let live: Vec<_> = pids.iter().filter(|p| ours(p)).collect();
+        eprintln!(
+            "{bench} failed: stopping the {} processes it started",
+            live.len()
+        );
+        for (pid, _) in &live {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && live.iter().any(|p| ours(p)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for p in live.iter().filter(|p| ours(p)) {
+            let _ = kill(Pid::from_raw(p.0 as i32), Signal::SIGKILL);
+        }
+    }));
 }
 
 #[cfg(test)]
