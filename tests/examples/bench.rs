@@ -24,7 +24,7 @@ use connector::protocol::signing::KeyRing;
 use futures_util::StreamExt;
 use harness::benchmarks::{
     cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
-    mib, ms, pct, start_time, target_dir, track,
+    mib, ms, pct, target_dir, track,
 };
 use harness::emulator::Emulator;
 use harness::lwa::{Lines, LwaFunction, lwa_bin, lwa_version};

@@ -40,7 +40,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use harness::benchmarks::{
     cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
-    mib, ms, pct, start_time, target_dir, track,
+    mib, ms, pct, target_dir, track,
 };
 use harness::*;
 use serde_json::{Value, json};
