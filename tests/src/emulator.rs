@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{Options, SECRET_A, SECRET_B, bootstrap_bin, keys_env, plugin_dir, root, stop};
+use crate::{Options, bootstrap_command, plugin_dir, root, stop};
 
 /// The function name the emulator routes.
 pub const FUNCTION: &str = "bootstrap";
@@ -156,7 +156,7 @@ impl Lambda {
 
 /// Starts the bootstrap in Lambda mode against `api`, collecting its logs.
 pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -> Child {
-    let mut cmd = Command::new(bootstrap_bin());
+    let mut cmd = bootstrap_command(opts);
     cmd.args(&opts.args).env("AWS_LAMBDA_RUNTIME_API", api);
     match &opts.task_root {
         Some((root, python)) => cmd
@@ -168,15 +168,6 @@ pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -
             .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
             .env("SRI_PYTHON", opts.py.python()),
     };
-    cmd.env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
-        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in &opts.env {
-        cmd.env(k, v);
-    }
     let mut child = cmd.spawn().expect("spawn bootstrap");
     let stderr = child.stderr.take().expect("stderr");
     std::thread::spawn(move || {

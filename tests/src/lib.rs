@@ -212,30 +212,38 @@ impl Options {
     }
 }
 
+/// The bootstrap (under `opts.wrapper`, if any) with what every test run shares: the test key
+/// ring, JSON logs at `info`, `opts.env`, stdio closed but stderr piped.
+pub fn bootstrap_command(opts: &Options) -> Command {
+    let mut cmd = match opts.wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bootstrap_bin());
+            c
+        }
+        None => Command::new(bootstrap_bin()),
+    };
+    // The options' own environment comes last, so a test can override any of these.
+    cmd.env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
+        .env("AWS_LAMBDA_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 impl Bootstrap {
     /// Starts `bootstrap serve` on a free loopback port and waits until it listens.
     pub fn start(opts: Options) -> Self {
-        let mut cmd = match opts.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bootstrap_bin());
-                c
-            }
-            None => Command::new(bootstrap_bin()),
-        };
+        let mut cmd = bootstrap_command(&opts);
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
             .env("SRI_PYTHON", opts.py.python())
-            .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
-            .env("AWS_LAMBDA_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .env_remove("AWS_LAMBDA_RUNTIME_API")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
+            .env_remove("AWS_LAMBDA_RUNTIME_API");
         let mut child = cmd.spawn().expect("spawn bootstrap");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
