@@ -130,6 +130,16 @@ impl Backend for Fixed {
     }
 }
 
+/// Invokes the scripted function and collects its whole stream.
+async fn invoke_all(client: &Client, target: &str) -> Vec<Result<Event, InvokeError>> {
+    client
+        .invoke(target, "invoke_tool", Bytes::from(ENVELOPE), None)
+        .await
+        .unwrap()
+        .collect()
+        .await
+}
+
 fn ring() -> KeyRing {
     KeyRing::new(vec![Key::new("k1", vec![7u8; 32]).unwrap()]).unwrap()
 }
@@ -313,23 +323,13 @@ async fn the_client_retries_only_before_the_first_byte() {
     ])
     .await;
     let client = Client::new(ring(), fast());
-    let events: Vec<_> = client
-        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events: Vec<_> = invoke_all(&client, &target).await;
     assert_eq!(seen.attempts.load(Ordering::SeqCst), 3);
     assert_eq!(events.len(), 2);
 
     // A stream that started and then broke is not retried: the caller gets the error.
     let (target, seen) = start_function(vec![Script::Events(vec![chunk("a")])]).await;
-    let events: Vec<_> = client
-        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events: Vec<_> = invoke_all(&client, &target).await;
     assert_eq!(seen.attempts.load(Ordering::SeqCst), 1);
     assert_eq!(
         events.len(),
@@ -362,23 +362,13 @@ async fn keepalives_keep_a_silent_stream_from_timing_out() {
             ..fast()
         },
     );
-    let events: Vec<_> = client
-        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events: Vec<_> = invoke_all(&client, &target).await;
     assert!(events.iter().all(Result::is_ok), "{events:?}");
     assert_eq!(events.len(), 3, "start, chunk, end");
 
     // Without keepalives the same silence is an error.
     let (target, _) = start_function(vec![Script::Keepalives(0, Duration::from_millis(600))]).await;
-    let events: Vec<_> = client
-        .invoke(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let events: Vec<_> = invoke_all(&client, &target).await;
     assert!(
         matches!(events.last(), Some(Err(InvokeError::Broken(_)))),
         "{events:?}"
