@@ -10,22 +10,31 @@ CARGO_LAMBDA := $(TOOLS)/bin/cargo-lambda
 LWA_VERSION := 0.9.1
 LWA_STAMP := $(TOOLS)/lwa/.installed-$(LWA_VERSION)
 CARGO ?= cargo
+UV := $(TOOLS)/bin/uv
+# moto_server (the AWS control plane stand-in) and botocore, in a venv of their own.
+MOTO := $(VENV)/moto/bin/moto_server
 
 .PHONY: help setup python tools build test demo bench lint fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-setup: python tools ## Python venvs (SDK 0.10 on 3.12, 0.7.4 on 3.11) and cargo-lambda
+setup: python tools ## Python venvs (SDK 0.10 on 3.12, 0.7.4 on 3.11), cargo-lambda, uv, moto
 
 python:
 	@tests/tooling/setup-venvs.sh
 
-tools: $(CARGO_LAMBDA)
+tools: $(CARGO_LAMBDA) $(MOTO)
 
 $(CARGO_LAMBDA): tests/tooling/requirements-tools.txt
 	python3 -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+$(MOTO): tests/tooling/requirements-moto.txt | $(CARGO_LAMBDA)
+	rm -rf $(VENV)/moto
+	python3 -m venv $(VENV)/moto
+	$(UV) pip install --quiet --python $(VENV)/moto/bin/python -r $<
 	touch $@
 
 build: ## build every crate (debug) once; the tests reuse the binaries

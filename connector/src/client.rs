@@ -15,6 +15,7 @@ use crate::protocol::envelope::Envelope;
 use crate::protocol::events::Event;
 use crate::protocol::signing::KeyRing;
 use crate::protocol::{EVENT_STREAM, INVOKE_PATH, sse};
+use crate::transport::Target;
 
 /// Timeouts and retries.
 #[derive(Debug, Clone)]
@@ -91,6 +92,22 @@ impl Client {
             http,
             keys,
             options,
+        }
+    }
+
+    /// Invokes `action` on `target` with the envelope bytes, by the target's transport.
+    pub async fn invoke_target(
+        &self,
+        target: &Target,
+        action: &str,
+        envelope: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<EventStream, InvokeError> {
+        match target {
+            Target::Http { url } => self.invoke(url, action, envelope, traceparent).await,
+            other => Err(InvokeError::Unreachable(format!(
+                "{other}: this transport is not built yet"
+            ))),
         }
     }
 

@@ -28,6 +28,17 @@ pub enum Error {
     /// A backend could not do what was asked.
     #[error("{0}")]
     Backend(String),
+    /// A package could not be turned into a function artifact (dependencies, size, bytecode).
+    #[error("packaging failed: {0}")]
+    Packaging(String),
+    /// An AWS API call failed.
+    #[error("AWS {operation} failed: {detail}")]
+    Aws {
+        /// The API operation (`CreateFunction`, …) and its subject.
+        operation: String,
+        /// What AWS said, with the fix when we know it.
+        detail: String,
+    },
     /// An SSE stream could not be decoded.
     #[error("invalid SRI event stream: {0}")]
     Sse(String),

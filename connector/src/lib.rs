@@ -6,6 +6,8 @@
 
 #[cfg(feature = "server")]
 pub mod backend;
+#[cfg(feature = "lambda")]
+pub mod aws;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
@@ -26,5 +28,9 @@ pub mod protocol;
 pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod transport;
+#[cfg(feature = "lambda")]
+pub mod packaging;
 
 pub use error::Error;

@@ -116,8 +116,8 @@ impl Backend for Fixed {
             checksum: "x".into(),
         }]
     }
-    fn target(&self, name: &str) -> Option<String> {
-        (name == "fn1").then(|| self.0.clone())
+    fn target(&self, name: &str) -> Option<connector::transport::Target> {
+        (name == "fn1").then(|| connector::transport::Target::http(self.0.clone()))
     }
     fn remove<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async { Ok(()) }.boxed()

@@ -17,6 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
+use crate::transport::Target;
+
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
 use crate::package::Package;
@@ -315,15 +317,16 @@ impl Backend for LocalBackend {
         v
     }
 
-    fn target(&self, name: &str) -> Option<String> {
+    fn target(&self, name: &str) -> Option<Target> {
         self.running
             .lock()
             .expect("running lock")
             .get(name)
             .and_then(|r| r.target.borrow().clone())
+            .map(Target::http)
     }
 
-    fn wait_target<'a>(&'a self, name: &'a str, within: Duration) -> BoxFuture<'a, Option<String>> {
+    fn wait_target<'a>(&'a self, name: &'a str, within: Duration) -> BoxFuture<'a, Option<Target>> {
         async move {
             let mut target = self
                 .running
@@ -333,7 +336,7 @@ impl Backend for LocalBackend {
                 .target
                 .clone();
             let ready = tokio::time::timeout(within, target.wait_for(|t| t.is_some())).await;
-            ready.ok()?.ok().and_then(|t| t.clone())
+            ready.ok()?.ok().and_then(|t| t.clone()).map(Target::http)
         }
         .boxed()
     }

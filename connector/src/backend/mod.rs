@@ -1,6 +1,8 @@
 //! Where functions run. One trait, so the control plane and the gateway do not care whether a
 //! plugin is a local process or a cloud function.
 
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod local;
 
 use futures_util::future::BoxFuture;
@@ -8,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::Error;
 use crate::package::Package;
+use crate::transport::Target;
 
 /// A deployed function.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -35,15 +38,15 @@ pub trait Backend: Send + Sync + 'static {
     fn find(&self, checksum: &str) -> Option<Function>;
     /// Every function.
     fn list(&self) -> Vec<Function>;
-    /// The base URL the gateway calls for `name` (SRI v1), if it is running.
-    fn target(&self, name: &str) -> Option<String>;
+    /// Where the gateway sends calls for `name` (SRI v1), if it is running.
+    fn target(&self, name: &str) -> Option<Target>;
     /// Like [`Backend::target`], but waits up to `within` for a known function that is
     /// (re)starting, so that a call right after a restart is served rather than refused.
     fn wait_target<'a>(
         &'a self,
         name: &'a str,
         within: std::time::Duration,
-    ) -> BoxFuture<'a, Option<String>> {
+    ) -> BoxFuture<'a, Option<Target>> {
         let _ = within;
         Box::pin(async move { self.target(name) })
     }

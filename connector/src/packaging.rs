@@ -1,0 +1,1 @@
+//! `.difypkg` → Lambda zip (placeholder; see issue 4).
