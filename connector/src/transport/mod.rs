@@ -43,7 +43,10 @@ impl std::fmt::Display for Target {
         match self {
             Self::Http { url } => write!(f, "{url}"),
             Self::FunctionUrl { url, .. } => write!(f, "{url} (Function URL, SigV4)"),
-            Self::InvokeStream { function, qualifier } => {
+            Self::InvokeStream {
+                function,
+                qualifier,
+            } => {
                 write!(f, "{function}:{qualifier} (InvokeWithResponseStream)")
             }
         }

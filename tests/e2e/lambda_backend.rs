@@ -1,0 +1,494 @@
+//! The Lambda backend (`sri serve` with `SRI_BACKEND=lambda`) against `moto_server` as the AWS
+//! control plane, driven through the control plane exactly as the Go daemon drives it.
+//!
+//! Each test starts its own moto and connector. The plugin is the sample plugin with no
+//! dependencies (what is checked here is the deployment, not the packaging, which has its own
+//! tests), and the functions are x86_64 so that the host's debug `bootstrap` can be packaged.
+
+use aws_sdk_lambda::Client as Lambda;
+use harness::difypkg::{Package, collect_dir};
+use harness::godaemon::GoDaemon;
+use harness::moto::Moto;
+use harness::sri::{Connector, ConnectorOptions, TempDir};
+use harness::{plugin_dir, root};
+use std::time::Duration;
+
+const LAUNCH_BUDGET: Duration = Duration::from_secs(180);
+
+/// The sample plugin with no dependencies, at `version` (a new version = a changed package).
+fn plugin(version: &str) -> Package {
+    let files: Vec<(String, Vec<u8>)> = collect_dir(&plugin_dir("sample"))
+        .into_iter()
+        .map(|(path, content)| match path.as_str() {
+            "requirements.txt" => (path, Vec::new()),
+            "manifest.yaml" => {
+                let text = String::from_utf8(content).expect("utf-8 manifest");
+                let text = text.replacen("version: 0.1.0", &format!("version: {version}"), 1);
+                (path, text.into_bytes())
+            }
+            _ => (path, content),
+        })
+        .collect();
+    Package::from_files(&files)
+}
+
+struct Setup {
+    moto: Moto,
+    connector: Connector,
+    lambda: Lambda,
+    role: String,
+    prefix: String,
+    _cache: TempDir,
+}
+
+impl Setup {
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let moto = Moto::start().await;
+        let role = moto.create_role("sri-plugin-exec").await;
+        let cache = TempDir::new("lambda-cache");
+        // Unique per test so that nothing one test made can look like another's.
+        let prefix = format!("t{}", std::process::id() % 100000);
+        let mut opts = ConnectorOptions::default()
+            .env("SRI_BACKEND", "lambda")
+            .env("SRI_LAMBDA_ROLE_ARN", role.clone())
+            .env("SRI_LAMBDA_PREFIX", prefix.clone())
+            .env("SRI_LAMBDA_ARCH", "x86_64")
+            .env(
+                "SRI_LAMBDA_BOOTSTRAP",
+                harness::stripped_bootstrap().display().to_string(),
+            )
+            .env("SRI_CACHE_DIR", cache.path().display().to_string())
+            .env("DIFY_PLUGIN_DAEMON_URL", "http://daemon.internal:5002")
+            .env(
+                "SRI_UV",
+                root().join(".venv/tools/bin/uv").display().to_string(),
+            );
+        for (k, v) in moto.env() {
+            opts = opts.env(&k, v);
+        }
+        for (k, v) in extra {
+            opts = opts.env(k, *v);
+        }
+        let connector = Connector::start_with(opts);
+        let lambda = Lambda::new(&moto.sdk().await);
+        Self {
+            moto,
+            connector,
+            lambda,
+            role,
+            prefix,
+            _cache: cache,
+        }
+    }
+
+    fn daemon(&self) -> GoDaemon {
+        self.connector.daemon().with_launch_timeout(LAUNCH_BUDGET)
+    }
+
+    /// Launches through the control plane; returns the function's connector-level name.
+    async fn launch(&self, pkg: &Package) -> String {
+        let o = self
+            .daemon()
+            .launch_package(pkg, false)
+            .await
+            .unwrap_or_else(|e| panic!("launch refused: {e}\n{}", self.connector.log_tail(60)));
+        let ctx = || {
+            format!(
+                "\n{}\nconnector logs:\n{}",
+                o.transcript(),
+                self.connector.log_tail(60)
+            )
+        };
+        assert!(
+            o.failures().is_empty(),
+            "failed: {:?}{}",
+            o.failures(),
+            ctx()
+        );
+        let (name, _endpoint) = o
+            .installed
+            .clone()
+            .unwrap_or_else(|| panic!("not installed: {:?}{}", o.install_errors, ctx()));
+        name
+    }
+
+    fn function_name(&self) -> String {
+        format!("{}-sri-sample", self.prefix)
+    }
+
+    async fn versions(&self) -> Vec<(String, String)> {
+        let out = self
+            .lambda
+            .list_versions_by_function()
+            .function_name(self.function_name())
+            .send()
+            .await
+            .expect("ListVersionsByFunction");
+        out.versions()
+            .iter()
+            .filter(|v| v.version() != Some("$LATEST"))
+            .map(|v| {
+                (
+                    v.version().unwrap_or_default().to_owned(),
+                    v.description().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    async fn live(&self) -> String {
+        self.lambda
+            .get_alias()
+            .function_name(self.function_name())
+            .name("live")
+            .send()
+            .await
+            .expect("GetAlias live")
+            .function_version()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn gc(&self, keep: usize) -> serde_json::Value {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/gc?keep={keep}", self.connector.url()))
+            .header("authorization", harness::sri::API_KEY)
+            .send()
+            .await
+            .expect("POST /v1/gc");
+        assert!(r.status().is_success(), "gc: {}", r.status());
+        r.json().await.expect("gc JSON")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn launch_deploys_a_versioned_streaming_function_and_relaunch_changes_nothing() {
+    let s = Setup::start(&[]).await;
+    let v1 = plugin("0.1.0");
+    let name = s.launch(&v1).await;
+    assert!(
+        name.starts_with(&s.function_name()) && name.ends_with(&v1.checksum[..12]),
+        "deployment name {name} names the function and the checksum"
+    );
+
+    let f = s
+        .lambda
+        .get_function()
+        .function_name(s.function_name())
+        .send()
+        .await
+        .expect("the function exists");
+    let c = f.configuration().expect("configuration");
+    assert_eq!(c.runtime().map(|r| r.as_str()), Some("python3.12"));
+    assert_eq!(
+        c.architectures()
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>(),
+        ["x86_64"]
+    );
+    assert_eq!(c.role(), Some(s.role.as_str()));
+    let env = c
+        .environment()
+        .and_then(|e| e.variables())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        env.get("AWS_LAMBDA_EXEC_WRAPPER").map(String::as_str),
+        Some("/var/task/bin/bootstrap"),
+        "env: {:?}",
+        env.keys()
+    );
+    assert_eq!(
+        env.get("SRI_SIGNING_KEYS"),
+        Some(&harness::keys_env(&[harness::SECRET_A]))
+    );
+    assert_eq!(
+        env.get("DIFY_PLUGIN_DAEMON_URL").map(String::as_str),
+        Some("http://daemon.internal:5002")
+    );
+    assert!(env.contains_key("PLUGIN_MAX_EXECUTION_TIMEOUT"));
+    let tags = f.tags().cloned().unwrap_or_default();
+    assert_eq!(
+        tags.get("sri:managed-by").map(String::as_str),
+        Some("sri-connector")
+    );
+    assert_eq!(
+        tags.get("sri:plugin").map(String::as_str),
+        Some("sri/sample")
+    );
+    assert_eq!(tags.get("sri:checksum"), Some(&v1.checksum));
+    // The signing keys are secrets: never in the connector's logs.
+    let secret_b64 = harness::keys_env(&[harness::SECRET_A]);
+    let secret_b64 = secret_b64.split(':').nth(1).expect("kid:secret");
+    assert!(
+        !s.connector.logs().iter().any(|l| l.contains(secret_b64)),
+        "a signing key appeared in the connector's logs"
+    );
+
+    let versions = s.versions().await;
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert!(versions[0].1.contains(&v1.checksum), "{versions:?}");
+    assert_eq!(s.live().await, versions[0].0);
+
+    let url = s
+        .lambda
+        .get_function_url_config()
+        .function_name(s.function_name())
+        .qualifier("live")
+        .send()
+        .await
+        .expect("a Function URL");
+    assert_eq!(url.auth_type().as_str(), "AWS_IAM");
+    assert_eq!(
+        url.invoke_mode().map(|m| m.as_str()),
+        Some("RESPONSE_STREAM")
+    );
+    let policy = s
+        .lambda
+        .get_policy()
+        .function_name(s.function_name())
+        .qualifier("live")
+        .send()
+        .await
+        .expect("a resource policy");
+    let policy = policy.policy().unwrap_or_default();
+    assert!(
+        policy.contains("lambda:InvokeFunctionUrl") && policy.contains("lambda:InvokeFunction\""),
+        "policy: {policy}"
+    );
+
+    // Relaunch: nothing changes.
+    let before = c.last_modified().map(str::to_owned);
+    let again = s.launch(&v1).await;
+    assert_eq!(again, name);
+    assert_eq!(s.versions().await, versions, "relaunch published a version");
+    let after = s
+        .lambda
+        .get_function()
+        .function_name(s.function_name())
+        .send()
+        .await
+        .expect("GetFunction");
+    assert_eq!(
+        after
+            .configuration()
+            .and_then(|c| c.last_modified())
+            .map(str::to_owned),
+        before,
+        "relaunch modified the function"
+    );
+
+    // A changed package: new code, a new version, and `live` moves to it.
+    let v2 = plugin("0.2.0");
+    let name2 = s.launch(&v2).await;
+    assert_ne!(name2, name);
+    let versions2 = s.versions().await;
+    assert_eq!(versions2.len(), 2, "{versions2:?}");
+    let newest = versions2
+        .iter()
+        .find(|(_, d)| d.contains(&v2.checksum))
+        .expect("a version for the new checksum");
+    assert_eq!(s.live().await, newest.0, "live follows the new version");
+    let code = s
+        .lambda
+        .get_function()
+        .function_name(s.function_name())
+        .send()
+        .await
+        .expect("GetFunction");
+    assert_ne!(
+        code.configuration().and_then(|c| c.code_sha256()),
+        c.code_sha256(),
+        "the code was updated"
+    );
+    let listed = s.daemon().list_instances(None).await.expect("instances");
+    assert_eq!(listed.len(), 2, "both versions are installed: {listed:?}");
+
+    // gc keeps the newest per plugin: the old version goes, the live one stays.
+    let removed = s.gc(1).await;
+    assert!(
+        removed.to_string().contains(&name),
+        "gc removed {removed} (expected {name})"
+    );
+    let left = s.versions().await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].1.contains(&v2.checksum));
+    assert_eq!(s.live().await, left[0].0);
+    drop(s.moto);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_deploy_converges_and_gc_spares_what_is_not_ours() {
+    let s = Setup::start(&[]).await;
+    let sdk = s.moto.sdk().await;
+    let lambda = Lambda::new(&sdk);
+    let code = |bytes: Vec<u8>| {
+        aws_sdk_lambda::types::FunctionCode::builder()
+            .zip_file(aws_sdk_lambda::primitives::Blob::new(bytes))
+            .build()
+    };
+    let dummy_zip = harness::difypkg::zip_files(&[("x.txt".into(), b"half-done".to_vec())]);
+    // What a deploy leaves when the connector dies right after CreateFunction: our function,
+    // tagged, with other code, no version, no alias, no URL.
+    lambda
+        .create_function()
+        .function_name(s.function_name())
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role(&s.role)
+        .handler("x")
+        .code(code(dummy_zip.clone()))
+        .tags("sri:managed-by", "sri-connector")
+        .send()
+        .await
+        .expect("CreateFunction (half-done)");
+    // A function that is not ours, with our prefix.
+    let foreign = format!("{}-someone-else", s.prefix);
+    lambda
+        .create_function()
+        .function_name(&foreign)
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role(&s.role)
+        .handler("x")
+        .code(code(dummy_zip.clone()))
+        .send()
+        .await
+        .expect("CreateFunction (foreign)");
+    // A leftover of ours that never got a version (a plugin whose first deploy died).
+    let leftover = format!("{}-sri-gone", s.prefix);
+    lambda
+        .create_function()
+        .function_name(&leftover)
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role(&s.role)
+        .handler("x")
+        .code(code(dummy_zip))
+        .tags("sri:managed-by", "sri-connector")
+        .send()
+        .await
+        .expect("CreateFunction (leftover)");
+
+    let v1 = plugin("0.1.0");
+    s.launch(&v1).await;
+    let versions = s.versions().await;
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(s.live().await, versions[0].0);
+    let f = lambda
+        .get_function()
+        .function_name(s.function_name())
+        .send()
+        .await
+        .expect("GetFunction");
+    let env = f
+        .configuration()
+        .and_then(|c| c.environment())
+        .and_then(|e| e.variables())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        env.contains_key("AWS_LAMBDA_EXEC_WRAPPER"),
+        "the configuration converged: {:?}",
+        env.keys()
+    );
+    lambda
+        .get_function_url_config()
+        .function_name(s.function_name())
+        .qualifier("live")
+        .send()
+        .await
+        .expect("the URL was created");
+
+    let removed = s.gc(1).await;
+    let removed = removed.to_string();
+    assert!(removed.contains(&leftover), "gc removed {removed}");
+    assert!(!removed.contains(&foreign), "gc removed {removed}");
+    lambda
+        .get_function()
+        .function_name(&foreign)
+        .send()
+        .await
+        .expect("a function without our tag survives gc");
+    assert!(
+        lambda
+            .get_function()
+            .function_name(&leftover)
+            .send()
+            .await
+            .is_err(),
+        "our leftover is gone"
+    );
+    assert_eq!(
+        s.versions().await.len(),
+        1,
+        "the live deployment survives gc"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret() {
+    let moto = Moto::start().await;
+    let generated = "Zq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sA"; // what GenerateSecretString makes
+    let secret_arn = moto.create_secret("sri-signing", generated).await;
+    let role = moto.create_role("sri-plugin-exec").await;
+    let cache = TempDir::new("lambda-cache");
+    let opts = || {
+        let mut o = ConnectorOptions::default()
+            .env("SRI_BACKEND", "lambda")
+            .env("SRI_SIGNING_KEYS", "")
+            .env("SRI_SIGNING_KEYS_SECRET_ID", secret_arn.clone())
+            .env("SRI_LAMBDA_ROLE_ARN", role.clone())
+            .env("SRI_LAMBDA_PREFIX", "rs")
+            .env("SRI_LAMBDA_ARCH", "x86_64")
+            .env(
+                "SRI_LAMBDA_BOOTSTRAP",
+                harness::stripped_bootstrap().display().to_string(),
+            )
+            .env("SRI_CACHE_DIR", cache.path().display().to_string());
+        for (k, v) in moto.env() {
+            o = o.env(&k, v);
+        }
+        o
+    };
+    let mut c = Connector::start_with(opts());
+    let o = c
+        .daemon()
+        .with_launch_timeout(LAUNCH_BUDGET)
+        .launch_package(&plugin("0.1.0"), false)
+        .await
+        .expect("launch");
+    let (name, _) = o
+        .installed
+        .clone()
+        .unwrap_or_else(|| panic!("{}\n{}", o.transcript(), c.log_tail(60)));
+    let lambda = Lambda::new(&moto.sdk().await);
+    let env = lambda
+        .get_function_configuration()
+        .function_name("rs-sri-sample")
+        .send()
+        .await
+        .expect("GetFunctionConfiguration")
+        .environment()
+        .and_then(|e| e.variables())
+        .cloned()
+        .unwrap_or_default();
+    let ring = env.get("SRI_SIGNING_KEYS").expect("SRI_SIGNING_KEYS set");
+    assert_eq!(
+        ring,
+        &format!(
+            "default:{}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, generated)
+        )
+    );
+    assert!(
+        !c.logs().iter().any(|l| l.contains(generated)),
+        "the secret appeared in the logs"
+    );
+
+    c.restart();
+    let listed = c.daemon().list_instances(None).await.expect("instances");
+    assert!(
+        listed.iter().any(|i| format!("{i:?}").contains(&name)),
+        "the restarted connector lists {name}: {listed:?}\n{}",
+        c.log_tail(40)
+    );
+}

@@ -1,0 +1,175 @@
+//! `moto_server` as the AWS control plane for the Lambda backend's tests: started per test on a
+//! loopback port, Lambda in its no-Docker mode, killed on drop.
+//!
+//! moto does not check signatures, so the few resources a test needs before the connector runs
+//! (the execution role, the signing secret) are made with plain, unsigned API calls.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::root;
+
+/// How long moto may take to answer after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The region every moto test uses.
+pub const REGION: &str = "us-east-1";
+
+/// A running `moto_server`.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+/// The `moto_server` of the test tooling (`make tools`).
+pub fn moto_bin() -> std::path::PathBuf {
+    let bin = root().join(".venv/moto/bin/moto_server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `make tools` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+impl Moto {
+    /// Starts one on a free loopback port and waits until it answers.
+    pub async fn start() -> Self {
+        let mut last_err = String::new();
+        // The port is chosen by binding :0 and released before moto binds it; another process
+        // can take it in between, so a failed start is retried on a new port.
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let mut child = Command::new(moto_bin())
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn moto_server");
+            let url = format!("http://127.0.0.1:{port}");
+            let http = reqwest::Client::new();
+            let started = Instant::now();
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("moto_server exited with {status}");
+                    break;
+                }
+                match http.get(format!("{url}/moto-api/")).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let moto = Self { child, url };
+                        moto.configure().await;
+                        return moto;
+                    }
+                    Ok(r) => last_err = format!("HTTP {}", r.status()),
+                    Err(e) => last_err = e.to_string(),
+                }
+                if started.elapsed() > START_TIMEOUT {
+                    let _ = child.kill();
+                    panic!("moto_server did not answer within {START_TIMEOUT:?}: {last_err}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        panic!("moto_server would not start: {last_err}");
+    }
+
+    /// Lambda without Docker (there is no engine here).
+    async fn configure(&self) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/moto-api/config", self.url))
+            .json(&serde_json::json!({"lambda": {"use_docker": false}}))
+            .send()
+            .await
+            .expect("moto config");
+        assert!(r.status().is_success(), "moto config: {}", r.status());
+    }
+
+    /// Environment that points the AWS SDK (and the connector) at this moto.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.url.as_str()),
+            ("AWS_REGION", REGION),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// An SDK configuration for this moto (what the tests inspect AWS with).
+    pub async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(&self.url)
+            .credentials_provider(aws_credential_types::Credentials::for_tests())
+            .load()
+            .await
+    }
+
+    /// Creates an IAM role Lambda can assume; returns its ARN.
+    pub async fn create_role(&self, name: &str) -> String {
+        let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+        let body = reqwest::Client::new()
+            .post(&self.url)
+            .header(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+            )
+            .form(&[
+                ("Action", "CreateRole"),
+                ("Version", "2010-05-08"),
+                ("RoleName", name),
+                ("AssumeRolePolicyDocument", trust),
+            ])
+            .send()
+            .await
+            .expect("CreateRole")
+            .text()
+            .await
+            .expect("CreateRole body");
+        let arn = body
+            .split("<Arn>")
+            .nth(1)
+            .and_then(|s| s.split("</Arn>").next())
+            .unwrap_or_else(|| panic!("CreateRole answered without an Arn: {body}"));
+        arn.to_owned()
+    }
+
+    /// Creates a Secrets Manager secret; returns its ARN.
+    pub async fn create_secret(&self, name: &str, value: &str) -> String {
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(&self.url)
+            .header("x-amz-target", "secretsmanager.CreateSecret")
+            .header("content-type", "application/x-amz-json-1.1")
+            .header(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0",
+            )
+            .body(serde_json::json!({"Name": name, "SecretString": value}).to_string())
+            .send()
+            .await
+            .expect("CreateSecret")
+            .json()
+            .await
+            .expect("CreateSecret body");
+        v["ARN"]
+            .as_str()
+            .unwrap_or_else(|| panic!("CreateSecret answered {v}"))
+            .to_owned()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
