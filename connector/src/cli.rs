@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the control plane and the gateway (the daemon's DIFY_PLUGIN_SERVERLESS_CONNECTOR_URL).
-    Serve(ServeOptions),
+    Serve(Box<ServeOptions>),
     /// Check a plugin (directory or .difypkg) and write the package the daemon would upload.
     Package {
         /// A plugin directory or a `.difypkg`.
@@ -181,7 +181,7 @@ pub struct InvokeOptions {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(o) => serve(o).await,
+        Command::Serve(o) => serve(*o).await,
         Command::Package { path, output } => {
             let pkg = load(&path)?;
             let out = output.unwrap_or_else(|| PathBuf::from(pkg.filename()));
