@@ -205,7 +205,10 @@ impl Backend for Fixed {
             .collect()
     }
     fn target(&self, name: &str) -> Option<connector::transport::Target> {
-        self.0.get(name).cloned().map(connector::transport::Target::http)
+        self.0
+            .get(name)
+            .cloned()
+            .map(connector::transport::Target::http)
     }
     fn remove<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async { Ok(()) }.boxed()
