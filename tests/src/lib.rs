@@ -9,6 +9,7 @@ pub mod benchmarks;
 pub mod daemon;
 pub mod difypkg;
 pub mod emulator;
+pub mod eventstream;
 pub mod godaemon;
 pub mod lwa;
 /// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).

@@ -7,8 +7,9 @@
 //! cache in their runtime, which a plain HTTP request does not go through).
 //!
 //! What is signed matches botocore's `SigV4Auth(credentials, "lambda", region)` byte for byte
-//! (the tests check it): every header the caller passes plus `host` and `x-amz-date`, the
-//! session token (`x-amz-security-token`) when the credentials have one, and the SHA-256 of the
+//! (the tests check it): every header the caller passes except those proxies and tracing
+//! middleware may rewrite ([`UNSIGNED_HEADERS`], e.g. `traceparent`), plus `host` and
+//! `x-amz-date`, the session token (`x-amz-security-token`) when the credentials have one, and the SHA-256 of the
 //! body (no `x-amz-content-sha256` header: botocore's `SigV4Auth` does not add one; only S3
 //! needs it).
 
@@ -25,6 +26,26 @@ use crate::Error;
 /// The SigV4 service name of Lambda (Function URLs included).
 pub const SERVICE: &str = "lambda";
 
+/// Headers never signed: botocore 1.44's `SIGNED_HEADERS_BLACKLIST` (hop-by-hop headers and
+/// tracing headers that a proxy or tracer may change in flight, which would break the signature).
+pub const UNSIGNED_HEADERS: &[&str] = &[
+    "authorization",
+    "baggage",
+    "connection",
+    "expect",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "traceparent",
+    "tracestate",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "x-amzn-trace-id",
+];
+
 /// Credentials that expire sooner than this are fetched anew before signing: a request signed
 /// with them could still be in flight (or retried) when they lapse.
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
@@ -32,9 +53,9 @@ const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
 /// Signs a request to a Function URL: returns the headers to add (`authorization`,
 /// `x-amz-date`, and `x-amz-security-token` when the credentials carry a session token).
 ///
-/// `url` must be in its final, encoded form (what is sent); every header of `headers` is signed,
-/// so pass only the ones the request will carry unchanged (not `content-length` or `user-agent`,
-/// which the HTTP client owns). `time` is the signing time (`SystemTime::now()` outside tests).
+/// `url` must be in its final, encoded form (what is sent); every header of `headers` but
+/// [`UNSIGNED_HEADERS`] is signed, so pass only the ones the request will carry unchanged (not
+/// `content-length`, which the HTTP client owns). `time` is the signing time (`SystemTime::now()` outside tests).
 pub fn sign(
     method: &http::Method,
     url: &str,
@@ -50,6 +71,9 @@ pub fn sign(
     };
     let mut pairs = Vec::with_capacity(headers.len());
     for (name, value) in headers {
+        if UNSIGNED_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
         let value = value.to_str().map_err(|_| {
             failed(format!(
                 "header `{name}` is not visible ASCII and cannot be signed"
@@ -196,6 +220,11 @@ mod tests {
             &headers(&[
                 ("content-type", "application/json"),
                 ("accept", "text/event-stream"),
+                // Not signed (botocore neither): tracers may rewrite it.
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
             ]),
             br#"{"session_id":"s"}"#,
             &creds,
