@@ -78,6 +78,17 @@ fn end_event(sid: &str, id: u64) -> String {
     )
 }
 
+/// The `action` of a query string, decoded as the bootstrap decodes it (form encoding).
+fn action_of(query: &str) -> String {
+    reqwest::Url::parse(&format!("http://x/?{query}"))
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "action")
+        .expect("an action")
+        .1
+        .into_owned()
+}
+
 fn prelude(status: u16) -> Vec<u8> {
     let mut p = serde_json::to_vec(&json!({
         "statusCode": status,
@@ -292,15 +303,7 @@ async fn function_url_sigv4_matches_botocore() {
         assert_eq!(req.body, body, "{case}: the envelope is sent byte for byte");
         assert_eq!(req.uri.path(), "/invoke");
         // The SRI v1 signature is intact under SigV4.
-        let query = format!("http://x/?{}", req.uri.query().unwrap());
-        let sent_action = reqwest::Url::parse(&query)
-            .unwrap()
-            .query_pairs()
-            .find(|(k, _)| k == "action")
-            .unwrap()
-            .1
-            .into_owned();
-        assert_eq!(sent_action, action, "{case}");
+        assert_eq!(action_of(req.uri.query().unwrap()), action, "{case}");
         signer("k1", SECRET_A)
             .verify(&req.headers, action, &req.body, now(), 300)
             .unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -483,14 +486,7 @@ fn accept_like_the_bootstrap(payload: &[u8], ring: &KeyRing) -> (String, Bytes) 
                 .into()
         }
     };
-    let query = format!("http://x/?{}", ev.raw_query_string.unwrap_or_default());
-    let action = reqwest::Url::parse(&query)
-        .unwrap()
-        .query_pairs()
-        .find(|(k, _)| k == "action")
-        .expect("an action")
-        .1
-        .into_owned();
+    let action = action_of(&ev.raw_query_string.unwrap_or_default());
     assert_eq!(headers["accept"], "text/event-stream");
     assert_eq!(headers["content-type"], "application/json");
     let verified = ring
@@ -670,8 +666,11 @@ async fn invoke_complete_errors_are_reported_with_code_and_details() {
     else {
         panic!("an error before any byte is a refusal")
     };
-    assert_eq!((status, error_type.as_str()), (502, "Sandbox.Timedout"));
-    assert!(message.contains("Task timed out"), "{message}");
+    assert_eq!((status, error_type.as_str()), (500, "Sandbox.Timedout"));
+    assert!(
+        message.contains("Task timed out") && message.contains("CloudWatch"),
+        "{message}"
+    );
 
     let Err(InvokeError::Rejected {
         status,
@@ -777,4 +776,44 @@ async fn invoke_stream_without_aws_configuration_says_so() {
         panic!("no AWS configuration")
     };
     assert!(why.contains("with_aws"), "{why}");
+}
+
+#[tokio::test]
+async fn a_silent_invoke_stream_times_out() {
+    let sid = session_id("idle");
+    // The fake holds the stream open after `start` until the test ends.
+    let (_hold, wait) = oneshot::channel::<()>();
+    let fake = FakeLambda::start(vec![Script::Stream(vec![
+        Step::chunk(prelude(200)),
+        Step::chunk(start_event(&sid)),
+        Step::chunk(": keepalive\n\n"),
+        Step::WaitFor(wait),
+        Step::complete(),
+    ])])
+    .await;
+    let client = Client::new(
+        signer("k1", SECRET_A),
+        ClientOptions {
+            idle_timeout: Duration::from_millis(300),
+            ..options()
+        },
+    )
+    .with_aws(&sdk_config(&fake.url()).await);
+    let items = drain(
+        client
+            .invoke_target(
+                &stream_target(),
+                "invoke_tool",
+                envelope(&sid, json!({})),
+                None,
+            )
+            .await
+            .expect("started"),
+    )
+    .await;
+    assert_eq!(items[0].as_ref().unwrap().kind, EventKind::Start);
+    let Err(InvokeError::Broken(why)) = &items[1] else {
+        panic!("{items:?}")
+    };
+    assert!(why.contains("no event or keepalive"), "{why}");
 }

@@ -177,13 +177,14 @@ pub(crate) async fn start(
                 )));
             }
             Some(Err(Fault::Complete { code, details })) => {
-                // Nothing was streamed; the function ran and failed (crash, timeout, init).
-                let message = match aws_hint(502, target) {
+                // Nothing was streamed, but the function ran and failed (crash, timeout, init
+                // error): 500, not 502, so that nobody resends a call that may have had effects.
+                let message = match aws_hint(500, target) {
                     Some(hint) => format!("{details} — {hint}"),
                     None => details,
                 };
                 return Err(Failure::Fatal(InvokeError::Rejected {
-                    status: 502,
+                    status: 500,
                     error_type: code,
                     message,
                 }));
