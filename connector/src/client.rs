@@ -94,12 +94,15 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    /// A refusal with HTTP `status`: 429 and 502–504 are retried, the rest are final.
-    pub(crate) fn from_status(err: InvokeError, status: u16) -> Self {
-        if matches!(status, 429 | 502 | 503 | 504) {
-            Self::Retry(err)
-        } else {
-            Self::Fatal(err)
+    /// A refusal: retried when its status is 429 or 502–504 (the platform's "later"), final
+    /// otherwise; errors that are not refusals are final.
+    pub(crate) fn refused(err: InvokeError) -> Self {
+        match &err {
+            InvokeError::Rejected {
+                status: 429 | 502 | 503 | 504,
+                ..
+            } => Self::Retry(err),
+            _ => Self::Fatal(err),
         }
     }
 }
@@ -305,10 +308,12 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             let body = read_capped(resp, MAX_ERROR_BODY).await;
-            Err(Failure::from_status(
-                rejection(status, amzn_type.as_deref(), &body, target),
+            Err(Failure::refused(rejection(
                 status,
-            ))
+                amzn_type.as_deref(),
+                &body,
+                target,
+            )))
         })
         .await
     }

@@ -817,3 +817,81 @@ async fn a_silent_invoke_stream_times_out() {
     };
     assert!(why.contains("no event or keepalive"), "{why}");
 }
+
+/// End to end: client → SDK → the fake relaying to `cargo lambda watch` → the real bootstrap and
+/// the sample plugin. The bootstrap accepts the Function URL event, verifies the signature, and
+/// its prelude + SSE come back through event-stream frames, incrementally.
+#[tokio::test]
+async fn invoke_stream_reaches_a_real_bootstrap() {
+    let lambda = harness::emulator::Lambda::start(Options::new("sample"));
+    let fake = FakeLambda::start(vec![
+        Script::Relay {
+            invoke_url: lambda.invoke_url(),
+        },
+        Script::Relay {
+            invoke_url: lambda.invoke_url(),
+        },
+    ])
+    .await;
+    let client = stream_client(&fake).await;
+    let delay_ms = 300;
+    let data = tool_data(
+        "sample",
+        "stream",
+        json!({"n": 3, "delay_ms": delay_ms}),
+        None,
+    );
+    let stream = client
+        .invoke_target(
+            &stream_target(),
+            "invoke_tool",
+            envelope(&session_id("e2e"), data),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; bootstrap logs:\n{}", lambda.logs().join("\n")));
+    let started = std::time::Instant::now();
+    let mut events = Vec::new();
+    let mut stream = stream;
+    while let Some(item) = next(&mut stream).await {
+        events.push((started.elapsed(), item.expect("a complete stream")));
+    }
+    assert_well_formed(&events);
+    assert_eq!(texts(&events), ["chunk 0", "chunk 1", "chunk 2"]);
+    let chunk_times: Vec<Duration> = events
+        .iter()
+        .filter(|(_, e)| e.kind == EventKind::Chunk)
+        .map(|(t, _)| *t)
+        .collect();
+    for w in chunk_times.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(delay_ms * 2 / 3),
+            "chunks arrived together: {chunk_times:?}"
+        );
+    }
+
+    // A signature from another key ring is refused by the bootstrap, through the prelude.
+    let forged =
+        Client::new(signer("k1", [0x44; 32]), options()).with_aws(&sdk_config(&fake.url()).await);
+    let Err(InvokeError::Rejected {
+        status,
+        error_type,
+        message,
+    }) = forged
+        .invoke_target(
+            &stream_target(),
+            "invoke_tool",
+            envelope(&session_id("e2e"), json!({})),
+            None,
+        )
+        .await
+    else {
+        panic!("a forged signature must be refused")
+    };
+    assert_eq!(
+        (status, error_type.as_str()),
+        (401, "Sri.Unauthorized"),
+        "{message}"
+    );
+    assert!(message.contains("bad signature"), "{message}");
+}

@@ -6,8 +6,10 @@
 //! real event-stream frames (prelude, headers, CRCs) written by `aws-smithy-eventstream` —
 //! `PayloadChunk` events carrying the function's bytes, then `InvokeComplete` — or an AWS error
 //! answer (`x-amzn-ErrorType`, `{"Message"}`). Each request plays the next [`Script`]; a step
-//! can wait for the test's go-ahead, so tests synchronise on channels, never on sleeps. Every
-//! request is recorded for the test to inspect.
+//! can wait for the test's go-ahead, so tests synchronise on channels, never on sleeps. A script
+//! can also relay the payload to a real function (the emulator's direct `Invoke` route, which
+//! streams) and frame its answer as Lambda would. Every request is recorded for the test to
+//! inspect.
 
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use axum::Router;
@@ -71,6 +73,13 @@ impl Step {
 pub enum Script {
     /// 200 and an event stream played step by step.
     Stream(Vec<Step>),
+    /// 200 and an event stream relaying, chunk by chunk, what `POST invoke_url` with the
+    /// payload answers (`cargo lambda watch`'s `/2015-03-31/functions/{name}/invocations`);
+    /// `InvokeComplete` when it ends, with `ErrorCode` `Unhandled` if it breaks off.
+    Relay {
+        /// The direct-invoke URL of the function.
+        invoke_url: String,
+    },
     /// An AWS error answer before any stream.
     Error {
         /// HTTP status.
@@ -176,10 +185,11 @@ async fn invoke(
         function,
         query,
         headers,
-        payload,
+        payload: payload.clone(),
     });
     let script = state.scripts.lock().unwrap().pop_front();
     let steps = match script {
+        Some(Script::Relay { invoke_url }) => return relay(invoke_url, payload).await,
         None => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -245,6 +255,54 @@ async fn invoke(
         .status(200)
         .header("content-type", "application/vnd.amazon.eventstream")
         .header("x-amz-executed-version", "7")
+        .body(Body::from_stream(tokio_stream_from(rx)))
+        .expect("response")
+}
+
+async fn relay(invoke_url: String, payload: Bytes) -> Response {
+    let upstream = match reqwest::Client::new()
+        .post(&invoke_url)
+        .body(payload)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_GATEWAY,
+                format!("relay to {invoke_url}: {e}"),
+            )
+                .into_response();
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut body = upstream.bytes_stream();
+        let complete = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    let frame = event("PayloadChunk", "application/octet-stream", chunk);
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    break json!({"ErrorCode": "Unhandled", "ErrorDetails": e.to_string()});
+                }
+                None => break json!({}),
+            }
+        };
+        let frame = event(
+            "InvokeComplete",
+            "application/json",
+            serde_json::to_vec(&complete).expect("JSON").into(),
+        );
+        let _ = tx.send(Ok(frame)).await;
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/vnd.amazon.eventstream")
         .body(Body::from_stream(tokio_stream_from(rx)))
         .expect("response")
 }

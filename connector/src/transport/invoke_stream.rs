@@ -171,11 +171,7 @@ pub(crate) async fn start(
             Some(Ok(b)) => head.extend_from_slice(&b),
             // A clean end before any byte: the stream decoder reports the missing `end`.
             None if head.is_empty() => break (200, 0),
-            None => {
-                return Err(Failure::Fatal(protocol_error(
-                    "the response ended inside its prelude",
-                )));
-            }
+            None => return Err(Failure::refused(bare_answer(&head, target))),
             Some(Err(Fault::Complete { code, details })) => {
                 // Nothing was streamed, but the function ran and failed (crash, timeout, init
                 // error): 500, not 502, so that nobody resends a call that may have had effects.
@@ -205,15 +201,32 @@ pub(crate) async fn start(
                 _ => break,
             }
         }
-        return Err(Failure::from_status(
-            rejection(status, None, &body, target),
-            status,
-        ));
+        return Err(Failure::refused(rejection(status, None, &body, target)));
     }
     let first = futures_util::stream::iter((!rest.is_empty()).then_some(Ok(rest)));
     Ok(Box::pin(
         first.chain(chunks.map(|item| item.map_err(Fault::broken))),
     ))
+}
+
+/// A payload that is JSON but has no prelude separator. Lambda keeps the prelude in the
+/// payload, but a path in between may strip it (`cargo lambda watch`'s direct `Invoke` route
+/// does): then an error body (`{"errorType","errorMessage"}`) is still the function refusing the
+/// call, with the status the bootstrap gives that error type.
+fn bare_answer(head: &[u8], target: &Target) -> InvokeError {
+    let v: serde_json::Value = serde_json::from_slice(head).unwrap_or_default();
+    let Some(error_type) = v["errorType"].as_str() else {
+        return protocol_error("the response ended inside its prelude");
+    };
+    let status = match error_type {
+        "Sri.Unauthorized" => 401,
+        "BadRequest" => 400,
+        "NotFound" => 404,
+        "PayloadTooLarge" => 413,
+        "PluginNotReady" => 503,
+        _ => 500,
+    };
+    rejection(status, None, head, target)
 }
 
 fn protocol_error(why: &str) -> InvokeError {
@@ -277,14 +290,11 @@ where
                     format!("{message} — {hint}")
                 };
             }
-            Failure::from_status(
-                InvokeError::Rejected {
-                    status,
-                    error_type,
-                    message,
-                },
+            Failure::refused(InvokeError::Rejected {
                 status,
-            )
+                error_type,
+                message,
+            })
         }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Failure::Retry(InvokeError::Unreachable(format!(

@@ -115,10 +115,19 @@ pub fn sign(
 
 /// Signs Function URL requests with the credentials of an `SdkConfig`, resolving them once and
 /// again only when they near their expiry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Signer {
     provider: Option<SharedCredentialsProvider>,
     cached: std::sync::Arc<tokio::sync::Mutex<Option<Credentials>>>,
+}
+
+/// Prints no credential, not even the access key id.
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("has_provider", &self.provider.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Signer {
