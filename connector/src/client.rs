@@ -5,17 +5,27 @@
 //! between events — the function sends keepalives). It retries with jittered backoff only before
 //! the first byte (connection errors, 429, 502/503/504), never after the function started, and
 //! cancels the call when the caller drops the stream.
+//!
+//! One request path serves every [`Target`]: plain HTTP and Lambda Function URLs share it (a
+//! Function URL attempt only adds SigV4 headers, freshly dated), and `InvokeWithResponseStream`
+//! shares the retry loop and the SSE decoding, differing only in how an attempt is made
+//! ([`crate::transport::invoke_stream`]). Every stream ends with the function's `end` event or
+//! with an error: a stream that stops without `end` is never a silent success.
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue};
+use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::envelope::Envelope;
-use crate::protocol::events::Event;
+use crate::protocol::events::{Event, EventKind};
 use crate::protocol::signing::KeyRing;
-use crate::protocol::{EVENT_STREAM, INVOKE_PATH, sse};
-use crate::transport::Target;
+use crate::protocol::{EVENT_STREAM, INVOKE_PATH, JSON, sse};
+use crate::transport::{Target, aws_hint, invoke_query};
+#[cfg(feature = "lambda")]
+use crate::transport::{invoke_stream, sigv4};
 
 /// Timeouts and retries.
 #[derive(Debug, Clone)]
@@ -71,12 +81,61 @@ pub enum InvokeError {
 /// A stream of SRI events.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, InvokeError>> + Send>>;
 
+/// The bytes of an SRI event stream as a transport delivers them, failures already worded.
+pub(crate) type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, InvokeError>> + Send>>;
+
+/// How one attempt failed: worth another attempt (nothing ran, or the platform said "later"), or
+/// final.
+pub(crate) enum Failure {
+    /// Retry after a backoff, if attempts remain.
+    Retry(InvokeError),
+    /// Give up with this error.
+    Fatal(InvokeError),
+}
+
+impl Failure {
+    /// A refusal: retried when its status is 429 or 502–504 (the platform's "later"), final
+    /// otherwise; errors that are not refusals are final.
+    pub(crate) fn refused(err: InvokeError) -> Self {
+        match &err {
+            InvokeError::Rejected {
+                status: 429 | 502 | 503 | 504,
+                ..
+            } => Self::Retry(err),
+            _ => Self::Fatal(err),
+        }
+    }
+}
+
 /// An SRI v1 client.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
     keys: KeyRing,
     options: ClientOptions,
+    #[cfg(feature = "lambda")]
+    aws: Option<std::sync::Arc<AwsClients>>,
+}
+
+/// What the AWS transports need: a Lambda client for `InvokeWithResponseStream` and a SigV4
+/// signer for Function URLs, both from one `SdkConfig`.
+#[cfg(feature = "lambda")]
+#[derive(Debug)]
+struct AwsClients {
+    lambda: aws_sdk_lambda::Client,
+    signer: sigv4::Signer,
+}
+
+/// How an HTTP attempt authenticates to the platform, on top of the SRI signature.
+enum PlatformAuth {
+    /// Nothing more (`bootstrap serve`).
+    None,
+    /// SigV4 (service `lambda`) in `region`: a Function URL with `AuthType: AWS_IAM`.
+    #[cfg(feature = "lambda")]
+    SigV4 {
+        signer: sigv4::Signer,
+        region: String,
+    },
 }
 
 impl Client {
@@ -92,13 +151,36 @@ impl Client {
             http,
             keys,
             options,
+            #[cfg(feature = "lambda")]
+            aws: None,
         }
     }
 
-    /// Enables the AWS transports (Function URL with SigV4, InvokeWithResponseStream).
+    /// The same client, able to reach [`Target::FunctionUrl`] and [`Target::InvokeStream`] with
+    /// the region, credentials and endpoint of `config` (see [`crate::aws::sdk_config`]).
+    ///
+    /// The Lambda client it keeps does not retry and has no stalled-stream protection: this
+    /// client retries itself, only before the first byte, and its idle timeout (the function
+    /// sends keepalives) is what bounds a silent stream.
     #[cfg(feature = "lambda")]
-    pub fn with_aws(self, sdk: &aws_config::SdkConfig) -> Self {
-        let _ = sdk;
+    pub fn with_aws(mut self, config: &aws_config::SdkConfig) -> Self {
+        use aws_sdk_lambda::config::retry::RetryConfig;
+        use aws_sdk_lambda::config::timeout::TimeoutConfig;
+        let lambda = aws_sdk_lambda::config::Builder::from(config)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.options.connect_timeout)
+                    .build(),
+            )
+            .stalled_stream_protection(
+                aws_sdk_lambda::config::StalledStreamProtectionConfig::disabled(),
+            )
+            .build();
+        self.aws = Some(std::sync::Arc::new(AwsClients {
+            lambda: aws_sdk_lambda::Client::from_conf(lambda),
+            signer: sigv4::Signer::new(config.credentials_provider()),
+        }));
         self
     }
 
@@ -110,15 +192,53 @@ impl Client {
         envelope: Bytes,
         traceparent: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
+        let parsed = Envelope::parse(envelope.clone())
+            .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        let call = Call {
+            session_id: parsed.session_id(),
+            action,
+            envelope: &envelope,
+            traceparent,
+        };
         match target {
-            Target::Http { url } => self.invoke(url, action, envelope, traceparent).await,
+            Target::Http { url } => {
+                self.invoke_http(target, url, PlatformAuth::None, &call)
+                    .await
+            }
+            #[cfg(feature = "lambda")]
+            Target::FunctionUrl { url, region } => {
+                let auth = PlatformAuth::SigV4 {
+                    signer: self.aws(target)?.signer.clone(),
+                    region: region.clone(),
+                };
+                self.invoke_http(target, url, auth, &call).await
+            }
+            #[cfg(feature = "lambda")]
+            Target::InvokeStream {
+                function,
+                qualifier,
+            } => {
+                let aws = self.aws(target)?;
+                let call = &call;
+                self.with_retries(target, move || async move {
+                    let payload = invoke_stream::request_event(
+                        call.action,
+                        &self.headers(call).map_err(Failure::Fatal)?,
+                        call.envelope,
+                    );
+                    invoke_stream::start(&aws.lambda, target, function, qualifier, payload).await
+                })
+                .await
+            }
+            #[cfg(not(feature = "lambda"))]
             other => Err(InvokeError::Unreachable(format!(
-                "{other}: this transport is not built yet"
+                "{other}: this connector was built without the `lambda` feature"
             ))),
         }
     }
 
-    /// Invokes `action` on the function at `endpoint` (its base URL) with the envelope bytes.
+    /// Invokes `action` on the function at `endpoint` (its base URL, plain HTTP) with the
+    /// envelope bytes.
     pub async fn invoke(
         &self,
         endpoint: &str,
@@ -126,117 +246,251 @@ impl Client {
         envelope: Bytes,
         traceparent: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
-        let parsed = Envelope::parse(envelope.clone())
-            .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
-        let url = format!("{}{INVOKE_PATH}", endpoint.trim_end_matches('/'));
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            let mut headers = http::HeaderMap::new();
-            self.keys
-                .sign(now, parsed.session_id(), action, &envelope)
-                .apply(&mut headers)
-                .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
-            let mut req = self
-                .http
-                .post(&url)
-                .query(&[("action", action)])
-                .headers(headers)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, EVENT_STREAM)
-                .body(envelope.clone());
-            if let Some(tp) = traceparent {
-                req = req.header("traceparent", tp);
+        self.invoke_target(&Target::http(endpoint), action, envelope, traceparent)
+            .await
+    }
+
+    #[cfg(feature = "lambda")]
+    fn aws(&self, target: &Target) -> Result<&AwsClients, InvokeError> {
+        self.aws.as_deref().ok_or_else(|| {
+            InvokeError::Unreachable(format!(
+                "{target}: the client has no AWS configuration (build it with `Client::with_aws`)"
+            ))
+        })
+    }
+
+    /// `POST {base}/invoke?action=…` over HTTP(S), as often as the retry policy allows.
+    async fn invoke_http(
+        &self,
+        target: &Target,
+        base: &str,
+        auth: PlatformAuth,
+        call: &Call<'_>,
+    ) -> Result<EventStream, InvokeError> {
+        let url = format!(
+            "{}{INVOKE_PATH}?{}",
+            base.trim_end_matches('/'),
+            invoke_query(call.action)
+        );
+        let (url, auth) = (&url, &auth);
+        self.with_retries(target, move || async move {
+            let mut headers = self.headers(call).map_err(Failure::Fatal)?;
+            match auth {
+                PlatformAuth::None => {}
+                #[cfg(feature = "lambda")]
+                PlatformAuth::SigV4 { signer, region } => {
+                    // Signed per attempt: each retry gets a fresh date and signature.
+                    let sigv4 = signer
+                        .sign_now(&http::Method::POST, url, &headers, call.envelope, region)
+                        .await
+                        .map_err(|e| Failure::Fatal(InvokeError::Unreachable(e.to_string())))?;
+                    headers.extend(sigv4);
+                }
             }
-            let outcome = tokio::time::timeout(self.options.first_byte_timeout, req.send()).await;
-            let retryable = match outcome {
-                Err(_) => InvokeError::Unreachable(format!(
-                    "no response within {} s",
-                    self.options.first_byte_timeout.as_secs()
-                )),
-                Ok(Err(e)) => InvokeError::Unreachable(crate::error::chain(&e)),
-                Ok(Ok(resp)) if resp.status().is_success() => {
-                    return Ok(self.events(resp));
+            let resp = self
+                .http
+                .post(url)
+                .headers(headers)
+                .body(call.envelope.clone())
+                .send()
+                .await
+                .map_err(|e| Failure::Retry(InvokeError::Unreachable(crate::error::chain(&e))))?;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                let bytes = resp
+                    .bytes_stream()
+                    .map(|r| r.map_err(|e| InvokeError::Broken(crate::error::chain(&e))));
+                return Ok(Box::pin(bytes) as ByteStream);
+            }
+            let amzn_type = resp
+                .headers()
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = read_capped(resp, MAX_ERROR_BODY).await;
+            Err(Failure::refused(rejection(
+                status,
+                amzn_type.as_deref(),
+                &body,
+                target,
+            )))
+        })
+        .await
+    }
+
+    /// The headers of an SRI v1 request, signed now.
+    fn headers(&self, call: &Call<'_>) -> Result<HeaderMap, InvokeError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut headers = HeaderMap::new();
+        self.keys
+            .sign(now, call.session_id, call.action, call.envelope)
+            .apply(&mut headers)
+            .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+        headers.insert(http::header::ACCEPT, HeaderValue::from_static(EVENT_STREAM));
+        if let Some(tp) = call.traceparent {
+            match HeaderValue::from_str(tp) {
+                Ok(v) => {
+                    headers.insert("traceparent", v);
                 }
-                Ok(Ok(resp)) => {
-                    let status = resp.status().as_u16();
-                    let err = rejected(resp).await;
-                    if !matches!(status, 429 | 502 | 503 | 504) {
-                        return Err(err);
-                    }
-                    err
-                }
-            };
-            if attempt >= self.options.attempts {
+                Err(_) => tracing::debug!("dropping a traceparent that is not a header value"),
+            }
+        }
+        Ok(headers)
+    }
+
+    /// Runs `attempt` until it yields a stream, fails for good, or the attempts run out, each
+    /// attempt bounded by the first-byte timeout and followed by a jittered exponential backoff.
+    /// Once an attempt returns a stream there is no retry: the function has started.
+    async fn with_retries<F, Fut>(
+        &self,
+        target: &Target,
+        mut attempt: F,
+    ) -> Result<EventStream, InvokeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<ByteStream, Failure>>,
+    {
+        let mut n = 0;
+        loop {
+            n += 1;
+            let retryable =
+                match tokio::time::timeout(self.options.first_byte_timeout, attempt()).await {
+                    Ok(Ok(bytes)) => return Ok(self.events(bytes)),
+                    Ok(Err(Failure::Fatal(e))) => return Err(e),
+                    Ok(Err(Failure::Retry(e))) => e,
+                    Err(_) => InvokeError::Unreachable(format!(
+                        "no response within {} s",
+                        self.options.first_byte_timeout.as_secs()
+                    )),
+                };
+            if n >= self.options.attempts {
                 return Err(retryable);
             }
-            let base = self
-                .options
-                .backoff
-                .saturating_mul(1 << (attempt - 1).min(8));
+            let base = self.options.backoff.saturating_mul(1 << (n - 1).min(8));
             let jitter = rand::random_range(0.5..1.5);
-            tracing::debug!(attempt, error = %retryable, "retrying before the first byte");
+            tracing::debug!(%target, attempt = n, error = %retryable, "retrying before the first byte");
             tokio::time::sleep(base.mul_f64(jitter)).await;
         }
     }
 
-    fn events(&self, resp: reqwest::Response) -> EventStream {
+    /// Decodes SSE from `bytes` into events, up to and including `end`.
+    ///
+    /// Uses the incremental [`sse::Decoder`] directly rather than `sse::decode_items`, which
+    /// would reword a transport's error as an SSE syntax error. The idle timeout restarts with
+    /// every item, comments (keepalives) included; the decoder bounds the line length, so a
+    /// function cannot make the caller hold an arbitrarily long line.
+    fn events(&self, bytes: ByteStream) -> EventStream {
         let idle = self.options.idle_timeout;
-        // The decoder bounds the line length, so a function cannot make the caller hold an
-        // arbitrarily long line; comments (keepalives) count as signs of life.
-        let items = sse::decode_items(Box::pin(resp.bytes_stream()), MAX_EVENT_BYTES);
-        let stream = futures_util::stream::unfold(Some(items), move |state| async move {
-            let mut items = state?;
-            loop {
-                return match tokio::time::timeout(idle, items.next()).await {
-                    Err(_) => Some((
-                        Err(InvokeError::Broken(format!(
+        let decoder = sse::Decoder::new(MAX_EVENT_BYTES);
+        let stream =
+            futures_util::stream::unfold(Some((bytes, decoder)), move |state| async move {
+                let (mut bytes, mut decoder) = state?;
+                let mut deadline = tokio::time::Instant::now() + idle;
+                loop {
+                    match decoder.next_item() {
+                        Ok(Some(sse::Item::Comment)) => {
+                            deadline = tokio::time::Instant::now() + idle;
+                            continue;
+                        }
+                        Ok(Some(sse::Item::Event(ev))) => {
+                            // Nothing after `end` is read: the stream is complete.
+                            let rest = (ev.kind != EventKind::End).then_some((bytes, decoder));
+                            return Some((Ok(ev), rest));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(InvokeError::Broken(e.to_string())), None)),
+                    }
+                    let failed = match tokio::time::timeout_at(deadline, bytes.next()).await {
+                        Ok(Some(Ok(chunk))) => {
+                            decoder.push(&chunk);
+                            continue;
+                        }
+                        Ok(Some(Err(e))) => e,
+                        Ok(None) => {
+                            InvokeError::Broken("the stream ended without an `end` event".into())
+                        }
+                        Err(_) => InvokeError::Broken(format!(
                             "no event or keepalive for {} s",
                             idle.as_secs()
-                        ))),
-                        None,
-                    )),
-                    Ok(None) => None,
-                    Ok(Some(Ok(sse::Item::Comment))) => continue,
-                    Ok(Some(Ok(sse::Item::Event(ev)))) => Some((Ok(ev), Some(items))),
-                    Ok(Some(Err(e))) => Some((Err(InvokeError::Broken(e.to_string())), None)),
-                };
-            }
-        });
+                        )),
+                    };
+                    return Some((Err(failed), None));
+                }
+            });
         Box::pin(stream)
     }
+}
+
+/// One invocation's inputs, shared by its attempts.
+struct Call<'a> {
+    session_id: &'a str,
+    action: &'a str,
+    envelope: &'a Bytes,
+    traceparent: Option<&'a str>,
 }
 
 /// The longest SSE line the client accepts (the daemon's 5 MiB line plus framing).
 pub const MAX_EVENT_BYTES: usize = sse::DEFAULT_MAX_LINE;
 
-async fn rejected(resp: reqwest::Response) -> InvokeError {
-    let status = resp.status();
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let amzn_type = header("x-amzn-errortype");
-    let body = resp.bytes().await.unwrap_or_default();
-    let body = &body[..body.len().min(4096)];
+/// How much of an error answer is read to word the error.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// Reads at most about `cap` bytes of a body (an error answer need not be read whole).
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    while body.len() < cap {
+        match chunks.next().await {
+            Some(Ok(b)) => body.extend_from_slice(&b),
+            _ => break,
+        }
+    }
+    body.truncate(cap);
+    body
+}
+
+/// A non-2xx answer as an error, in the words of whoever gave it: the bootstrap
+/// (`{"errorType","errorMessage"}`), or the platform in front of it (AWS's `x-amzn-ErrorType`
+/// and `{"Message"}`), in which case the message also says what to fix.
+pub(crate) fn rejection(
+    status: u16,
+    amzn_type: Option<&str>,
+    body: &[u8],
+    target: &Target,
+) -> InvokeError {
+    let body = &body[..body.len().min(MAX_ERROR_BODY)];
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let from_function = v["errorType"].is_string();
     let error_type = v["errorType"]
         .as_str()
+        // `AccessDeniedException:http://internal.amazon.com/…` on some answers.
+        .or_else(|| amzn_type.and_then(|t| t.split(':').next()))
         .map(str::to_owned)
-        .or(amzn_type)
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("Error").to_owned());
-    let message = v["errorMessage"]
-        .as_str()
+        .unwrap_or_else(|| {
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error")
+                .to_owned()
+        });
+    let mut message = ["errorMessage", "Message", "message"]
+        .iter()
+        .find_map(|k| v[k].as_str())
         .map(str::to_owned)
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+    if !from_function && let Some(hint) = aws_hint(status, target) {
+        message = if message.is_empty() {
+            hint
+        } else {
+            format!("{message} — {hint}")
+        };
+    }
     InvokeError::Rejected {
-        status: status.as_u16(),
+        status,
         error_type,
         message,
     }

@@ -109,6 +109,14 @@ impl Emulator {
     pub fn function_url(&self) -> String {
         format!("http://127.0.0.1:{}/lambda-url/{FUNCTION}", self.port)
     }
+
+    /// The emulated direct `Invoke` route (streams the function's raw response).
+    pub fn invoke_url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}/2015-03-31/functions/{FUNCTION}/invocations",
+            self.port
+        )
+    }
 }
 
 impl Drop for Emulator {
@@ -146,6 +154,11 @@ impl Lambda {
     /// The emulated Function URL.
     pub fn function_url(&self) -> String {
         self.emulator.function_url()
+    }
+
+    /// The emulated direct `Invoke` route.
+    pub fn invoke_url(&self) -> String {
+        self.emulator.invoke_url()
     }
 
     /// The bootstrap's log lines so far.

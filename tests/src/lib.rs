@@ -9,6 +9,7 @@ pub mod benchmarks;
 pub mod daemon;
 pub mod difypkg;
 pub mod emulator;
+pub mod eventstream;
 pub mod godaemon;
 pub mod lwa;
 pub mod moto;

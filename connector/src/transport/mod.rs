@@ -6,6 +6,15 @@
 //!   carries SigV4 (service `lambda`) on top of the SRI v1 signature.
 //! - [`Target::InvokeStream`]: the Lambda API's `InvokeWithResponseStream`, for deployments that
 //!   do not expose a Function URL at all.
+//!
+//! The submodules hold what only the AWS transports need: [`sigv4`] (Function URL signing) and
+//! [`invoke_stream`] (the `InvokeWithResponseStream` event and its response stream); the HTTP
+//! path itself is shared by `Http` and `FunctionUrl` in [`crate::client`].
+
+#[cfg(feature = "lambda")]
+pub mod invoke_stream;
+#[cfg(feature = "lambda")]
+pub mod sigv4;
 
 /// Where and how the connector sends an SRI v1 invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,5 +59,89 @@ impl std::fmt::Display for Target {
                 write!(f, "{function}:{qualifier} (InvokeWithResponseStream)")
             }
         }
+    }
+}
+
+/// The query of an invoke request, `action=<action>`, percent-encoded the way SigV4 canonicalises
+/// it (RFC 3986 unreserved characters kept, everything else `%XX`), so the query that is sent is
+/// byte for byte the one that is signed, on every transport.
+pub fn invoke_query(action: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(action.len() + 7);
+    out.push_str("action=");
+    for b in action.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            write!(out, "%{b:02X}").expect("writing to a String");
+        }
+    }
+    out
+}
+
+/// What to do about an error answered by AWS itself (not by the function) for `target`, when
+/// the status says more than AWS's own text; `None` when there is nothing to add.
+pub fn aws_hint(status: u16, target: &Target) -> Option<String> {
+    let (permissions, qualified) = match target {
+        Target::Http { .. } => return None,
+        Target::FunctionUrl { url, .. } => (
+            "lambda:InvokeFunctionUrl and lambda:InvokeFunction",
+            url.clone(),
+        ),
+        Target::InvokeStream {
+            function,
+            qualifier,
+        } => ("lambda:InvokeFunction", format!("{function}:{qualifier}")),
+    };
+    Some(match status {
+        401 | 403 => format!(
+            "the connector's IAM identity lacks {permissions} on {qualified}, or its credentials \
+             are invalid or expired, or its clock is skewed (SigV4 allows 5 minutes)"
+        ),
+        404 => format!(
+            "{qualified} does not exist (deleted, or the version or alias is gone): redeploy the \
+             plugin"
+        ),
+        413 => "the request is over Lambda's 6 MB invocation payload limit".to_owned(),
+        429 => format!(
+            "Lambda throttled {qualified}: its reserved concurrency or the account's concurrency \
+             limit is reached"
+        ),
+        500 | 502 => "the function failed before streaming anything (crash, timeout or init \
+                      error): see its CloudWatch logs"
+            .to_owned(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoke_query_encodes_like_sigv4() {
+        assert_eq!(invoke_query("invoke_tool"), "action=invoke_tool");
+        assert_eq!(invoke_query("a b/é~"), "action=a%20b%2F%C3%A9~");
+    }
+
+    #[test]
+    fn hints_name_the_permissions_to_grant() {
+        let url = Target::FunctionUrl {
+            url: "https://x.lambda-url.eu-west-1.on.aws/".into(),
+            region: "eu-west-1".into(),
+        };
+        let hint = aws_hint(403, &url).unwrap();
+        assert!(
+            hint.contains("lambda:InvokeFunctionUrl and lambda:InvokeFunction"),
+            "{hint}"
+        );
+        assert!(hint.contains("clock"), "{hint}");
+        let stream = Target::InvokeStream {
+            function: "f".into(),
+            qualifier: "live".into(),
+        };
+        assert!(aws_hint(404, &stream).unwrap().contains("f:live"));
+        assert_eq!(aws_hint(403, &Target::http("http://h")), None);
+        assert_eq!(aws_hint(400, &stream), None);
     }
 }
