@@ -331,10 +331,11 @@ async fn the_client_retries_only_before_the_first_byte() {
     let (target, seen) = start_function(vec![Script::Events(vec![chunk("a")])]).await;
     let events: Vec<_> = invoke_all(&client, &target).await;
     assert_eq!(seen.attempts.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        events.len(),
-        1,
-        "the stream just ends; the gateway turns that into an error"
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[0].is_ok(), "{events:?}");
+    assert!(
+        matches!(&events[1], Err(InvokeError::Broken(m)) if m.contains("without an `end`")),
+        "a stream without `end` ends with an explicit error: {events:?}"
     );
 
     // Retries are bounded.
