@@ -208,6 +208,26 @@ fn template() -> PathBuf {
     root().join("infra/template.yaml")
 }
 
+/// infra/template.yaml transformed, once per test process (the translator takes seconds to
+/// start): each test writes it into its own directory when it needs a file.
+fn transformed() -> &'static Value {
+    static ONCE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = TempDir::new("infra-transform");
+        let json = transform(&template(), dir.path());
+        let text = std::fs::read_to_string(&json).expect("read the transform");
+        serde_json::from_str(&text).expect("the transform is JSON")
+    })
+}
+
+/// The transformed template as a file in `dir`.
+fn transformed_file(dir: &Path) -> PathBuf {
+    let path = dir.join("template.json");
+    let text = serde_json::to_string_pretty(transformed()).expect("JSON");
+    std::fs::write(&path, text).expect("write the transform");
+    path
+}
+
 fn yaml(path: &Path) -> serde_yaml_ng::Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
@@ -217,7 +237,7 @@ fn yaml(path: &Path) -> serde_yaml_ng::Value {
 #[test]
 fn template_is_clean_under_cfn_lint_as_written_and_transformed() {
     let dir = TempDir::new("infra-lint");
-    let json = transform(&template(), dir.path());
+    let json = transformed_file(dir.path());
     let (findings, r) = cfn_lint(&[&template(), &json]);
     assert!(
         findings.is_empty() && r.code == Some(0),
@@ -235,7 +255,7 @@ fn template_is_clean_under_cfn_lint_as_written_and_transformed() {
 #[test]
 fn template_passes_checkov_and_every_suppression_is_used() {
     let dir = TempDir::new("infra-checkov");
-    let json = transform(&template(), dir.path());
+    let json = transformed_file(dir.path());
     let (reports, r) = checkov(&[&template(), &json]);
     let failed = checks(&reports, "failed_checks");
     assert!(
@@ -330,15 +350,6 @@ fn canary_keeps_tripping_the_expected_rules() {
     );
 }
 
-/// The transformed template, as a value.
-fn transformed() -> (TempDir, Value) {
-    let dir = TempDir::new("infra-shape");
-    let json = transform(&template(), dir.path());
-    let text = std::fs::read_to_string(&json).expect("read transform");
-    let v = serde_json::from_str(&text).expect("transform is JSON");
-    (dir, v)
-}
-
 fn resource<'a>(t: &'a Value, logical: &str) -> &'a Value {
     let r = &t["Resources"][logical];
     assert!(!r.is_null(), "the stack has no resource {logical}");
@@ -347,8 +358,8 @@ fn resource<'a>(t: &'a Value, logical: &str) -> &'a Value {
 
 #[test]
 fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
-    let (_dir, t) = transformed();
-    let doc = &resource(&t, "ConnectorPolicy")["Properties"]["PolicyDocument"];
+    let t = transformed();
+    let doc = &resource(t, "ConnectorPolicy")["Properties"]["PolicyDocument"];
     let statements = doc["Statement"].as_array().expect("statements");
     let actions = |st: &Value| -> Vec<String> {
         match &st["Action"] {
@@ -442,8 +453,8 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
 
 #[test]
 fn sample_function_runs_the_layer_bootstrap_behind_an_iam_streaming_url() {
-    let (_dir, t) = transformed();
-    let f = &resource(&t, "SampleFunction")["Properties"];
+    let t = transformed();
+    let f = &resource(t, "SampleFunction")["Properties"];
     let env = &f["Environment"]["Variables"];
     assert_eq!(env["AWS_LAMBDA_EXEC_WRAPPER"], "/opt/bootstrap", "{env}");
     assert_eq!(env["SRI_PYTHON"], "/var/lang/bin/python3", "{env}");
@@ -476,7 +487,7 @@ fn sample_function_runs_the_layer_bootstrap_behind_an_iam_streaming_url() {
         max_exec < f["Timeout"].as_u64().unwrap(),
         "PLUGIN_MAX_EXECUTION_TIMEOUT must end before the function's timeout"
     );
-    let url = &resource(&t, "SampleFunctionUrl")["Properties"];
+    let url = &resource(t, "SampleFunctionUrl")["Properties"];
     assert_eq!(url["AuthType"], "AWS_IAM", "{url}");
     assert_eq!(url["InvokeMode"], "RESPONSE_STREAM", "{url}");
     for out in [
