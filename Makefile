@@ -13,18 +13,20 @@ CARGO ?= cargo
 UV := $(TOOLS)/bin/uv
 # moto_server (the AWS control plane stand-in) and botocore, in a venv of their own.
 MOTO := $(VENV)/moto/bin/moto_server
+# cfn-lint, aws-sam-translator and checkov: the offline lint of infra/ (tests/e2e/infra.rs).
+INFRA_LINT := $(VENV)/infra/bin/checkov
 
-.PHONY: help setup python tools build test demo bench lint fmt clean
+.PHONY: help setup python tools build test demo bench lint lint-infra fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-setup: python tools ## Python venvs (SDK 0.10 on 3.12, 0.7.4 on 3.11), cargo-lambda, uv, moto
+setup: python tools ## Python venvs (SDK 0.10 on 3.12, 0.7.4 on 3.11), cargo-lambda, uv, moto, infra linters
 
 python:
 	@tests/tooling/setup-venvs.sh
 
-tools: $(CARGO_LAMBDA) $(MOTO)
+tools: $(CARGO_LAMBDA) $(MOTO) $(INFRA_LINT)
 
 $(CARGO_LAMBDA): tests/tooling/requirements-tools.txt
 	python3 -m venv $(TOOLS)
@@ -35,6 +37,12 @@ $(MOTO): tests/tooling/requirements-moto.txt | $(CARGO_LAMBDA)
 	rm -rf $(VENV)/moto
 	python3 -m venv $(VENV)/moto
 	$(UV) pip install --quiet --python $(VENV)/moto/bin/python -r $<
+	touch $@
+
+$(INFRA_LINT): tests/tooling/requirements-infra.txt | $(CARGO_LAMBDA)
+	rm -rf $(VENV)/infra
+	python3 -m venv $(VENV)/infra
+	$(UV) pip install --quiet --python $(VENV)/infra/bin/python -r $<
 	touch $@
 
 build: ## build every crate (debug) once; the tests reuse the binaries
@@ -60,6 +68,22 @@ $(LWA_STAMP):
 lint: ## formatting and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The same checks as tests/e2e/infra.rs, by hand: cfn-lint on the SAM file and on its offline
+# transform, checkov on both, and the canary (which must fail, with the expected rule ids).
+lint-infra: $(INFRA_LINT) ## cfn-lint + checkov on infra/template.yaml (offline SAM transform)
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	$(VENV)/infra/bin/python tests/tooling/sam_translate.py infra/template.yaml $$out/template.json && \
+	$(VENV)/infra/bin/cfn-lint infra/template.yaml $$out/template.json && \
+	$(VENV)/infra/bin/checkov --skip-download --quiet --compact --framework cloudformation \
+		-f infra/template.yaml -f $$out/template.json && \
+	echo "infra/template.yaml: cfn-lint and checkov clean" && \
+	$(VENV)/infra/bin/python tests/tooling/sam_translate.py infra/tests/canary.yaml $$out/canary.json && \
+	{ $(VENV)/infra/bin/cfn-lint infra/tests/canary.yaml $$out/canary.json; \
+	  $(VENV)/infra/bin/checkov --skip-download --quiet --compact --framework cloudformation \
+		-f $$out/canary.json; } | grep -oE '\b(E3030|E3717|W3037|E6101|CKV_AWS_258)\b' | sort -u | \
+	  { ids=$$(tr '\n' ' '); echo "canary trips: $$ids"; \
+	    [ "$$ids" = "CKV_AWS_258 E3030 E3717 E6101 W3037 " ] || { echo "canary: expected all of CKV_AWS_258 E3030 E3717 E6101 W3037" >&2; exit 1; }; }
 
 fmt:
 	$(CARGO) fmt --all
