@@ -17,9 +17,12 @@ pub async fn sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> Sdk
     loader.load().await
 }
 
-/// Reads the SRI v1 key ring from a Secrets Manager secret: either a ring already
-/// (`kid:base64secret,…`), or a single generated secret string (what CloudFormation's
-/// `GenerateSecretString` makes), which becomes the ring `default:<base64 of it>`.
+/// Reads the SRI v1 key ring from a Secrets Manager secret, in one of three shapes:
+/// - JSON `{"kid":"k1","secret":"<base64>","verify":"k0:<base64>,…"}` — what infra/'s stack
+///   generates (`GenerateSecretString` makes 64 letters and digits: valid base64 of 48 bytes);
+///   `verify` optionally lists keys that still verify during a rotation;
+/// - a ring already (`kid:base64secret,…`);
+/// - a single generated string of at least 32 characters, which becomes `default:<base64 of it>`.
 pub async fn signing_keys_from_secret(
     sdk: &SdkConfig,
     secret_id: &str,
@@ -49,8 +52,19 @@ pub async fn signing_keys_from_secret(
 
 /// The ring a secret's text stands for (see [`signing_keys_from_secret`]).
 pub fn ring_from_secret_text(text: &str) -> Option<String> {
-    if text.parse::<crate::protocol::signing::KeyRing>().is_ok() {
-        return Some(text.to_owned());
+    use crate::protocol::signing::KeyRing;
+    let valid = |ring: String| ring.parse::<KeyRing>().is_ok().then_some(ring);
+    if text.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let mut ring = format!("{}:{}", v["kid"].as_str()?, v["secret"].as_str()?);
+        if let Some(verify) = v["verify"].as_str().filter(|s| !s.trim().is_empty()) {
+            ring.push(',');
+            ring.push_str(verify.trim());
+        }
+        return valid(ring);
+    }
+    if let Some(ring) = valid(text.to_owned()) {
+        return Some(ring);
     }
     (text.len() >= 32 && !text.contains([',', ':'])).then(|| {
         format!(
@@ -58,4 +72,36 @@ pub fn ring_from_secret_text(text: &str) -> Option<String> {
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text)
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_from_secret_text;
+
+    #[test]
+    fn secrets_of_every_documented_shape_become_rings() {
+        let generated = "Zq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sAZq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sA";
+        assert_eq!(
+            ring_from_secret_text(&format!(r#"{{"kid":"k1","secret":"{generated}"}}"#)).as_deref(),
+            Some(format!("k1:{generated}").as_str())
+        );
+        let old = format!("k0:{}", "A".repeat(44));
+        assert_eq!(
+            ring_from_secret_text(&format!(
+                r#"{{"kid":"k1","secret":"{generated}","verify":"{old}"}}"#
+            )),
+            Some(format!("k1:{generated},{old}"))
+        );
+        assert_eq!(ring_from_secret_text(&old), Some(old.clone()));
+        assert!(
+            ring_from_secret_text(&generated[..32])
+                .unwrap()
+                .starts_with("default:")
+        );
+        assert_eq!(ring_from_secret_text("short"), None);
+        assert_eq!(
+            ring_from_secret_text(r#"{"kid":"k1","secret":"c2hvcnQ="}"#),
+            None
+        );
+    }
 }

@@ -427,8 +427,14 @@ async fn an_interrupted_deploy_converges_and_gc_spares_what_is_not_ours() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret() {
     let moto = Moto::start().await;
-    let generated = "Zq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sA"; // what GenerateSecretString makes
-    let secret_arn = moto.create_secret("sri-signing", generated).await;
+    // The shape infra/'s stack generates: 64 letters and digits under `secret`.
+    let generated = "Zq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sAZq8vJ2mT4xR7nB1cW5yH9kL3pD6fG0sA";
+    let secret_arn = moto
+        .create_secret(
+            "sri-signing",
+            &format!(r#"{{"kid":"k1","secret":"{generated}"}}"#),
+        )
+        .await;
     let role = moto.create_role("sri-plugin-exec").await;
     let cache = TempDir::new("lambda-cache");
     let opts = || {
@@ -472,13 +478,7 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
         .cloned()
         .unwrap_or_default();
     let ring = env.get("SRI_SIGNING_KEYS").expect("SRI_SIGNING_KEYS set");
-    assert_eq!(
-        ring,
-        &format!(
-            "default:{}",
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, generated)
-        )
-    );
+    assert_eq!(ring, &format!("k1:{generated}"));
     assert!(
         !c.logs().iter().any(|l| l.contains(generated)),
         "the secret appeared in the logs"
