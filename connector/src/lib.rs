@@ -4,10 +4,10 @@
 //! connector and a plugin function. It has no AWS or server dependencies so that the
 //! `bootstrap` binary can use it with `default-features = false`; the protocol exists once.
 
-#[cfg(feature = "server")]
-pub mod backend;
 #[cfg(feature = "lambda")]
 pub mod aws;
+#[cfg(feature = "server")]
+pub mod backend;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
@@ -24,13 +24,13 @@ pub mod manifest;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod package;
+#[cfg(feature = "server")]
+pub mod packaging;
 pub mod protocol;
 pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod transport;
-#[cfg(feature = "lambda")]
-pub mod packaging;
 
 pub use error::Error;

@@ -1,1 +1,0 @@
-//! `.difypkg` → Lambda zip (placeholder; see issue 4).

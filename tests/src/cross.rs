@@ -1,0 +1,107 @@
+//! Linux builds of the `bootstrap` for each Lambda architecture (cross-compiled with
+//! `cargo lambda build`, which bundles zig), and a current `sri` binary, built once per test run.
+//!
+//! The packaging tests put these binaries into function zips, so they must exist and match the
+//! sources: a stale `sri` would test an old command line. Builds are debug (fast, incremental)
+//! with debug info stripped (a 90 MiB binary would dominate every zip). The first cross build
+//! takes minutes; later ones only relink.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use crate::emulator::cargo_lambda;
+use crate::root;
+
+/// One build at a time: they share the target directory's lock anyway.
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The bootstrap for `arch` (`arm64` or `x86_64`): `SRI_BOOTSTRAP_ARM64` / `SRI_BOOTSTRAP_X86_64`
+/// when set, else a debug cross build made now (once per process).
+pub fn lambda_bootstrap(arch: &str) -> PathBuf {
+    static ARM: OnceLock<PathBuf> = OnceLock::new();
+    static X86: OnceLock<PathBuf> = OnceLock::new();
+    let (cell, flag) = match arch {
+        "arm64" => (&ARM, "--arm64"),
+        "x86_64" => (&X86, "--x86-64"),
+        other => panic!("unknown arch {other}"),
+    };
+    cell.get_or_init(|| {
+        let var = format!("SRI_BOOTSTRAP_{}", arch.to_ascii_uppercase());
+        if let Some(p) = std::env::var_os(&var) {
+            return PathBuf::from(p);
+        }
+        let dir = target_dir().join("lambda-debug").join(arch);
+        let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        let tools = root().join(".venv/tools/bin");
+        let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )))
+        .expect("PATH");
+        let out = Command::new(cargo_lambda())
+            .args([
+                "lambda",
+                "build",
+                "-p",
+                "sri-bootstrap",
+                "--bin",
+                "bootstrap",
+                flag,
+            ])
+            .arg("--lambda-dir")
+            .arg(&dir)
+            .env("CARGO_PROFILE_DEV_STRIP", "debuginfo")
+            .env("PATH", path)
+            .current_dir(root())
+            .output()
+            .expect("run cargo lambda build");
+        assert!(
+            out.status.success(),
+            "cargo lambda build {flag} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = dir.join("bootstrap").join("bootstrap");
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The `sri` binary, rebuilt now (once per process) so that it matches the sources, unless
+/// `SRI_CONNECTOR_BIN` names one.
+pub fn fresh_sri() -> PathBuf {
+    static SRI: OnceLock<PathBuf> = OnceLock::new();
+    SRI.get_or_init(|| {
+        if std::env::var_os("SRI_CONNECTOR_BIN").is_none() {
+            let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "-p", "sri-connector", "--bin", "sri"])
+                .current_dir(root())
+                .output()
+                .expect("run cargo build");
+            assert!(
+                out.status.success(),
+                "cargo build -p sri-connector failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        crate::sri::sri_bin()
+    })
+    .clone()
+}
+
+/// The ELF `e_machine` of `bytes` (0xB7 aarch64, 0x3E x86_64).
+pub fn elf_machine(bytes: &[u8]) -> u16 {
+    assert!(
+        bytes.len() > 20 && bytes[..4] == *b"\x7fELF",
+        "not an ELF file"
+    );
+    u16::from_le_bytes([bytes[18], bytes[19]])
+}
