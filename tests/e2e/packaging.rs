@@ -112,7 +112,7 @@ fn check_sample_zip(a: &Artifact, arch: Arch) {
         .find(|(n, _)| n.starts_with("vendor/pydantic_core/_pydantic_core") && n.ends_with(".so"))
         .expect("pydantic_core's extension is vendored");
     assert_eq!(elf_machine(so), arch_machine(arch), "{so_name}");
-    let (_, wheel) = files
+    let (_, (_, wheel)) = files
         .iter()
         .find(|(n, _)| n.starts_with("vendor/pydantic_core-") && n.ends_with(".dist-info/WHEEL"))
         .expect("pydantic_core's WHEEL");

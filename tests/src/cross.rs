@@ -16,6 +16,22 @@ use crate::root;
 /// One build at a time: they share the target directory's lock anyway.
 static BUILD: Mutex<()> = Mutex::new(());
 
+/// A cargo command without the variables cargo sets for the running test (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_DIR`, …): build scripts that track them would otherwise see a different
+/// environment than a build from a shell, and rebuild (and again on the next shell build).
+fn clean_cargo_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let keep = matches!(k.as_ref(), "CARGO_HOME" | "CARGO_TARGET_DIR")
+            || k.starts_with("CARGO_NET_")
+            || k.starts_with("CARGO_HTTP_")
+            || k.starts_with("CARGO_REGISTRIES_");
+        if (k.starts_with("CARGO_") && !keep) || matches!(k.as_ref(), "OUT_DIR" | "RUSTC_WRAPPER") {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -44,7 +60,9 @@ pub fn lambda_bootstrap(arch: &str) -> PathBuf {
             &std::env::var_os("PATH").unwrap_or_default(),
         )))
         .expect("PATH");
-        let out = Command::new(cargo_lambda())
+        let mut cmd = Command::new(cargo_lambda());
+        clean_cargo_env(&mut cmd);
+        let out = cmd
             .args([
                 "lambda",
                 "build",
@@ -81,7 +99,9 @@ pub fn fresh_sri() -> PathBuf {
         if std::env::var_os("SRI_CONNECTOR_BIN").is_none() {
             let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
+            let mut cmd = Command::new(cargo);
+            clean_cargo_env(&mut cmd);
+            let out = cmd
                 .args(["build", "-p", "sri-connector", "--bin", "sri"])
                 .current_dir(root())
                 .output()

@@ -43,17 +43,17 @@ pub fn override_var(version: PythonVersion) -> String {
     format!("SRI_PYTHON_{}", version.as_str().replace('.', "_"))
 }
 
-/// Candidate interpreters, in order, from the environment `env` (injected for tests).
-/// `Err` when the override says to ship none.
+/// Candidate interpreters, in order, from the environment `env` (injected for tests);
+/// `None` when the override says to ship no bytecode.
 pub fn candidates(
     version: PythonVersion,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<PathBuf>, ()> {
+) -> Option<Vec<PathBuf>> {
     if let Some(v) = env(&override_var(version)).filter(|v| !v.is_empty()) {
         if v.eq_ignore_ascii_case("none") {
-            return Err(());
+            return None;
         }
-        return Ok(vec![PathBuf::from(v)]);
+        return Some(vec![PathBuf::from(v)]);
     }
     let mut out = Vec::new();
     let exe = format!("python{}", version.as_str());
@@ -81,7 +81,7 @@ pub fn candidates(
         found.sort_by_key(|p| std::cmp::Reverse(patch_of(p)));
         out.extend(found);
     }
-    Ok(out)
+    Some(out)
 }
 
 fn patch_of(p: &Path) -> u32 {
@@ -98,8 +98,8 @@ fn patch_of(p: &Path) -> u32 {
 pub async fn find(version: PythonVersion) -> Result<Interpreter, NotFound> {
     let env = |k: &str| std::env::var(k).ok();
     let list = match candidates(version, &env) {
-        Ok(l) => l,
-        Err(()) => {
+        Some(l) => l,
+        None => {
             return Err(NotFound {
                 tried: vec![format!("{}=none", override_var(version))],
             });
@@ -182,7 +182,7 @@ mod tests {
             [PathBuf::from("/opt/py/bin/python3")]
         );
         let none = |k: &str| (k == "SRI_PYTHON_3_12").then(|| "none".to_owned());
-        assert!(candidates(PythonVersion::Py312, &none).is_err());
+        assert!(candidates(PythonVersion::Py312, &none).is_none());
         assert_eq!(override_var(PythonVersion::Py313), "SRI_PYTHON_3_13");
     }
 

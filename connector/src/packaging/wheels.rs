@@ -130,7 +130,7 @@ pub fn missing_wheel(uv_stderr: &str) -> Option<String> {
 
 fn strip_specifier(s: &str) -> String {
     let end = s
-        .find(|c: char| matches!(c, '=' | '<' | '>' | '!' | '~' | ' ' | '['))
+        .find(['=', '<', '>', '!', '~', ' ', '['])
         .unwrap_or(s.len());
     s[..end].to_owned()
 }
