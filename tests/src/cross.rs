@@ -1,5 +1,6 @@
 //! Linux builds of the `bootstrap` for each Lambda architecture (cross-compiled with
-//! `cargo lambda build`, which bundles zig), and a current `sri` binary, built once per test run.
+//! `cargo lambda build`, which bundles zig), built once per test run, and a check that `sri` is
+//! current.
 //!
 //! The packaging tests put these binaries into function zips, so they must exist and match the
 //! sources: a stale `sri` would test an old command line. Builds are debug (fast, incremental)
@@ -91,28 +92,26 @@ pub fn lambda_bootstrap(arch: &str) -> PathBuf {
     .clone()
 }
 
-/// The `sri` binary, rebuilt now (once per process) so that it matches the sources, unless
-/// `SRI_CONNECTOR_BIN` names one.
+/// The `sri` binary (`cargo build -p sri-connector`, or `SRI_CONNECTOR_BIN`), checked to have the
+/// packaging command line: a stale binary would test an old `sri package`.
+///
+/// It is not rebuilt from here: a cargo started by a test runs with the toolchain's own
+/// `cargo`/`rustc` rather than rustup's proxies, which cargo sees as another compiler, and the
+/// shell's next build then recompiles every dependency again.
 pub fn fresh_sri() -> PathBuf {
     static SRI: OnceLock<PathBuf> = OnceLock::new();
     SRI.get_or_init(|| {
-        if std::env::var_os("SRI_CONNECTOR_BIN").is_none() {
-            let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            clean_cargo_env(&mut cmd);
-            let out = cmd
-                .args(["build", "-p", "sri-connector", "--bin", "sri"])
-                .current_dir(root())
-                .output()
-                .expect("run cargo build");
-            assert!(
-                out.status.success(),
-                "cargo build -p sri-connector failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        crate::sri::sri_bin()
+        let sri = crate::sri::sri_bin();
+        let help = Command::new(&sri)
+            .args(["package", "--help"])
+            .output()
+            .expect("run sri package --help");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("--difypkg"),
+            "{} predates `sri package --arch`: run `cargo build -p sri-connector` (`make build`)",
+            sri.display()
+        );
+        sri
     })
     .clone()
 }
