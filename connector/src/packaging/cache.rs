@@ -133,3 +133,24 @@ pub fn store(cache_dir: &Path, key: &str, built: &Path, a: &Artifact) -> Result<
     std::fs::rename(&tmp, &json).map_err(|e| io_err(&json, e))?;
     Ok(zip)
 }
+
+/// Removes work directories of builds that were interrupted (killed) more than a day ago; a
+/// build in progress is never that old.
+pub fn sweep_tmp(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir.join("tmp")) else {
+        return;
+    };
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if stale {
+            tracing::info!(dir = %e.path().display(), "removing an interrupted build's work directory");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -235,6 +235,7 @@ pub async fn build(pkg: &Package, opts: &Options, progress: &Progress) -> Result
         return Ok(hit);
     }
 
+    cache::sweep_tmp(&opts.cache_dir);
     // A private work directory in the cache's file system, so the final rename is atomic.
     let work = opts.cache_dir.join("tmp").join(format!(
         "{}-{}-{}",
@@ -361,15 +362,7 @@ async fn build_in(
 
     let entries = archive::entries(&root)?;
     let unzipped_bytes: u64 = entries.iter().map(|e| e.size).sum();
-    if unzipped_bytes > UNZIPPED_LIMIT {
-        return Err(Error::Packaging(format!(
-            "the function is {} unzipped, over Lambda's {} limit for zips; deploy it as a \
-             container image instead (template/image/Dockerfile, see template/image/README.md), \
-             or trim its dependencies",
-            human(unzipped_bytes),
-            human(UNZIPPED_LIMIT)
-        )));
-    }
+    check_unzipped(unzipped_bytes)?;
     say(
         "archive",
         format!(
@@ -412,6 +405,20 @@ async fn build_in(
     Ok(a)
 }
 
+/// Refuses a function over Lambda's unzipped limit, before anything is uploaded.
+pub fn check_unzipped(unzipped_bytes: u64) -> Result<(), Error> {
+    if unzipped_bytes > UNZIPPED_LIMIT {
+        return Err(Error::Packaging(format!(
+            "the function is {} unzipped, over Lambda's {} limit for zips; deploy it as a \
+             container image instead (template/image/Dockerfile, see template/image/README.md), \
+             or trim its dependencies",
+            human(unzipped_bytes),
+            human(UNZIPPED_LIMIT)
+        )));
+    }
+    Ok(())
+}
+
 /// `12.3 MiB`.
 pub fn human(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -440,5 +447,39 @@ pub(crate) async fn run(
             "{what} did not finish within {} s",
             limit.as_secs()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_limits_say_what_to_do() {
+        assert!(check_unzipped(UNZIPPED_LIMIT).is_ok());
+        let e = check_unzipped(UNZIPPED_LIMIT + 1).unwrap_err().to_string();
+        assert!(
+            e.contains("250.0 MiB") && e.contains("template/image/Dockerfile"),
+            "{e}"
+        );
+        let mut a = Artifact {
+            zip: PathBuf::from("f.zip"),
+            code_sha256: String::new(),
+            zipped_bytes: DIRECT_UPLOAD_LIMIT,
+            unzipped_bytes: 0,
+            bytecode: None,
+            cache_hit: false,
+            target: Target {
+                arch: Arch::Arm64,
+                python: PythonVersion::Py312,
+            },
+            config: FunctionConfig::template(&Target {
+                arch: Arch::Arm64,
+                python: PythonVersion::Py312,
+            }),
+        };
+        assert!(!a.needs_s3());
+        a.zipped_bytes += 1;
+        assert!(a.needs_s3(), "over 50 MiB goes through S3");
     }
 }
