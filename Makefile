@@ -16,7 +16,7 @@ MOTO := $(VENV)/moto/bin/moto_server
 # cfn-lint, aws-sam-translator and checkov: the offline lint of infra/ (tests/e2e/infra.rs).
 INFRA_LINT := $(VENV)/infra/bin/checkov
 
-.PHONY: help setup python tools build test demo bench lint lint-infra fmt clean
+.PHONY: help setup python tools build test demo bench lint lint-infra fmt clean lambda-bootstrap
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -55,11 +55,18 @@ demo: tools ## sri serve + local backend: launch the sample plugin, stream a too
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	tests/tooling/demo.sh
 
-bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector runs); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector + packaging runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
 	$(CARGO) build --profile dist --locked -p sri-bootstrap
 	$(CARGO) run --release --locked -p sri-tests --example bench
 	$(CARGO) run --release --locked -p sri-tests --example bench_connector
+	$(MAKE) lambda-bootstrap
+	SRI_BOOTSTRAP_ARM64=$(CURDIR)/target/lambda/arm64/bootstrap SRI_BOOTSTRAP_X86_64=$(CURDIR)/target/lambda/x86_64/bootstrap \
+	  $(CARGO) run --release --locked -p sri-tests --example bench_packaging
+
+lambda-bootstrap: tools ## the bootstrap for arm64 and x86_64 (dist profile) into target/lambda/<arch>/bootstrap, what `sri package` ships
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --bin bootstrap --arm64 --lambda-dir target/lambda/arm64 --flatten bootstrap
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --bin bootstrap --x86-64 --lambda-dir target/lambda/x86_64 --flatten bootstrap
 
 $(LWA_STAMP):
 	$(CARGO) install --locked lambda_web_adapter --version $(LWA_VERSION) --root $(TOOLS)/lwa

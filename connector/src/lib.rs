@@ -24,7 +24,7 @@ pub mod manifest;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod package;
-#[cfg(feature = "lambda")]
+#[cfg(feature = "server")]
 pub mod packaging;
 pub mod protocol;
 pub mod secret;

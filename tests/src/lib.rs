@@ -6,6 +6,7 @@
 
 /// Sections of `BENCHMARKS.md`, one per benchmark.
 pub mod benchmarks;
+pub mod cross;
 pub mod daemon;
 pub mod difypkg;
 pub mod emulator;

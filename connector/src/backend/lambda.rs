@@ -478,7 +478,10 @@ impl LambdaBackend {
             layers.push(layer.clone());
             env.insert("AWS_LAMBDA_EXEC_WRAPPER".into(), "/opt/bootstrap".into());
         }
-        let timeout = self.options.timeout_s.unwrap_or(artifact.config.timeout_s);
+        let timeout = self
+            .options
+            .timeout_s
+            .unwrap_or(artifact.config.timeout_s as i32);
         // The plugin must give up before Lambda kills the sandbox, so the caller gets a
         // PluginTimeout event rather than a cut stream.
         env.insert(
@@ -489,9 +492,12 @@ impl LambdaBackend {
             runtime: artifact.config.runtime.clone(),
             handler: artifact.config.handler.clone(),
             arch: artifact.target.arch.lambda_name().to_owned(),
-            memory_mb: self.options.memory_mb.unwrap_or(artifact.config.memory_mb),
+            memory_mb: self
+                .options
+                .memory_mb
+                .unwrap_or(artifact.config.memory_mb as i32),
             timeout_s: timeout,
-            ephemeral_mb: artifact.config.ephemeral_storage_mb,
+            ephemeral_mb: artifact.config.ephemeral_storage_mb as i32,
             env: env.into_iter().collect(),
             layers,
             kms_key_arn: self.options.kms_key_arn.clone(),
