@@ -54,6 +54,13 @@ pub fn lambda_bootstrap(arch: &str) -> PathBuf {
         if let Some(p) = std::env::var_os(&var) {
             return PathBuf::from(p);
         }
+        // On an x86_64 Linux host the workspace's own debug build already is an x86_64 Linux
+        // bootstrap; a second, cross build of every dependency would add minutes to the suite
+        // for the same ELF machine. (Shipped zips use `make lambda-bootstrap`'s builds, linked
+        // by zig against Lambda's glibc.)
+        if arch == "x86_64" && cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+            return crate::stripped_bootstrap();
+        }
         let dir = target_dir().join("lambda-debug").join(arch);
         let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
         let tools = root().join(".venv/tools/bin");
