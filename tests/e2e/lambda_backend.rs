@@ -323,50 +323,38 @@ async fn an_interrupted_deploy_converges_and_gc_spares_what_is_not_ours() {
     let s = Setup::start(&[]).await;
     let sdk = s.moto.sdk().await;
     let lambda = Lambda::new(&sdk);
-    let code = |bytes: Vec<u8>| {
-        aws_sdk_lambda::types::FunctionCode::builder()
-            .zip_file(aws_sdk_lambda::primitives::Blob::new(bytes))
-            .build()
-    };
     let dummy_zip = harness::difypkg::zip_files(&[("x.txt".into(), b"half-done".to_vec())]);
+    // A function made behind the connector's back, with our ownership tag or without.
+    let create = |name: String, ours: bool| {
+        let mut req = lambda
+            .create_function()
+            .function_name(&name)
+            .runtime(aws_sdk_lambda::types::Runtime::Python312)
+            .role(&s.role)
+            .handler("x")
+            .code(
+                aws_sdk_lambda::types::FunctionCode::builder()
+                    .zip_file(aws_sdk_lambda::primitives::Blob::new(dummy_zip.clone()))
+                    .build(),
+            );
+        if ours {
+            req = req.tags("sri:managed-by", "sri-connector");
+        }
+        async move {
+            req.send()
+                .await
+                .unwrap_or_else(|e| panic!("CreateFunction {name}: {e:?}"));
+        }
+    };
     // What a deploy leaves when the connector dies right after CreateFunction: our function,
     // tagged, with other code, no version, no alias, no URL.
-    lambda
-        .create_function()
-        .function_name(s.function_name())
-        .runtime(aws_sdk_lambda::types::Runtime::Python312)
-        .role(&s.role)
-        .handler("x")
-        .code(code(dummy_zip.clone()))
-        .tags("sri:managed-by", "sri-connector")
-        .send()
-        .await
-        .expect("CreateFunction (half-done)");
+    create(s.function_name(), true).await;
     // A function that is not ours, with our prefix.
     let foreign = format!("{}-someone-else", s.prefix);
-    lambda
-        .create_function()
-        .function_name(&foreign)
-        .runtime(aws_sdk_lambda::types::Runtime::Python312)
-        .role(&s.role)
-        .handler("x")
-        .code(code(dummy_zip.clone()))
-        .send()
-        .await
-        .expect("CreateFunction (foreign)");
+    create(foreign.clone(), false).await;
     // A leftover of ours that never got a version (a plugin whose first deploy died).
     let leftover = format!("{}-sri-gone", s.prefix);
-    lambda
-        .create_function()
-        .function_name(&leftover)
-        .runtime(aws_sdk_lambda::types::Runtime::Python312)
-        .role(&s.role)
-        .handler("x")
-        .code(code(dummy_zip))
-        .tags("sri:managed-by", "sri-connector")
-        .send()
-        .await
-        .expect("CreateFunction (leftover)");
+    create(leftover.clone(), true).await;
 
     let v1 = plugin("0.1.0");
     s.launch(&v1).await;
@@ -484,11 +472,56 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
         "the secret appeared in the logs"
     );
 
+    // A rotation (infra/README.md): the secret gets a new signing key, the old one verifies.
+    let rotated = "Rt5wQ8zX2cV6bN0mK4jH7gF1dS3aP9oLRt5wQ8zX2cV6bN0mK4jH7gF1dS3aP9oL";
+    moto.put_secret(
+        &secret_arn,
+        &format!(r#"{{"kid":"k2","secret":"{rotated}","verify":"k1:{generated}"}}"#),
+    )
+    .await;
+    let live_before = lambda
+        .get_alias()
+        .function_name("rs-sri-sample")
+        .name("live")
+        .send()
+        .await
+        .expect("GetAlias")
+        .function_version()
+        .map(str::to_owned);
+
     c.restart();
     let listed = c.daemon().list_instances(None).await.expect("instances");
     assert!(
         listed.iter().any(|i| format!("{i:?}").contains(&name)),
         "the restarted connector lists {name}: {listed:?}\n{}",
         c.log_tail(40)
+    );
+    // The live version's environment is immutable: the restarted connector republished it
+    // with the new ring and moved `live`.
+    let live = lambda
+        .get_function_configuration()
+        .function_name("rs-sri-sample")
+        .qualifier("live")
+        .send()
+        .await
+        .expect("GetFunctionConfiguration live");
+    assert_ne!(live.version().map(str::to_owned), live_before, "live moved");
+    assert_eq!(
+        live.environment()
+            .and_then(|e| e.variables())
+            .and_then(|v| v.get("SRI_SIGNING_KEYS"))
+            .map(String::as_str),
+        Some(format!("k2:{rotated},k1:{generated}").as_str()),
+        "the live version verifies with the rotated ring\n{}",
+        c.log_tail(40)
+    );
+    assert_eq!(
+        c.daemon()
+            .list_instances(None)
+            .await
+            .expect("instances")
+            .len(),
+        1,
+        "one deployment, republished (not a second one)"
     );
 }

@@ -31,12 +31,24 @@ pub fn cargo_lambda() -> PathBuf {
 }
 
 /// A free loopback port (bound, then released: the caller binds it next).
+///
+/// Never the same port twice in one test process: the OS may hand a just-released port to the
+/// next `bind(:0)`, and two servers started in parallel on one port would let a test that lost
+/// the race talk to the other test's server (and see "connection refused" once it stops).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A fresh `cargo lambda watch --only-lambda-apis` on a free loopback port (killed on drop).

@@ -4,7 +4,6 @@
 //! moto does not check signatures, so the few resources a test needs before the connector runs
 //! (the execution role, the signing secret) are made with plain, unsigned API calls.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,10 +40,7 @@ impl Moto {
         // The port is chosen by binding :0 and released before moto binds it; another process
         // can take it in between, so a failed start is retried on a new port.
         for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
+            let port = crate::emulator::free_port();
             let mut child = Command::new(moto_bin())
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
@@ -145,25 +141,45 @@ impl Moto {
 
     /// Creates a Secrets Manager secret; returns its ARN.
     pub async fn create_secret(&self, name: &str, value: &str) -> String {
-        let v: serde_json::Value = reqwest::Client::new()
+        let v = self
+            .secrets_call(
+                "CreateSecret",
+                serde_json::json!({"Name": name, "SecretString": value}),
+            )
+            .await;
+        v["ARN"]
+            .as_str()
+            .unwrap_or_else(|| panic!("CreateSecret answered {v}"))
+            .to_owned()
+    }
+
+    /// Stores a new value in a secret (what a key rotation does).
+    pub async fn put_secret(&self, id: &str, value: &str) {
+        let v = self
+            .secrets_call(
+                "PutSecretValue",
+                serde_json::json!({"SecretId": id, "SecretString": value}),
+            )
+            .await;
+        assert!(v["VersionId"].is_string(), "PutSecretValue answered {v}");
+    }
+
+    async fn secrets_call(&self, op: &str, body: serde_json::Value) -> serde_json::Value {
+        reqwest::Client::new()
             .post(&self.url)
-            .header("x-amz-target", "secretsmanager.CreateSecret")
+            .header("x-amz-target", format!("secretsmanager.{op}"))
             .header("content-type", "application/x-amz-json-1.1")
             .header(
                 "authorization",
                 "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0",
             )
-            .body(serde_json::json!({"Name": name, "SecretString": value}).to_string())
+            .body(body.to_string())
             .send()
             .await
-            .expect("CreateSecret")
+            .unwrap_or_else(|e| panic!("{op}: {e}"))
             .json()
             .await
-            .expect("CreateSecret body");
-        v["ARN"]
-            .as_str()
-            .unwrap_or_else(|| panic!("CreateSecret answered {v}"))
-            .to_owned()
+            .unwrap_or_else(|e| panic!("{op} body: {e}"))
     }
 }
 

@@ -203,17 +203,7 @@ fn is_not_found<E: ProvideErrorMetadata>(e: &E) -> bool {
 /// The Lambda function name for a plugin: `{prefix}-{author}-{name}`, only `[a-z0-9-]`, at most
 /// 64 characters (a hash of the full name replaces the tail when it is longer).
 pub fn lambda_function_name(prefix: &str, author: &str, name: &str) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect()
-    };
+    let clean = super::clean_name;
     let full = format!("{}-{}-{}", clean(prefix), clean(author), clean(name));
     if full.len() <= 64 {
         return full;
@@ -316,6 +306,7 @@ impl LambdaBackend {
                 continue;
             };
             self.refresh(name).await?;
+            self.reapply_keys(name).await?;
         }
         tracing::info!(
             functions = functions.len(),
@@ -323,6 +314,80 @@ impl LambdaBackend {
             "lambda backend: discovered"
         );
         Ok(())
+    }
+
+    /// Republishes the live version of every function whose SRI v1 key ring is not the
+    /// connector's (the ring was rotated): a published version's environment is immutable, so
+    /// the new ring needs a new version of the same code, and `live` moves to it. Older versions
+    /// keep the ring they were published with until they are relaunched or collected.
+    async fn reapply_keys(&self, aws_name: &str) -> Result<(), Error> {
+        let Some(live) = self
+            .live
+            .lock()
+            .expect("lock")
+            .get(aws_name)
+            .and_then(|l| l.version.clone())
+        else {
+            return Ok(());
+        };
+        let ring = &self.context.signing_keys.0;
+        let versions = self.versions(aws_name).await?;
+        let Some(current) = versions.iter().find(|v| v.version() == Some(live.as_str())) else {
+            return Ok(());
+        };
+        let env_of = |c: &FunctionConfiguration| {
+            c.environment()
+                .and_then(|e| e.variables())
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut env = env_of(current);
+        if env.get("SRI_SIGNING_KEYS") == Some(ring) {
+            return Ok(());
+        }
+        let latest = self
+            .lambda
+            .get_function_configuration()
+            .function_name(aws_name)
+            .send()
+            .await
+            .map_err(|e| aws_err(format!("GetFunctionConfiguration {aws_name}"), &e))?;
+        if latest.code_sha256() != current.code_sha256() {
+            tracing::warn!(
+                function = aws_name,
+                version = %live,
+                "the signing keys changed but $LATEST no longer holds the live code; relaunch the plugin to apply them"
+            );
+            return Ok(());
+        }
+        tracing::info!(function = aws_name, version = %live, "signing keys changed: republishing the live version");
+        env.insert("SRI_SIGNING_KEYS".into(), ring.clone());
+        self.lambda
+            .update_function_configuration()
+            .function_name(aws_name)
+            .environment(environment(&env))
+            .send()
+            .await
+            .map_err(|e| aws_err(format!("UpdateFunctionConfiguration {aws_name}"), &e))?;
+        self.wait_updated(aws_name).await?;
+        let out = self
+            .lambda
+            .publish_version()
+            .function_name(aws_name)
+            .set_code_sha256(current.code_sha256().map(str::to_owned))
+            .set_description(current.description().map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| aws_err(format!("PublishVersion {aws_name}"), &e))?;
+        self.lambda
+            .update_alias()
+            .function_name(aws_name)
+            .name(LIVE_ALIAS)
+            .set_function_version(out.version().map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| aws_err(format!("UpdateAlias {aws_name}:{LIVE_ALIAS}"), &e))?;
+        self.refresh(aws_name).await
     }
 
     /// Functions with our prefix and our ownership tag.
@@ -430,6 +495,13 @@ impl LambdaBackend {
                 continue;
             };
             let name = deployment_name(aws_name, &checksum);
+            // A checksum republished (new signing keys) has several versions: the newest counts.
+            let newer = |d: &Deployed| {
+                version.parse::<u64>().unwrap_or(0) > d.version.parse::<u64>().unwrap_or(0)
+            };
+            if deployed.get(&name).is_some_and(|d| !newer(d)) {
+                continue;
+            }
             deployed.insert(
                 name.clone(),
                 Deployed {
@@ -713,7 +785,8 @@ impl LambdaBackend {
             .versions(&aws_name)
             .await?
             .into_iter()
-            .find(|v| v.description() == Some(description.as_str()))
+            .filter(|v| v.description() == Some(description.as_str()) && desired.matches(v))
+            .max_by_key(|v| v.version().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
         {
             Some(v) => v.version().unwrap_or_default().to_owned(),
             None => {
@@ -879,29 +952,27 @@ impl LambdaBackend {
     }
 
     async fn wait_active(&self, aws_name: &str) -> Result<(), Error> {
-        self.lambda
+        let waiting = self
+            .lambda
             .wait_until_function_active_v2()
             .function_name(aws_name)
-            .wait(WAIT)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Aws {
-                operation: format!("waiting for {aws_name} to become Active"),
-                detail: DisplayErrorContext(&e).to_string(),
-            })
+            .wait(WAIT);
+        waited(
+            format!("waiting for {aws_name} to become Active"),
+            waiting.await,
+        )
     }
 
     async fn wait_updated(&self, aws_name: &str) -> Result<(), Error> {
-        self.lambda
+        let waiting = self
+            .lambda
             .wait_until_function_updated_v2()
             .function_name(aws_name)
-            .wait(WAIT)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Aws {
-                operation: format!("waiting for the update of {aws_name}"),
-                detail: DisplayErrorContext(&e).to_string(),
-            })
+            .wait(WAIT);
+        waited(
+            format!("waiting for the update of {aws_name}"),
+            waiting.await,
+        )
     }
 
     /// Deletes one version; if it was live, moves `live` to the newest remaining one, and
@@ -1007,6 +1078,17 @@ impl Desired {
             && layers == self.layers
             && c.kms_key_arn().filter(|k| !k.is_empty()) == self.kms_key_arn.as_deref()
     }
+}
+
+/// A waiter's outcome as this crate's error.
+fn waited<T, E: std::error::Error + 'static>(
+    operation: String,
+    outcome: Result<T, E>,
+) -> Result<(), Error> {
+    outcome.map(|_| ()).map_err(|e| Error::Aws {
+        operation,
+        detail: DisplayErrorContext(&e).to_string(),
+    })
 }
 
 enum Code {

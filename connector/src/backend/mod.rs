@@ -59,19 +59,22 @@ pub trait Backend: Send + Sync + 'static {
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
+/// `s` with only lowercase letters, digits and `-` (safe in function names of every backend).
+pub fn clean_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
 /// The function name for a package: lowercase letters, digits and `-` only.
 pub fn function_name(pkg: &Package) -> String {
-    let clean = |s: &str| {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect::<String>()
-    };
+    let clean = clean_name;
     let m = &pkg.manifest;
     let mut base = format!("{}-{}", clean(&m.author), clean(&m.name));
     base.truncate(40);
