@@ -43,7 +43,10 @@ struct Setup {
 
 impl Setup {
     async fn start(extra: &[(&str, &str)]) -> Self {
-        let moto = Moto::start().await;
+        Self::start_on(Moto::start().await, extra).await
+    }
+
+    async fn start_on(moto: Moto, extra: &[(&str, &str)]) -> Self {
         let role = moto.create_role("sri-plugin-exec").await;
         let cache = TempDir::new("lambda-cache");
         // Unique per test so that nothing one test made can look like another's.
@@ -523,5 +526,78 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
             .len(),
         1,
         "one deployment, republished (not a second one)"
+    );
+}
+
+/// The sample plugin carrying `extra` incompressible bytes (a zip over Lambda's 50 MiB
+/// direct-upload limit).
+fn big_plugin(extra: usize) -> Package {
+    let mut files = collect_dir(&plugin_dir("sample"));
+    for (path, content) in files.iter_mut() {
+        if path == "requirements.txt" {
+            content.clear();
+        }
+    }
+    // xorshift: incompressible, reproducible, no dependency.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let blob: Vec<u8> = (0..extra)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    files.push(("_assets/model.bin".into(), blob));
+    Package::from_files(&files)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zips_over_50_mib_go_through_the_artifact_bucket_or_fail_naming_it() {
+    let size_env = [("MAX_PLUGIN_PACKAGE_SIZE", "125829120")];
+    let pkg = big_plugin(52 * 1024 * 1024);
+
+    // No bucket configured: the launch fails and says what to set.
+    let s = Setup::start(&size_env).await;
+    let o = s
+        .daemon()
+        .launch_package(&pkg, false)
+        .await
+        .unwrap_or_else(|e| panic!("launch refused: {e}"));
+    let failures = o.failures().join("\n");
+    assert!(
+        failures.contains("SRI_ARTIFACT_BUCKET") && failures.contains("50 MiB"),
+        "the failure names the fix: {failures}\n{}",
+        o.transcript()
+    );
+    drop(s);
+
+    // With the bucket: uploaded under the prefix, and the function is created from S3.
+    let moto = Moto::start().await;
+    moto.create_bucket("sri-artifacts").await;
+    let s = Setup::start_on(
+        moto,
+        &[size_env[0], ("SRI_ARTIFACT_BUCKET", "sri-artifacts")],
+    )
+    .await;
+    s.launch(&pkg).await;
+    let f = s
+        .lambda
+        .get_function()
+        .function_name(s.function_name())
+        .send()
+        .await
+        .expect("the function exists");
+    let size = f.configuration().map(|c| c.code_size()).unwrap_or_default();
+    assert!(size > 50 * 1024 * 1024, "code size {size}");
+    let listing = reqwest::get(format!("{}/sri-artifacts?list-type=2", s.moto.url))
+        .await
+        .expect("ListObjectsV2")
+        .text()
+        .await
+        .expect("listing");
+    assert!(
+        listing.contains(&format!("<Key>{}/{}/", s.prefix, s.function_name())),
+        "the zip is under the prefix: {listing}"
     );
 }

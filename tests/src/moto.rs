@@ -153,6 +153,20 @@ impl Moto {
             .to_owned()
     }
 
+    /// Creates an S3 bucket (path-style, as the connector addresses moto).
+    pub async fn create_bucket(&self, name: &str) {
+        let r = reqwest::Client::new()
+            .put(format!("{}/{name}", self.url))
+            .send()
+            .await
+            .expect("CreateBucket");
+        assert!(
+            r.status().is_success(),
+            "CreateBucket {name}: {}",
+            r.status()
+        );
+    }
+
     /// Stores a new value in a secret (what a key rotation does).
     pub async fn put_secret(&self, id: &str, value: &str) {
         let v = self
