@@ -1080,6 +1080,29 @@ impl Desired {
     }
 }
 
+/// How one deployment is called: the live version through its Function URL when that is the
+/// configured transport and the URL is known; anything else (an older version the daemon still
+/// has installed, or `invoke-stream`) by its exact version with `InvokeWithResponseStream` — a
+/// Function URL can only point at an alias, and `live` may already run newer code.
+fn route(transport: Transport, d: &Deployed, live: Option<&LiveState>, region: &str) -> Target {
+    match (transport, live) {
+        (
+            Transport::FunctionUrl,
+            Some(LiveState {
+                version: Some(v),
+                url: Some(url),
+            }),
+        ) if *v == d.version => Target::FunctionUrl {
+            url: url.clone(),
+            region: region.to_owned(),
+        },
+        _ => Target::InvokeStream {
+            function: d.aws_name.clone(),
+            qualifier: d.version.clone(),
+        },
+    }
+}
+
 /// A waiter's outcome as this crate's error.
 fn waited<T, E: std::error::Error + 'static>(
     operation: String,
@@ -1139,22 +1162,12 @@ impl Backend for LambdaBackend {
     fn target(&self, name: &str) -> Option<Target> {
         let d = self.deployed.lock().expect("lock").get(name).cloned()?;
         let live = self.live.lock().expect("lock").get(&d.aws_name).cloned();
-        match (self.options.transport, live) {
-            (
-                Transport::FunctionUrl,
-                Some(LiveState {
-                    version: Some(v),
-                    url: Some(url),
-                }),
-            ) if v == d.version => Some(Target::FunctionUrl {
-                url,
-                region: self.region.clone(),
-            }),
-            _ => Some(Target::InvokeStream {
-                function: d.aws_name,
-                qualifier: d.version,
-            }),
-        }
+        Some(route(
+            self.options.transport,
+            &d,
+            live.as_ref(),
+            &self.region,
+        ))
     }
 
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
@@ -1248,6 +1261,51 @@ mod tests {
         assert_ne!(
             long,
             lambda_function_name("sri", &"a".repeat(40), &"b".repeat(41))
+        );
+    }
+
+    #[test]
+    fn only_the_live_version_goes_through_the_function_url() {
+        let deployed = |version: &str| Deployed {
+            function: Function {
+                name: format!("sri-a-b-{version}"),
+                identifier: "a/b:1@x".into(),
+                checksum: "x".into(),
+            },
+            aws_name: "sri-a-b".into(),
+            version: version.into(),
+        };
+        let live = LiveState {
+            version: Some("2".into()),
+            url: Some("https://u.lambda-url.eu-west-1.on.aws/".into()),
+        };
+        let url = Target::FunctionUrl {
+            url: "https://u.lambda-url.eu-west-1.on.aws/".into(),
+            region: "eu-west-1".into(),
+        };
+        let by_version = |v: &str| Target::InvokeStream {
+            function: "sri-a-b".into(),
+            qualifier: v.into(),
+        };
+        let t = Transport::FunctionUrl;
+        assert_eq!(route(t, &deployed("2"), Some(&live), "eu-west-1"), url);
+        assert_eq!(
+            route(t, &deployed("1"), Some(&live), "eu-west-1"),
+            by_version("1")
+        );
+        let no_url = LiveState {
+            url: None,
+            ..live.clone()
+        };
+        assert_eq!(
+            route(t, &deployed("2"), Some(&no_url), "eu-west-1"),
+            by_version("2")
+        );
+        assert_eq!(route(t, &deployed("2"), None, "eu-west-1"), by_version("2"));
+        let t = Transport::InvokeStream;
+        assert_eq!(
+            route(t, &deployed("2"), Some(&live), "eu-west-1"),
+            by_version("2")
         );
     }
 
