@@ -13,15 +13,31 @@ COPY Cargo.toml Cargo.lock ./
 COPY connector connector
 COPY bootstrap bootstrap
 COPY tests tests
-# `sri` is the connector; `bootstrap` ships beside it for the local backend (the Lambda
-# backend uses the bootstrap layer of infra/template.yaml, SRI_BOOTSTRAP_LAYER_ARN).
+# `sri` is the connector; `bootstrap` ships beside it for the local backend. The Lambda backend
+# zips a bootstrap for the functions' architecture into every function (`bin/bootstrap`; the
+# layer's `/opt/bootstrap` is used instead when SRI_BOOTSTRAP_LAYER_ARN is set, but packaging
+# still checks and ships one): both are cross-built here with cargo-lambda (zig links them
+# against the glibc of Lambda's Amazon Linux, not this image's).
 # Cache mounts keep the registry and target/ between builds; the binaries are copied out
 # because the target/ mount is not part of the image.
+COPY tests/tooling/requirements-tools.txt /tmp/requirements-tools.txt
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/cargo-lambda \
+ && /opt/cargo-lambda/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements-tools.txt
+ENV PATH=/opt/cargo-lambda/bin:$PATH
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --locked --release -p sri-connector --bin sri -p sri-bootstrap --bin bootstrap \
  && install -D -m 0755 target/release/sri /out/sri \
- && install -D -m 0755 target/release/bootstrap /out/bootstrap
+ && install -D -m 0755 target/release/bootstrap /out/bootstrap \
+ && for arch in arm64 x86_64; do \
+      flag=$([ "$arch" = arm64 ] && echo --arm64 || echo --x86-64); \
+      cargo lambda build --locked --profile dist -p sri-bootstrap --bin bootstrap "$flag" \
+        --lambda-dir "target/lambda/$arch" --flatten bootstrap \
+      && install -D -m 0755 "target/lambda/$arch/bootstrap" "/out/lambda/$arch/bootstrap"; \
+    done
 
 # --- run -----------------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -35,7 +51,10 @@ RUN apt-get update \
  && /opt/sri-tools/bin/pip install --no-cache-dir --disable-pip-version-check uv==0.13.9 \
  && useradd --system --uid 10001 --home-dir /var/lib/sri --create-home sri
 COPY --from=build /out/sri /out/bootstrap /usr/local/bin/
+COPY --from=build /out/lambda /usr/local/lib/sri/lambda
 ENV PATH=/opt/sri-tools/bin:$PATH \
+    SRI_BOOTSTRAP_ARM64=/usr/local/lib/sri/lambda/arm64/bootstrap \
+    SRI_BOOTSTRAP_X86_64=/usr/local/lib/sri/lambda/x86_64/bootstrap \
     SRI_LISTEN=0.0.0.0:5004 \
     SRI_DATA_DIR=/var/lib/sri/data
 USER sri

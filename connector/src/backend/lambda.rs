@@ -1043,7 +1043,7 @@ impl LambdaBackend {
 }
 
 /// Function settings compared with what AWS has, so an unchanged relaunch writes nothing.
-#[derive(Debug)]
+/// (No `Debug`: `env` holds the signing keys.)
 struct Desired {
     runtime: String,
     handler: String,
