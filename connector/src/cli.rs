@@ -356,6 +356,15 @@ async fn package(o: PackageOptions) -> anyhow::Result<()> {
 
 async fn serve(o: ServeOptions) -> anyhow::Result<()> {
     raise_open_file_limit();
+    // Loaded once, lazily: only the secret lookup and the Lambda backend need AWS.
+    let needs_aws = o.signing_keys_secret_id.is_some() || o.backend == BackendKind::Lambda;
+    let sdk = match needs_aws {
+        true => Some(
+            crate::aws::sdk_config(o.lambda.region.as_deref(), o.lambda.endpoint_url.as_deref())
+                .await,
+        ),
+        false => None,
+    };
     let given = o.signing_keys.clone().filter(|k| !k.0.trim().is_empty());
     let signing_keys = match (given, &o.signing_keys_secret_id) {
         (Some(_), Some(_)) => {
@@ -363,12 +372,8 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         }
         (Some(k), None) => k,
         (None, Some(id)) => {
-            let sdk = crate::aws::sdk_config(
-                o.lambda.region.as_deref(),
-                o.lambda.endpoint_url.as_deref(),
-            )
-            .await;
-            crate::aws::signing_keys_from_secret(&sdk, id).await?
+            let sdk = sdk.as_ref().expect("loaded when a secret id is set");
+            crate::aws::signing_keys_from_secret(sdk, id).await?
         }
         (None, None) => anyhow::bail!(
             "no SRI v1 signing keys: set SRI_SIGNING_KEYS (`kid:base64secret,…`, secrets ≥ 32 \
@@ -416,13 +421,10 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                      or set SRI_UV (`make tools` installs one in .venv/tools/bin)"
                 )
             })?;
-            let sdk = crate::aws::sdk_config(
-                o.lambda.region.as_deref(),
-                o.lambda.endpoint_url.as_deref(),
-            )
-            .await;
-            client = client.with_aws(&sdk);
+            let sdk = sdk.as_ref().expect("loaded for the lambda backend");
+            client = client.with_aws(sdk);
             LambdaBackend::open(
+                sdk,
                 o.lambda.clone(),
                 LambdaContext {
                     signing_keys: signing_keys.clone(),

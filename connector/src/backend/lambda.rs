@@ -239,8 +239,13 @@ fn account_of(arn: &str) -> Option<&str> {
 }
 
 impl LambdaBackend {
-    /// Connects to AWS and finds the functions this connector deployed before.
-    pub async fn open(options: LambdaOptions, context: LambdaContext) -> Result<Arc<Self>, Error> {
+    /// Connects to AWS (`sdk`: see [`crate::aws::sdk_config`]) and finds the functions this
+    /// connector deployed before.
+    pub async fn open(
+        sdk: &aws_config::SdkConfig,
+        options: LambdaOptions,
+        context: LambdaContext,
+    ) -> Result<Arc<Self>, Error> {
         let role_arn = options.role_arn.clone().ok_or_else(|| {
             Error::Backend(
                 "the lambda backend needs SRI_LAMBDA_ROLE_ARN: the execution role of the plugin \
@@ -248,9 +253,6 @@ impl LambdaBackend {
                     .into(),
             )
         })?;
-        let sdk =
-            crate::aws::sdk_config(options.region.as_deref(), options.endpoint_url.as_deref())
-                .await;
         let region = sdk
             .region()
             .map(|r| r.to_string())
@@ -273,12 +275,12 @@ impl LambdaBackend {
             bytecode: true,
         };
         let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&sdk)
+            aws_sdk_s3::config::Builder::from(sdk)
                 .force_path_style(options.endpoint_url.is_some())
                 .build(),
         );
         let this = Arc::new(Self {
-            lambda: aws_sdk_lambda::Client::new(&sdk),
+            lambda: aws_sdk_lambda::Client::new(sdk),
             s3,
             region,
             role_arn,
@@ -293,11 +295,6 @@ impl LambdaBackend {
         Ok(this)
     }
 
-    /// The region functions are deployed to.
-    pub fn region(&self) -> &str {
-        &self.region
-    }
-
     /// Reads back every function this connector owns, its versions, alias and URL.
     async fn discover(&self) -> Result<(), Error> {
         let functions = self.managed_functions().await?;
@@ -305,8 +302,8 @@ impl LambdaBackend {
             let Some(name) = f.function_name() else {
                 continue;
             };
-            self.refresh(name).await?;
-            self.reapply_keys(name).await?;
+            let versions = self.refresh(name).await?;
+            self.reapply_keys(name, &versions).await?;
         }
         tracing::info!(
             functions = functions.len(),
@@ -320,7 +317,11 @@ impl LambdaBackend {
     /// connector's (the ring was rotated): a published version's environment is immutable, so
     /// the new ring needs a new version of the same code, and `live` moves to it. Older versions
     /// keep the ring they were published with until they are relaunched or collected.
-    async fn reapply_keys(&self, aws_name: &str) -> Result<(), Error> {
+    async fn reapply_keys(
+        &self,
+        aws_name: &str,
+        versions: &[FunctionConfiguration],
+    ) -> Result<(), Error> {
         let Some(live) = self
             .live
             .lock()
@@ -331,7 +332,6 @@ impl LambdaBackend {
             return Ok(());
         };
         let ring = &self.context.signing_keys.0;
-        let versions = self.versions(aws_name).await?;
         let Some(current) = versions.iter().find(|v| v.version() == Some(live.as_str())) else {
             return Ok(());
         };
@@ -387,7 +387,7 @@ impl LambdaBackend {
             .send()
             .await
             .map_err(|e| aws_err(format!("UpdateAlias {aws_name}:{LIVE_ALIAS}"), &e))?;
-        self.refresh(aws_name).await
+        self.refresh(aws_name).await.map(|_| ())
     }
 
     /// Functions with our prefix and our ownership tag.
@@ -459,8 +459,8 @@ impl LambdaBackend {
         }
     }
 
-    /// Re-reads one function's versions, alias and URL into memory.
-    async fn refresh(&self, aws_name: &str) -> Result<(), Error> {
+    /// Re-reads one function's versions, alias and URL into memory; returns the versions.
+    async fn refresh(&self, aws_name: &str) -> Result<Vec<FunctionConfiguration>, Error> {
         let versions = self.versions(aws_name).await?;
         let live_version = match self
             .lambda
@@ -488,7 +488,7 @@ impl LambdaBackend {
         };
         let mut deployed = self.deployed.lock().expect("lock");
         deployed.retain(|_, d| d.aws_name != aws_name);
-        for v in versions {
+        for v in &versions {
             let (Some(version), Some((checksum, identifier))) =
                 (v.version(), v.description().and_then(parse_description))
             else {
@@ -523,7 +523,7 @@ impl LambdaBackend {
                 url,
             },
         );
-        Ok(())
+        Ok(versions)
     }
 
     fn lock_for(&self, aws_name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -677,7 +677,7 @@ impl LambdaBackend {
             Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
             Err(e) => return Err(aws_err(format!("GetFunction {aws_name}"), &e)),
         };
-        let arn = match existing {
+        match existing {
             None => {
                 say("deploy", format!("creating function {aws_name}"));
                 let code = match self.code(&aws_name, &artifact).await? {
@@ -687,8 +687,7 @@ impl LambdaBackend {
                         .s3_key(key)
                         .build(),
                 };
-                let out = self
-                    .lambda
+                self.lambda
                     .create_function()
                     .function_name(&aws_name)
                     .runtime(Runtime::from(desired.runtime.as_str()))
@@ -709,7 +708,6 @@ impl LambdaBackend {
                     .await
                     .map_err(|e| aws_err(format!("CreateFunction {aws_name}"), &e))?;
                 self.wait_active(&aws_name).await?;
-                out.function_arn().unwrap_or_default().to_owned()
             }
             Some(f) => {
                 let config = f.configuration().cloned().ok_or_else(|| Error::Aws {
@@ -775,9 +773,8 @@ impl LambdaBackend {
                         .await
                         .map_err(|e| aws_err(format!("TagResource {aws_name}"), &e))?;
                 }
-                arn
             }
-        };
+        }
 
         // 2. A version for this checksum (reused if an earlier, interrupted deploy made it).
         let description = version_description(pkg);
@@ -842,7 +839,7 @@ impl LambdaBackend {
 
         // 4. The Function URL on `live` (IAM-authenticated, streaming) and who may call it.
         let url = self.ensure_url(&aws_name).await?;
-        self.ensure_permissions(&aws_name, &arn).await?;
+        self.ensure_permissions(&aws_name).await?;
 
         let function = Function {
             name: deployment_name(&aws_name, &pkg.checksum),
@@ -914,7 +911,7 @@ impl LambdaBackend {
 
     /// Resource-policy statements letting the invoker call the alias through its URL and with
     /// `InvokeWithResponseStream` (Function URLs with `AWS_IAM` check both actions).
-    async fn ensure_permissions(&self, aws_name: &str, arn: &str) -> Result<(), Error> {
+    async fn ensure_permissions(&self, aws_name: &str) -> Result<(), Error> {
         let Some(principal) = self
             .options
             .invoker_principal
@@ -923,7 +920,6 @@ impl LambdaBackend {
         else {
             return Ok(());
         };
-        let _ = arn;
         for (sid, action, url_auth) in [
             ("sri-invoke-url", "lambda:InvokeFunctionUrl", true),
             ("sri-invoke", "lambda:InvokeFunction", false),
