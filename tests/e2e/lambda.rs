@@ -197,9 +197,7 @@ async fn an_import_failure_is_reported_to_init_error_with_the_python_error() {
             "/2018-06-01/runtime/invocation/next",
             get(std::future::pending::<()>),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (addr, _task) = harness::serve_loopback(app).await;
 
     let logs = Arc::new(Mutex::new(Vec::new()));
     // AWS's form of the address: bare host:port.

@@ -156,9 +156,7 @@ async fn capture_server(state: CaptureState) -> (String, tokio::task::JoinHandle
             .into_response()
     }
     let app = Router::new().fallback(any).with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (addr, task) = harness::serve_loopback(app).await;
     (format!("http://{addr}/"), task)
 }
 

@@ -23,8 +23,8 @@ use bytes::Bytes;
 use connector::protocol::signing::KeyRing;
 use futures_util::StreamExt;
 use harness::benchmarks::{
-    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
-    mib, ms, pct, target_dir, track,
+    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, median, mib, ms,
+    pct, run_lines, target_dir, track,
 };
 use harness::emulator::Emulator;
 use harness::lwa::{Lines, LwaFunction, lwa_bin, lwa_version};
@@ -964,17 +964,13 @@ async fn run(release: PathBuf, dist: PathBuf) -> String {
          run described here. Machines are noisy: compare differences and ratios within one \
          run, not absolute values across machines.\n"
     );
-    let _ = writeln!(r, "- command: `{}`", COMMAND.replace("{lwa}", &lwa_v));
-    let _ = writeln!(
-        r,
-        "- date: {date}; whole run {:.0} s",
-        elapsed.as_secs_f64()
-    );
-    let _ = writeln!(r, "- machine: {}", machine().join(", "));
-    let _ = writeln!(
-        r,
-        "- load average (1/5/15 min): {load_start} at start, {load_end} at end"
-    );
+    r.push_str(&run_lines(
+        &COMMAND.replace("{lwa}", &lwa_v),
+        &date,
+        elapsed,
+        &load_start,
+        &load_end,
+    ));
     let _ = writeln!(
         r,
         "- software: {rustc}; {python}, dify-plugin {}; cargo-lambda {}; lambda_web_adapter {lwa_v} \

@@ -39,8 +39,8 @@ use connector::server::AppState;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use harness::benchmarks::{
-    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, machine, median,
-    mib, ms, pct, target_dir, track,
+    cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, median, mib, ms,
+    pct, run_lines, target_dir, track,
 };
 use harness::*;
 use serde_json::{Value, json};
@@ -1134,17 +1134,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
          (the bench binary re-executed with `--gateway-child`), so that its memory is its own; \
          the fake SRI function (axum) is another child; the clients run in the bench process.\n"
     );
-    let _ = writeln!(r, "- command: `{COMMAND}`");
-    let _ = writeln!(
-        r,
-        "- date: {date}; whole run {:.0} s",
-        elapsed.as_secs_f64()
-    );
-    let _ = writeln!(r, "- machine: {}", machine().join(", "));
-    let _ = writeln!(
-        r,
-        "- load average (1/5/15 min): {load_start} at start, {load_end} at end"
-    );
+    r.push_str(&run_lines(COMMAND, &date, elapsed, &load_start, &load_end));
     let _ = writeln!(
         r,
         "- software: {rustc}; {python}, dify-plugin {}",

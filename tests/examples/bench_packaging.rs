@@ -17,7 +17,7 @@
 //! `SRI_BOOTSTRAP_X86_64`, e.g. the `make lambda-bootstrap` dist builds).
 
 use connector::packaging::{self, Arch, Artifact, Options, PythonVersion, Target};
-use harness::benchmarks::{install_cleanup, knob, loadavg, machine, median, ms, track};
+use harness::benchmarks::{install_cleanup, knob, loadavg, median, ms, run_lines, track};
 use harness::cross::lambda_bootstrap;
 use harness::emulator::Emulator;
 use harness::sri::TempDir;
@@ -173,16 +173,22 @@ fn main() {
 
     let mut r = String::new();
     let _ = writeln!(r, "## Packaging (`sri package`)\n");
+    let command = std::env::var("SRI_BENCH_COMMAND").unwrap_or_else(|_| {
+        "cargo run --release --locked -p sri-tests --example bench_packaging".into()
+    });
+    let date =
+        harness::benchmarks::cmd_out("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
+    let _ = writeln!(r, "Written by `tests/examples/bench_packaging.rs`.\n");
+    r.push_str(&run_lines(
+        &command,
+        &date,
+        started.elapsed(),
+        &load_start,
+        &loadavg(),
+    ));
     let _ = writeln!(
         r,
-        "Written by `tests/examples/bench_packaging.rs`.\n\n- command: `{}`\n- date: {}; whole run {:.0} s\n- machine: {}\n- load average: {load_start} at start, {} at end\n- bootstraps: {}, {}\n",
-        std::env::var("SRI_BENCH_COMMAND").unwrap_or_else(|_| {
-            "cargo run --release --locked -p sri-tests --example bench_packaging".into()
-        }),
-        harness::benchmarks::cmd_out("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default(),
-        started.elapsed().as_secs_f64(),
-        machine().join(", "),
-        loadavg(),
+        "- bootstraps: {}, {}\n",
         lambda_bootstrap("arm64").display(),
         lambda_bootstrap("x86_64").display(),
     );

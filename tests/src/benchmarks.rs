@@ -100,6 +100,22 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// The lines every bench's section starts with: the command, when, on what, under what load.
+pub fn run_lines(
+    command: &str,
+    date: &str,
+    elapsed: Duration,
+    load_start: &str,
+    load_end: &str,
+) -> String {
+    format!(
+        "- command: `{command}`\n- date: {date}; whole run {:.0} s\n- machine: {}\n\
+         - load average (1/5/15 min): {load_start} at start, {load_end} at end\n",
+        elapsed.as_secs_f64(),
+        machine().join(", ")
+    )
+}
+
 /// Shared by the benches.
 pub fn machine() -> Vec<String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

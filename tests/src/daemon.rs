@@ -38,13 +38,7 @@ impl FakeDaemon {
         let app = Router::new()
             .route("/backwards-invocation/transaction", post(transaction))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("serve");
-        });
+        let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, state, task }
     }
 

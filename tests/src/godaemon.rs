@@ -2142,10 +2142,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     async fn serve(app: axum::Router) -> String {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-        format!("http://{addr}")
+        format!("http://{}", crate::serve_loopback(app).await.0)
     }
 
     #[tokio::test]

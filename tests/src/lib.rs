@@ -71,6 +71,19 @@ pub fn stripped_bootstrap() -> PathBuf {
     dst
 }
 
+/// Serves `app` on a free loopback port (the fakes of the tests: daemon, Runtime API,
+/// InvokeWithResponseStream, Function URL); the task ends when the runtime does.
+pub async fn serve_loopback(
+    app: axum::Router,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local addr");
+    let task = tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (addr, task)
+}
+
 /// The `bootstrap` binary built by `cargo build` (or `SRI_BOOTSTRAP_BIN`).
 pub fn bootstrap_bin() -> PathBuf {
     let path = std::env::var_os("SRI_BOOTSTRAP_BIN")
