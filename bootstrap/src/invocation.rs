@@ -559,7 +559,7 @@ async fn buffer(mut events: mpsc::Receiver<Event>) -> Reply {
         None => json!({"status": "success", "data": data, "usage": usage}),
         Some(e) => json!({
             "status": "error",
-            "error": {"type": e.error_type, "message": e.message, "code": error_code(&e.error_type)},
+            "error": {"type": e.error_type, "message": e.message, "code": events::http_status(&e.error_type)},
             "data": data,
             "usage": usage,
         }),
@@ -568,17 +568,5 @@ async fn buffer(mut events: mpsc::Receiver<Event>) -> Reply {
         status: StatusCode::OK,
         content_type: JSON,
         body: ReplyBody::Full(serde_json::to_vec(&body).expect("JSON").into()),
-    }
-}
-
-/// An HTTP-like code for a session error, so buffered callers can branch without parsing types.
-fn error_code(error_type: &str) -> u16 {
-    match error_type {
-        "PluginTimeout" => 504,
-        "PluginNotReady" | "PluginProcessExited" => 503,
-        "PluginOutputTooLarge" | "PayloadTooLarge" => 413,
-        "PluginProtocolError" => 502,
-        "BadRequest" => 400,
-        _ => 500,
     }
 }

@@ -136,6 +136,22 @@ pub enum ErrorType {
     BadRequest,
 }
 
+/// The HTTP status that goes with an error type on the wire: what the function answers when it
+/// refuses a call with it, and the `code` of a buffered error. One table, so the bootstrap that
+/// answers and the client that reads a bare answer agree. Unknown types are 500.
+pub fn http_status(error_type: &str) -> u16 {
+    match error_type {
+        "Sri.Unauthorized" => 401,
+        "NotFound" => 404,
+        "PluginTimeout" => 504,
+        "PluginNotReady" | "PluginProcessExited" => 503,
+        "PluginOutputTooLarge" | "PayloadTooLarge" => 413,
+        "PluginProtocolError" => 502,
+        "BadRequest" => 400,
+        _ => 500,
+    }
+}
+
 impl ErrorType {
     /// The name used on the wire.
     pub fn as_str(self) -> &'static str {

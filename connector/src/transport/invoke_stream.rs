@@ -218,14 +218,7 @@ fn bare_answer(head: &[u8], target: &Target) -> InvokeError {
     let Some(error_type) = v["errorType"].as_str() else {
         return protocol_error("the response ended inside its prelude");
     };
-    let status = match error_type {
-        "Sri.Unauthorized" => 401,
-        "BadRequest" => 400,
-        "NotFound" => 404,
-        "PayloadTooLarge" => 413,
-        "PluginNotReady" => 503,
-        _ => 500,
-    };
+    let status = crate::protocol::events::http_status(error_type);
     rejection(status, None, head, target)
 }
 
