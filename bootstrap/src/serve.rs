@@ -4,6 +4,10 @@
 //! Two routes on hyper directly (a router framework would only add weight to the function's
 //! binary). Accepts chunked and `Content-Length` bodies alike (the Dify daemon sends chunked
 //! ones), sets TCP_NODELAY on every connection, and lets in-flight streams finish on shutdown.
+//!
+//! Speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port: the connector's local
+//! backend multiplexes every stream to a function over one h2c connection, other callers keep
+//! HTTP/1.1.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -11,9 +15,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,6 +31,12 @@ use crate::invocation::{Frame as ReplyFrame, Handler, Reply, ReplyBody, Request 
 
 /// How long in-flight streams may run on after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// The h2c connection's receive window (request bodies).
+const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The largest h2c frame accepted (request bodies run to megabytes).
+const H2_MAX_FRAME: u32 = 256 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -49,6 +59,15 @@ pub async fn serve(
     })?;
     tracing::info!(listen = %local, "serving SRI v1");
     let graceful = GracefulShutdown::new();
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http2()
+        // Streams are what callers open here, one per invocation, as HTTP/1.1 callers open
+        // connections: no cap below the process's own limits (hyper's default is 200).
+        .max_concurrent_streams(None)
+        // Request bodies are read whole and at once; a larger connection window keeps
+        // concurrent uploads from queueing behind one another.
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -64,7 +83,7 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let handler = handler.clone();
                 let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
-                let conn = graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(tcp), service));
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service).into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");

@@ -125,6 +125,10 @@ pub struct ServeOptions {
     /// Seconds a new function may take to become ready.
     #[arg(long, env = "SRI_READY_TIMEOUT_SECS", default_value_t = 120)]
     pub ready_timeout_secs: u64,
+    /// Concurrent invocations per local function that get an HTTP/1.1 connection of their own
+    /// (lowest latency); further ones share one h2c connection (least memory per stream).
+    #[arg(long, env = "SRI_DEDICATED_STREAMS", default_value_t = crate::client::DEFAULT_DEDICATED_STREAMS)]
+    pub dedicated_streams: usize,
 }
 
 /// The backends `sri serve` can run.
@@ -391,7 +395,13 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         "SRI_PUBLIC_URL must not contain `,` or `=` (the daemon's launch parser splits on them)"
     );
     let uv = o.uv.clone().or_else(|| find_on_path("uv"));
-    let mut client = Client::new(keys, ClientOptions::default());
+    let mut client = Client::new(
+        keys,
+        ClientOptions {
+            dedicated_streams: o.dedicated_streams,
+            ..ClientOptions::default()
+        },
+    );
     let backend: Arc<dyn Backend> = match o.backend {
         BackendKind::Local => {
             let bootstrap = match o.bootstrap {

@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::serve::ListenerExt;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -91,26 +90,70 @@ pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, Error> 
         .map_err(|e| Error::Backend(format!("cannot listen on {listen} (SRI_LISTEN): {e}")))
 }
 
-/// Serves until `shutdown` completes, then stops the backend's functions.
+/// How long open streams may run on after a shutdown signal before they are cut.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves until `shutdown` completes, lets open streams finish (up to [`DRAIN`]), then stops the
+/// backend's functions.
+///
+/// HTTP/1.1 only (the daemon speaks nothing else), on hyper's connection builder rather than
+/// `axum::serve`: that one runs every connection through the HTTP/1-or-2 detector, which with
+/// axum's per-connection wrapping cost ~9 KiB more per open stream (measured: 20.7 vs 11.5 KiB
+/// per idle streaming connection), and idle streams are what a gateway mostly holds.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let local = listener
         .local_addr()
         .map_err(|e| Error::Backend(e.to_string()))?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tracing::info!(listen = %local, "sri listening");
     let backend = state.backend.clone();
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    let app = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer lets hyper drop connections that never finish sending their request head.
+    http.timer(TokioTimer::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of descriptors, typically: keep serving the open streams.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Small NDJSON writes must not wait for delayed ACKs.
+                let _ = tcp.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
-        .map_err(|e| Error::Backend(format!("serving HTTP: {e}")));
+        .is_err()
+    {
+        tracing::warn!(
+            "streams still open {} s after shutdown; closing them",
+            DRAIN.as_secs()
+        );
+    }
     backend.shutdown().await;
-    result
+    Ok(())
 }
 
 async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -375,3 +375,83 @@ async fn keepalives_keep_a_silent_stream_from_timing_out() {
         "{events:?}"
     );
 }
+
+/// A function on HTTP/1.1 and h2c (as `bootstrap serve` is) that records each request's HTTP
+/// version, answers `start` and then holds the stream open.
+async fn start_versioned_function() -> (String, Arc<Mutex<Vec<http::Version>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let seen: Arc<Mutex<Vec<http::Version>>> = Default::default();
+    let app = Router::new()
+        .route(
+            "/invoke",
+            post(
+                |State(seen): State<Arc<Mutex<Vec<http::Version>>>>,
+                 req: axum::extract::Request| async move {
+                    seen.lock().unwrap().push(req.version());
+                    let start = sse::encode(&Event::new(EventKind::Start, Some(1), "{}"));
+                    let body = futures_util::stream::once(async { Ok::<_, Error>(start) })
+                        .chain(futures_util::stream::pending());
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(axum::body::Body::from_stream(body))
+                        .unwrap()
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn h2c_targets_get_dedicated_connections_first_then_share_h2c() {
+    let (url, seen) = start_versioned_function().await;
+    let client = Client::new(
+        ring(),
+        ClientOptions {
+            dedicated_streams: 1,
+            ..fast()
+        },
+    );
+    let target = connector::transport::Target::h2c(url);
+    let open = || async {
+        let mut s = client
+            .invoke_target(&target, "invoke_tool", Bytes::from(ENVELOPE), None)
+            .await
+            .expect("the stream opens");
+        let first = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("`start` within 10 s");
+        assert_eq!(first.unwrap().unwrap().kind, EventKind::Start);
+        s
+    };
+    let a = open().await;
+    let b = open().await;
+    let c = open().await;
+    // The dedicated place is given back when its stream is dropped.
+    drop(a);
+    let d = open().await;
+    use http::Version;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            Version::HTTP_11,
+            Version::HTTP_2,
+            Version::HTTP_2,
+            Version::HTTP_11
+        ],
+        "one dedicated HTTP/1.1 stream at a time, the others on h2c"
+    );
+    drop((b, c, d));
+}

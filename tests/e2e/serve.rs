@@ -376,3 +376,98 @@ async fn chunked_request_bodies_are_accepted_like_the_daemon_sends_them() {
     assert_well_formed(&ev);
     assert!(String::from_utf8_lossy(&ev[1].1.data).contains("chunked"));
 }
+
+/// The connector's client reaches `bootstrap serve` over h2c once its dedicated HTTP/1.1
+/// connections are taken: 24 concurrent streaming sessions, 2 of them dedicated and 22 sharing
+/// one HTTP/2 connection, each get their own chunks in order, and dropping a stream half-way
+/// (an h2 RST_STREAM rather than a closed connection) ends that session on the plugin's side
+/// without disturbing the others.
+#[tokio::test]
+async fn the_connectors_client_multiplexes_sessions_over_h2c() {
+    use connector::client::{Client, ClientOptions};
+    use connector::transport::Target;
+    use futures_util::StreamExt;
+
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let client = Client::new(
+        signer("k1", SECRET_A),
+        ClientOptions {
+            dedicated_streams: 2,
+            ..ClientOptions::default()
+        },
+    );
+    let target = Target::h2c(b.url());
+    // One stream held open half-read, then dropped, while the others run.
+    let sid = session_id("dropped");
+    let params = json!({"n": 50, "delay_ms": 100, "prefix": "gone"});
+    let mut dropped = client
+        .invoke_target(
+            &target,
+            "invoke_tool",
+            envelope(&sid, tool_data("sample", "stream", params, None)),
+            None,
+        )
+        .await
+        .expect("the held stream starts");
+    let first = bounded("the held stream's first event", dropped.next()).await;
+    assert_eq!(first.expect("an event").expect("ok").kind, EventKind::Start);
+
+    let calls = (0..24).map(|i| {
+        let (client, target) = (client.clone(), target.clone());
+        tokio::spawn(async move {
+            let sid = session_id(&format!("h{i}"));
+            let prefix = format!("h{i}");
+            let params = json!({"n": 6, "delay_ms": 5, "prefix": prefix});
+            let events: Vec<_> = client
+                .invoke_target(
+                    &target,
+                    "invoke_tool",
+                    envelope(&sid, tool_data("sample", "stream", params, None)),
+                    None,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("session {sid}: {e}"))
+                .collect()
+                .await;
+            (sid, prefix, events)
+        })
+    });
+    let results = bounded("24 sessions", futures_util::future::join_all(calls)).await;
+    for r in results {
+        let (sid, prefix, events) = r.unwrap();
+        let events: Vec<_> = events
+            .into_iter()
+            .map(|e| {
+                (
+                    std::time::Duration::ZERO,
+                    e.unwrap_or_else(|e| panic!("{sid}: {e}")),
+                )
+            })
+            .collect();
+        assert_well_formed(&events);
+        let want: Vec<String> = (0..6).map(|i| format!("{prefix} {i}")).collect();
+        assert_eq!(texts(&events), want, "session {sid}");
+    }
+    drop(dropped);
+    // The dropped session ends on the bootstrap's side: no session stays active.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let h = health(&b.url()).await;
+        if h["active_sessions"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped h2c stream's session is still active 20 s later: {h}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `f`, or a panic naming `what` after 60 s.
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no result within 60 s"))
+}

@@ -36,6 +36,7 @@ fn options() -> ClientOptions {
         idle_timeout: Duration::from_secs(20),
         attempts: 3,
         backoff: Duration::from_millis(10),
+        ..ClientOptions::default()
     }
 }
 

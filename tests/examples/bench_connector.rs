@@ -25,7 +25,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use bytes::Bytes;
 use connector::Error;
 use connector::backend::{Backend, Function, Progress};
@@ -43,6 +42,9 @@ use harness::benchmarks::{
     pct, run_lines, target_dir, track,
 };
 use harness::*;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -145,9 +147,9 @@ fn raise_nofile(want: Option<u64>) -> NoFile {
     }
 }
 
-/// Descriptors the gateway needs besides two per stream (listener, epoll, pipes, pooled
-/// connections, the bench's own calls), with room to spare.
-const GATEWAY_BASE_FDS: u64 = 64;
+/// Descriptors the gateway needs besides one per stream (listener, epoll, pipes, its dedicated
+/// and h2c connections to the function, the bench's own calls), with room to spare.
+const GATEWAY_BASE_FDS: u64 = 64 + connector::client::DEFAULT_DEDICATED_STREAMS as u64;
 
 /// "soft/hard" of a process's open-file limit, from `/proc/PID/limits`.
 fn nofile_of(pid: u32) -> String {
@@ -208,7 +210,7 @@ impl Backend for Fixed {
         self.0
             .get(name)
             .cloned()
-            .map(connector::transport::Target::http)
+            .map(connector::transport::Target::h2c)
     }
     fn remove<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async { Ok(()) }.boxed()
@@ -221,9 +223,9 @@ impl Backend for Fixed {
     }
 }
 
-/// `--gateway-child name=url[,name=url…] idle_timeout_secs`: the gateway as `sri serve` runs
-/// it (same runtime, `server::serve`, defaults of `sri serve`) on 127.0.0.1:0.
-fn gateway_child(routes: &str, idle_secs: u64) {
+/// `--gateway-child name=url[,name=url…] idle_timeout_secs [dedicated_streams]`: the gateway as
+/// `sri serve` runs it (same runtime, `server::serve`, defaults of `sri serve`) on 127.0.0.1:0.
+fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
     exit_with_stdin();
     raise_nofile(None);
     let targets: HashMap<String, String> = routes
@@ -244,6 +246,7 @@ fn gateway_child(routes: &str, idle_secs: u64) {
                 signer("k1", SECRET_A),
                 ClientOptions {
                     idle_timeout: Duration::from_secs(idle_secs),
+                    dedicated_streams,
                     ..ClientOptions::default()
                 },
             ),
@@ -400,10 +403,22 @@ fn function_child() {
             .await
             .expect("bind");
         announce(listener.local_addr().expect("address"));
-        let listener = listener.tap_io(|tcp| {
+        // As `bootstrap serve` does: HTTP/1.1 and h2c on one port, no cap on concurrent streams.
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http2()
+            .max_concurrent_streams(None)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .max_frame_size(256 * 1024);
+        loop {
+            let (tcp, _) = listener.accept().await.expect("accept");
             let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app).await.expect("serve");
+            let conn = http
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()))
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
     });
 }
 
@@ -691,7 +706,11 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("--gateway-child") => {
             let idle = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(60);
-            return gateway_child(args.get(2).expect("routes"), idle);
+            let dedicated = args
+                .get(4)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(connector::client::DEFAULT_DEDICATED_STREAMS);
+            return gateway_child(args.get(2).expect("routes"), idle, dedicated);
         }
         Some("--function-child") => return function_child(),
         Some(other) => panic!("unknown argument {other:?}"),
@@ -705,11 +724,12 @@ fn main() {
         release.display()
     );
     let asked = knob("SRI_BENCH_STREAMS", STREAMS);
-    // Each stream is one socket here, two in the gateway, one in the function; the children
+    // Each stream is one socket here and one in the gateway (its streams to the function share
+    // a few h2c connections); the children
     // inherit this limit. Where the hard limit cannot be raised far enough, hold as many
     // streams as the gateway can (in hundreds), and say so.
-    let nofile = raise_nofile(Some(2 * asked as u64 + GATEWAY_BASE_FDS));
-    let fit = (nofile.soft.saturating_sub(GATEWAY_BASE_FDS) / 2 / 100 * 100) as usize;
+    let nofile = raise_nofile(Some(asked as u64 + GATEWAY_BASE_FDS));
+    let fit = (nofile.soft.saturating_sub(GATEWAY_BASE_FDS) / 100 * 100) as usize;
     let streams = asked.min(fit);
     if streams < asked {
         eprintln!(
@@ -911,15 +931,26 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         "gateway",
         &["--gateway-child", &format!("echo={}", boot.url()), "60"],
     );
+    // The same gateway with every call on the shared h2c connection, for comparison.
+    let gw_h2c = Proc::spawn(
+        "gateway (h2c only)",
+        &[
+            "--gateway-child",
+            &format!("echo={}", boot.url()),
+            "60",
+            "0",
+        ],
+    );
     let gw_rss_start = vm_rss_kib(gw.pid());
     let direct_url = format!("{}/invoke?action=invoke_tool", boot.url());
-    let gw_url = format!("{}/v1/functions/echo/invoke?action=invoke_tool", gw.url());
-    // [direct, gateway] × [ttfb, total], and per-round differences.
-    let mut lat: [[Vec<f64>; 2]; 2] = Default::default();
+    let gw_urls = [gw.url(), gw_h2c.url()]
+        .map(|u| format!("{u}/v1/functions/echo/invoke?action=invoke_tool"));
+    // [direct, gateway, gateway h2c only] × [ttfb, total], and per-round differences.
+    let mut lat: [[Vec<f64>; 2]; 3] = Default::default();
     for round in 0..WARMUP + rounds {
-        let mut got = [None, None];
-        for k in 0..2 {
-            let path = (round + k) % 2;
+        let mut got = [None, None, None];
+        for k in 0..3 {
+            let path = (round + k) % 3;
             let sid = session_id("lat");
             let body = envelope(
                 &sid,
@@ -929,7 +960,14 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
                 let f = call(&client, &direct_url, Some(&ring), &sid, body, Framing::Sse);
                 bounded("direct call", CALL_TIMEOUT, f).await
             } else {
-                let f = call(&client, &gw_url, None, &sid, body, Framing::Ndjson);
+                let f = call(
+                    &client,
+                    &gw_urls[path - 1],
+                    None,
+                    &sid,
+                    body,
+                    Framing::Ndjson,
+                );
                 bounded("gateway call", CALL_TIMEOUT, f).await
             };
             assert_eq!(r.messages, 2, "echo answers two messages");
@@ -937,7 +975,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         }
         if round >= WARMUP {
             for (path, g) in got.iter().enumerate() {
-                let (first, end) = g.expect("both paths called");
+                let (first, end) = g.expect("every path called");
                 lat[path][0].push(ms(first));
                 lat[path][1].push(ms(end));
             }
@@ -946,6 +984,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
     let gw_rss_lat = vm_rss_kib(gw.pid());
     let gw_nofile = nofile_of(gw.pid());
     drop(gw);
+    drop(gw_h2c);
     drop(boot);
 
     // ----- 2. Idle streams held by the gateway.
@@ -1159,7 +1198,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         match &nofile.refused {
             Some(why) => format!(
                 " (raising the hard limit to {} was refused: {why})",
-                2 * asked as u64 + GATEWAY_BASE_FDS
+                asked as u64 + GATEWAY_BASE_FDS
             ),
             None => String::new(),
         }
@@ -1167,6 +1206,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
 
     // Latency
     let (d_ttfb, d_total, g_ttfb, g_total) = (&lat[0][0], &lat[0][1], &lat[1][0], &lat[1][1]);
+    let (h_ttfb, h_total) = (&lat[2][0], &lat[2][1]);
     let paired = |a: &Vec<f64>, b: &Vec<f64>| {
         let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
         median(&d)
@@ -1175,21 +1215,25 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
     let _ = writeln!(
         r,
         "{rounds} measured rounds after {WARMUP} warm-up rounds; each round makes one call of \
-         each kind, one at a time, in alternating order. Both calls go to the same `bootstrap \
+         each kind, one at a time, in rotating order. All calls go to the same `bootstrap \
          serve` (the template's sample plugin, tool `echo` with `{{\"text\": \"bench\"}}`: one \
          JSON message, one text message, `end`) from the same reqwest client (keep-alive, \
          TCP_NODELAY). *Direct*: signed SRI v1 (signing is timed), SSE read until `end`. \
          *Through the gateway*: the daemon's call, unsigned `POST /v1/functions/echo/invoke?\
          action=invoke_tool` with `Accept: text/event-stream`, NDJSON read until the `end` \
          object; the gateway signs, calls the function over its pooled connection and \
-         rewrites the events. **TTFB** = the first tool message fully received; **total** = \
-         `end`.\n"
+         rewrites the events: as `sri serve` does by default (`SRI_DEDICATED_STREAMS=64`), one \
+         call at a time gets an HTTP/1.1 connection of its own; *h2c only* is the same gateway \
+         with `SRI_DEDICATED_STREAMS=0`, every call a stream of one shared h2c connection (what \
+         calls beyond the 64th concurrent one get). **TTFB** = the first tool message fully \
+         received; **total** = `end`.\n"
     );
     let _ = writeln!(r, "| path | TTFB p50 | TTFB p99 | total p50 | total p99 |");
     let _ = writeln!(r, "|---|---:|---:|---:|---:|");
     for (name, t, e) in [
         ("direct to `bootstrap serve` (signed, SSE)", d_ttfb, d_total),
         ("through the gateway (daemon-like, NDJSON)", g_ttfb, g_total),
+        ("through the gateway, h2c only", h_ttfb, h_total),
     ] {
         let _ = writeln!(
             r,
@@ -1208,7 +1252,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
     let _ = writeln!(r, "|---|---:|---:|---:|---:|---:|---|");
     let _ = writeln!(
         r,
-        "| gateway − direct | {added:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | ≤ 0.3 ms: {} |\n",
+        "| gateway − direct | {added:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | ≤ 0.3 ms: {} |",
         pct(g_ttfb, 0.99) - pct(d_ttfb, 0.99),
         pct(g_total, 0.5) - pct(d_total, 0.5),
         pct(g_total, 0.99) - pct(d_total, 0.99),
@@ -1218,6 +1262,15 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         } else {
             format!("**missed by {:.3} ms**", added - 0.3)
         }
+    );
+    let _ = writeln!(
+        r,
+        "| gateway, h2c only − direct | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | – |\n",
+        pct(h_ttfb, 0.5) - pct(d_ttfb, 0.5),
+        pct(h_ttfb, 0.99) - pct(d_ttfb, 0.99),
+        pct(h_total, 0.5) - pct(d_total, 0.5),
+        pct(h_total, 0.99) - pct(d_total, 0.99),
+        paired(h_ttfb, d_ttfb),
     );
     let _ = writeln!(
         r,
@@ -1263,10 +1316,10 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         let _ = writeln!(
             r,
             "**{asked} streams were asked for; {streams} is the most this machine allows.** \
-             The gateway holds two descriptors per stream (the daemon's connection and the \
-             function's) plus a few, so {asked} streams need more than {} open files in one \
-             process; the hard RLIMIT_NOFILE here is {} and raising it was refused ({}).\n",
-            2 * asked,
+             The gateway holds a descriptor per stream (the daemon's connection) plus a few, \
+             so {asked} streams need more than {} open files in one process; the hard \
+             RLIMIT_NOFILE here is {} and raising it was refused ({}).\n",
+            asked,
             nofile.hard,
             nofile.refused.as_deref().unwrap_or("not raised")
         );
@@ -1275,7 +1328,9 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         r,
         "{streams} concurrent daemon-like invocations through a fresh gateway to the fake \
          function, which answers `start` and then only a `: keepalive` comment every {} s. \
-         They were opened {OPENING} at a time (one connection each, HTTP/1.1) and all were open \
+         They were opened {OPENING} at a time (one HTTP/1.1 connection each, as the Go daemon \
+         does; the gateway gives the first {} of them connections of their own to the function \
+         and multiplexes the rest over h2c) and all were open \
          at once: the function counted {} open (peak {}), the gateway's `sri_active_streams` \
          said {gauge_open:.0}, and the gateway held {} file descriptors ({} before). After \
          holding them {} s (past one keepalive on every stream): the function {} open, the \
@@ -1284,6 +1339,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
          measurement (default 60 s). {probe_text}. Opening took {:.1} s. VmRSS from `/proc/PID/status`; *before* = after {} \
          small complete streams through the same gateway, with nothing open.\n",
         KEEPALIVE_MS / 1000,
+        connector::client::DEFAULT_DEDICATED_STREAMS,
         fn_open["open"],
         fn_open["peak"],
         fds_open.map_or("?".into(), |n| n.to_string()),
@@ -1301,7 +1357,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
     let _ = writeln!(r, "|---|---:|---:|---:|---:|---:|---|");
     for (i, name) in [
         "gateway (`sri serve`'s router)",
-        "fake function (axum server side of each stream, for scale)",
+        "fake function (hyper h2c server side of each stream, for scale)",
         "bench process (reqwest client side of each stream, for scale)",
     ]
     .iter()
@@ -1328,22 +1384,15 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
             }
         );
     }
-    let sides = per(1, &rss_hold)
-        .into_iter()
-        .chain(per(1, &rss_open))
-        .fold(0f64, f64::max)
-        + per(2, &rss_hold)
-            .into_iter()
-            .chain(per(2, &rss_open))
-            .fold(0f64, f64::max);
     let _ = writeln!(
         r,
         "\n*Per open stream* = (the larger of the two readings with all open − before) / \
-         {streams}. The gateway is both ends at once, the server of the daemon's HTTP/1.1 \
-         connection (axum/hyper, as in the fake function) and the client of the function's \
-         (reqwest/hyper, as in the bench process): those two rows add up to {sides:.1} KiB per \
-         stream, against the gateway's {gw_per:.1} KiB. Closing: the clients dropped their \
+         {streams}. Per stream the gateway holds the server side of the daemon's HTTP/1.1 \
+         connection (hyper's HTTP/1.1 connection, the request's task, the NDJSON rewriter) and, \
+         past the first {}, one stream of the h2c connection to the function that they share \
+         (reqwest/h2; the fake function's row is the server side of those streams). Closing: the clients dropped their \
          connections and {}.\n",
+        connector::client::DEFAULT_DEDICATED_STREAMS,
         match released {
             Some(d) => format!(
                 "the gateway released every upstream stream (function: 0 open, gauge 0) within \

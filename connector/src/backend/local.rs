@@ -323,7 +323,7 @@ impl Backend for LocalBackend {
             .expect("running lock")
             .get(name)
             .and_then(|r| r.target.borrow().clone())
-            .map(Target::http)
+            .map(Target::h2c)
     }
 
     fn wait_target<'a>(&'a self, name: &'a str, within: Duration) -> BoxFuture<'a, Option<Target>> {
@@ -336,7 +336,7 @@ impl Backend for LocalBackend {
                 .target
                 .clone();
             let ready = tokio::time::timeout(within, target.wait_for(|t| t.is_some())).await;
-            ready.ok()?.ok().and_then(|t| t.clone()).map(Target::http)
+            ready.ok()?.ok().and_then(|t| t.clone()).map(Target::h2c)
         }
         .boxed()
     }

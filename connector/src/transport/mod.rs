@@ -1,7 +1,9 @@
 //! How an invocation reaches a function. The gateway and the client library only see a
 //! [`Target`]; the backend that deployed the function decides which kind it is.
 //!
-//! - [`Target::Http`]: plain HTTP to `bootstrap serve` (local backend, other platforms).
+//! - [`Target::Http`]: plain HTTP/1.1 to `bootstrap serve` (other platforms, a proxy between).
+//! - [`Target::H2c`]: HTTP/2 without TLS to a `bootstrap serve` the connector runs itself (the
+//!   local backend): all streams to one function share one connection.
 //! - [`Target::FunctionUrl`]: a Lambda Function URL with `AuthType: AWS_IAM`, so every request
 //!   carries SigV4 (service `lambda`) on top of the SRI v1 signature.
 //! - [`Target::InvokeStream`]: the Lambda API's `InvokeWithResponseStream`, for deployments that
@@ -21,6 +23,16 @@ pub mod sigv4;
 pub enum Target {
     /// A base URL served by `bootstrap serve`.
     Http {
+        /// Base URL (`/invoke` is appended).
+        url: String,
+    },
+    /// A base URL served by `bootstrap serve`, spoken to in HTTP/2 with prior knowledge (h2c).
+    ///
+    /// Every stream to the function then shares one connection, instead of one connection (two
+    /// sockets, two sets of buffers) each: what lets the gateway hold ten thousand idle streams
+    /// cheaply. Only for a `bootstrap serve` reached directly; a proxy in between may not speak
+    /// h2c.
+    H2c {
         /// Base URL (`/invoke` is appended).
         url: String,
     },
@@ -45,12 +57,18 @@ impl Target {
     pub fn http(url: impl Into<String>) -> Self {
         Self::Http { url: url.into() }
     }
+
+    /// An h2c target (see [`Target::H2c`]).
+    pub fn h2c(url: impl Into<String>) -> Self {
+        Self::H2c { url: url.into() }
+    }
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Http { url } => write!(f, "{url}"),
+            Self::H2c { url } => write!(f, "{url} (h2c)"),
             Self::FunctionUrl { url, .. } => write!(f, "{url} (Function URL, SigV4)"),
             Self::InvokeStream {
                 function,
@@ -83,7 +101,7 @@ pub fn invoke_query(action: &str) -> String {
 /// the status says more than AWS's own text; `None` when there is nothing to add.
 pub fn aws_hint(status: u16, target: &Target) -> Option<String> {
     let (permissions, qualified) = match target {
-        Target::Http { .. } => return None,
+        Target::Http { .. } | Target::H2c { .. } => return None,
         Target::FunctionUrl { url, .. } => (
             "lambda:InvokeFunctionUrl and lambda:InvokeFunction",
             url.clone(),
