@@ -113,6 +113,10 @@ pub struct ServeOptions {
     /// `uv` for fast dependency installs (default: `uv` on PATH; pip otherwise).
     #[arg(long, env = "SRI_UV")]
     pub uv: Option<PathBuf>,
+    /// What installs a local function's dependencies: `auto` (uv when there is one, else the
+    /// venv's pip), `uv`, or `pip` (honours pip's own configuration: pip.conf, PIP_INDEX_URL).
+    #[arg(long, env = "SRI_INSTALLER", value_enum, default_value = "auto")]
+    pub installer: Installer,
     /// The daemon's address, handed to functions for backwards invocations.
     #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
     pub daemon_url: Option<String>,
@@ -129,6 +133,17 @@ pub struct ServeOptions {
     /// (lowest latency); further ones share one h2c connection (least memory per stream).
     #[arg(long, env = "SRI_DEDICATED_STREAMS", default_value_t = crate::client::DEFAULT_DEDICATED_STREAMS)]
     pub dedicated_streams: usize,
+}
+
+/// What installs a local function's dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Installer {
+    /// uv when there is one, else pip.
+    Auto,
+    /// uv (`SRI_UV`, or `uv` on PATH).
+    Uv,
+    /// The venv's own pip.
+    Pip,
 }
 
 /// The backends `sri serve` can run.
@@ -413,6 +428,15 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 "the bootstrap binary {} is missing; set SRI_BOOTSTRAP_BIN",
                 bootstrap.display()
             );
+            let uv = match o.installer {
+                Installer::Auto => uv,
+                Installer::Pip => None,
+                Installer::Uv => Some(uv.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "SRI_INSTALLER=uv, but there is no uv: set SRI_UV or put uv on PATH"
+                    )
+                })?),
+            };
             LocalBackend::open(LocalOptions {
                 data_dir: o.data_dir.clone(),
                 bootstrap,

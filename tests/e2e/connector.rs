@@ -740,3 +740,97 @@ async fn the_cli_lists_removes_and_garbage_collects() {
     let (ok, _, err) = sri(&["remove", &name]);
     assert!(!ok && err.contains("no function named"), "{err}");
 }
+
+/// The sample plugin renamed `name`, without requirements.txt and with `pyproject` as its
+/// pyproject.toml when given.
+fn sample_variant(name: &str, pyproject: Option<&str>) -> Package {
+    let mut files: Vec<(String, Vec<u8>)> = collect_dir(&plugin_dir("sample"))
+        .into_iter()
+        .filter(|(p, _)| pyproject.is_none() || p != "requirements.txt")
+        .map(|(p, b)| {
+            if p == "manifest.yaml" {
+                let m = String::from_utf8(b).unwrap();
+                (
+                    p,
+                    m.replace("name: sample", &format!("name: {name}"))
+                        .into_bytes(),
+                )
+            } else {
+                (p, b)
+            }
+        })
+        .collect();
+    if let Some(text) = pyproject {
+        files.push(("pyproject.toml".into(), text.as_bytes().to_vec()));
+    }
+    Package::from_files(&files)
+}
+
+/// A PEP 621 pyproject.toml with the sample's dependency (what `requirements.txt` says).
+const PYPROJECT: &str = r#"[project]
+name = "sample"
+version = "0.1.0"
+requires-python = ">=3.11"
+dependencies = ["dify_plugin>=0.7.4,<0.11"]
+"#;
+
+#[tokio::test]
+async fn dependencies_install_with_pip_or_uv_from_requirements_or_pyproject() {
+    let echo = || tool_data("sample", "echo", json!({"q": "deps"}), Some(DEMO_KEY));
+    // pip (SRI_INSTALLER=pip): requirements.txt, then a plugin with only pyproject.toml.
+    let c = Connector::start_with(
+        harness::sri::ConnectorOptions::default().env("SRI_INSTALLER", "pip"),
+    );
+    let d = daemon(&c);
+    for pkg in [
+        sample_variant("sample-pip", None),
+        sample_variant("sample-pip-pyproject", Some(PYPROJECT)),
+    ] {
+        let (_, endpoint) = launch_ok(&c, &d, &pkg).await;
+        let (sid, o) = call(&d, &endpoint, "invoke_tool", echo()).await;
+        assert_ended(&o, &sid, &c);
+        assert_eq!(o.result().unwrap().len(), 2, "{}", o.transcript());
+    }
+    // A pyproject-only plugin that runs at all had its dependencies installed (there is no
+    // dify_plugin otherwise), and venvs made for pip carry pip (uv's do not).
+    assert_eq!(venvs_with_pip(&c), 2, "both venvs were made for pip");
+    // Dependencies pip cannot be told: a dynamic list is refused, naming the fix.
+    let dynamic = sample_variant(
+        "sample-dynamic",
+        Some("[project]\nname = \"x\"\nversion = \"0\"\ndynamic = [\"dependencies\"]\n"),
+    );
+    let o = d.launch_package(&dynamic, false).await.expect("HTTP 200");
+    assert_stream_clean(&o, &c);
+    assert!(
+        o.failures()
+            .iter()
+            .any(|m| m.contains("dynamic") && m.contains("requirements.txt")),
+        "{}",
+        o.transcript()
+    );
+    assert!(o.installed.is_none(), "{}", o.transcript());
+    drop(c);
+
+    // uv (the default when there is one): the pyproject-only plugin too.
+    let c = Connector::start();
+    let d = daemon(&c);
+    let (_, endpoint) = launch_ok(
+        &c,
+        &d,
+        &sample_variant("sample-uv-pyproject", Some(PYPROJECT)),
+    )
+    .await;
+    let (sid, o) = call(&d, &endpoint, "invoke_tool", echo()).await;
+    assert_ended(&o, &sid, &c);
+    assert_eq!(venvs_with_pip(&c), 0, "the venv was made by uv");
+}
+
+/// How many of the connector's functions have a venv with its own pip.
+fn venvs_with_pip(c: &Connector) -> usize {
+    let functions = c.data_dir().join("functions");
+    std::fs::read_dir(&functions)
+        .unwrap_or_else(|e| panic!("{}: {e}", functions.display()))
+        .filter_map(Result::ok)
+        .filter(|f| f.path().join("venv/bin/pip").exists())
+        .count()
+}

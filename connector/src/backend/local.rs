@@ -183,46 +183,39 @@ impl LocalBackend {
         };
         run(&mut create, "creating the virtualenv").await?;
         let python = venv.join("bin").join("python");
-        let reqs = if plugin.join("requirements.txt").exists() {
-            Some(plugin.join("requirements.txt"))
-        } else if plugin.join("pyproject.toml").exists() {
-            Some(plugin.join("pyproject.toml"))
-        } else {
-            None
-        };
-        if let Some(reqs) = reqs {
-            let file = reqs
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let _ = progress.send(("build", format!("installing dependencies from {file}")));
-            let mut install = match &self.opts.uv {
-                Some(uv) => {
-                    let mut c = Command::new(uv);
-                    c.args(["pip", "install", "--quiet", "--python"])
-                        .arg(&python)
-                        .arg("-r")
-                        .arg(&reqs);
-                    c
+        match crate::packaging::wheels::Requirements::find(&plugin) {
+            crate::packaging::wheels::Requirements::None => {}
+            crate::packaging::wheels::Requirements::Txt(reqs) => {
+                let _ = progress.send((
+                    "build",
+                    "installing dependencies from requirements.txt".into(),
+                ));
+                let mut install = self.installer(&venv, &python);
+                install.arg("-r").arg(&reqs);
+                run(
+                    &mut install,
+                    "installing the dependencies from requirements.txt",
+                )
+                .await?;
+            }
+            crate::packaging::wheels::Requirements::Pyproject(path) => {
+                // pip cannot read pyproject.toml as a requirements file (uv can), so the list is
+                // read here and handed to either installer alike.
+                let deps = pyproject_dependencies(&path)?;
+                let _ = progress.send((
+                    "build",
+                    format!("installing {} dependencies from pyproject.toml", deps.len()),
+                ));
+                if !deps.is_empty() {
+                    let mut install = self.installer(&venv, &python);
+                    install.args(&deps);
+                    run(
+                        &mut install,
+                        "installing the dependencies from pyproject.toml",
+                    )
+                    .await?;
                 }
-                None if file == "pyproject.toml" => {
-                    return Err(Error::Backend(
-                        "the plugin has only pyproject.toml; install uv (SRI_UV) to read its dependencies".into(),
-                    ));
-                }
-                None => {
-                    let mut c = Command::new(venv.join("bin").join("pip"));
-                    c.args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-                        .arg(&reqs);
-                    c
-                }
-            };
-            run(
-                &mut install,
-                &format!("installing the dependencies from {file}"),
-            )
-            .await?;
+            }
         }
         let meta = Meta {
             function: Function {
@@ -239,6 +232,23 @@ impl LocalBackend {
         tokio::fs::write(tmp.join("meta.json"), meta)
             .await
             .map_err(|e| io("writing meta.json".into(), e))
+    }
+
+    /// `uv pip install` into the venv, or its own pip when there is no uv; arguments follow.
+    fn installer(&self, venv: &Path, python: &Path) -> Command {
+        match &self.opts.uv {
+            Some(uv) => {
+                let mut c = Command::new(uv);
+                c.args(["pip", "install", "--quiet", "--python"])
+                    .arg(python);
+                c
+            }
+            None => {
+                let mut c = Command::new(venv.join("bin").join("pip"));
+                c.args(["install", "--quiet", "--disable-pip-version-check"]);
+                c
+            }
+        }
     }
 
     async fn stop_function(&self, name: &str) {
@@ -655,6 +665,78 @@ async fn run(cmd: &mut Command, what: &str) -> Result<(), Error> {
     )))
 }
 
+/// `[project] dependencies` of a pyproject.toml (PEP 621), as requirement strings.
+pub fn pyproject_dependencies(path: &Path) -> Result<Vec<String>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Pyproject {
+        project: Option<Project>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Project {
+        #[serde(default)]
+        dependencies: Vec<String>,
+        #[serde(default)]
+        dynamic: Vec<String>,
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| io(format!("reading {}", path.display()), e))?;
+    let parsed: Pyproject = toml::from_str(&text).map_err(|e| {
+        Error::Package(format!(
+            "pyproject.toml is not a valid PEP 621 file: {}",
+            e.message()
+        ))
+    })?;
+    let project = parsed.project.ok_or_else(|| {
+        Error::Package(
+            "pyproject.toml has no [project] table: list the plugin's dependencies in \
+             [project] dependencies, or ship a requirements.txt"
+                .into(),
+        )
+    })?;
+    if project.dynamic.iter().any(|d| d == "dependencies") {
+        return Err(Error::Package(
+            "pyproject.toml declares its dependencies dynamic; list them in [project] \
+             dependencies, or ship a requirements.txt"
+                .into(),
+        ));
+    }
+    Ok(project.dependencies)
+}
+
 fn io(context: String, e: std::io::Error) -> Error {
     Error::Backend(format!("{context}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pyproject_dependencies;
+
+    fn deps(text: &str) -> Result<Vec<String>, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "sri-pyproject-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pyproject.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = pyproject_dependencies(&path).map_err(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+        out
+    }
+
+    #[test]
+    fn pyproject_dependencies_are_read_or_refused_with_the_fix() {
+        assert_eq!(
+            deps("[project]\nname = \"p\"\ndependencies = [\"dify_plugin>=0.9\", \"httpx\"]\n"),
+            Ok(vec!["dify_plugin>=0.9".to_owned(), "httpx".to_owned()])
+        );
+        assert_eq!(deps("[project]\nname = \"p\"\n"), Ok(vec![]));
+        let no_project = deps("[tool.uv]\ndev-dependencies = []\n").unwrap_err();
+        assert!(no_project.contains("no [project] table"), "{no_project}");
+        let invalid = deps("[project\nname = ").unwrap_err();
+        assert!(invalid.contains("not a valid PEP 621 file"), "{invalid}");
+        let dynamic = deps("[project]\nname = \"p\"\ndynamic = [\"dependencies\"]\n").unwrap_err();
+        assert!(dynamic.contains("requirements.txt"), "{dynamic}");
+    }
 }
