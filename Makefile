@@ -57,7 +57,7 @@ demo: tools ## sri serve + local backend: launch the sample plugin, stream a too
 
 bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector + packaging runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
-	$(CARGO) build --profile dist --locked -p sri-bootstrap
+	$(CARGO) build --profile dist --locked -p sri-bootstrap --no-default-features
 	$(CARGO) run --release --locked -p sri-tests --example bench
 	$(CARGO) run --release --locked -p sri-tests --example bench_connector
 	$(MAKE) lambda-bootstrap
@@ -65,8 +65,8 @@ bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s boots
 	  $(CARGO) run --release --locked -p sri-tests --example bench_packaging
 
 lambda-bootstrap: tools ## the bootstrap for arm64 and x86_64 (dist profile) into target/lambda/<arch>/bootstrap, what `sri package` ships
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --bin bootstrap --arm64 --lambda-dir target/lambda/arm64 --flatten bootstrap
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --bin bootstrap --x86-64 --lambda-dir target/lambda/x86_64 --flatten bootstrap
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --no-default-features --bin bootstrap --arm64 --lambda-dir target/lambda/arm64 --flatten bootstrap
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(CARGO_LAMBDA) lambda build --profile dist --locked -p sri-bootstrap --no-default-features --bin bootstrap --x86-64 --lambda-dir target/lambda/x86_64 --flatten bootstrap
 
 $(LWA_STAMP):
 	$(CARGO) install --locked lambda_web_adapter --version $(LWA_VERSION) --root $(TOOLS)/lwa

@@ -34,7 +34,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/bootstrap /out/bootstrap \
  && for arch in arm64 x86_64; do \
       flag=$([ "$arch" = arm64 ] && echo --arm64 || echo --x86-64); \
-      cargo lambda build --locked --profile dist -p sri-bootstrap --bin bootstrap "$flag" \
+      cargo lambda build --locked --profile dist -p sri-bootstrap --no-default-features --bin bootstrap "$flag" \
         --lambda-dir "target/lambda/$arch" --flatten bootstrap \
       && install -D -m 0755 "target/lambda/$arch/bootstrap" "/out/lambda/$arch/bootstrap"; \
     done

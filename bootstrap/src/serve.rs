@@ -5,9 +5,9 @@
 //! binary). Accepts chunked and `Content-Length` bodies alike (the Dify daemon sends chunked
 //! ones), sets TCP_NODELAY on every connection, and lets in-flight streams finish on shutdown.
 //!
-//! Speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port: the connector's local
-//! backend multiplexes every stream to a function over one h2c connection, other callers keep
-//! HTTP/1.1.
+//! With the `h2c` feature (default; Lambda builds leave it out) it speaks HTTP/1.1 and HTTP/2
+//! with prior knowledge on the same port: the connector's local backend multiplexes streams to a
+//! function over one h2c connection, other callers keep HTTP/1.1.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -16,8 +16,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,9 +32,11 @@ use crate::invocation::{Frame as ReplyFrame, Handler, Reply, ReplyBody, Request 
 const DRAIN: Duration = Duration::from_secs(10);
 
 /// The h2c connection's receive window (request bodies).
+#[cfg(feature = "h2c")]
 const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// The largest h2c frame accepted (request bodies run to megabytes).
+#[cfg(feature = "h2c")]
 const H2_MAX_FRAME: u32 = 256 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -59,15 +60,22 @@ pub async fn serve(
     })?;
     tracing::info!(listen = %local, "serving SRI v1");
     let graceful = GracefulShutdown::new();
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http2()
-        // Streams are what callers open here, one per invocation, as HTTP/1.1 callers open
-        // connections: no cap below the process's own limits (hyper's default is 200).
-        .max_concurrent_streams(None)
-        // Request bodies are read whole and at once; a larger connection window keeps
-        // concurrent uploads from queueing behind one another.
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_frame_size(H2_MAX_FRAME);
+    #[cfg(feature = "h2c")]
+    let http = {
+        let mut http =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        http.http2()
+            // Streams are what callers open here, one per invocation, as HTTP/1.1 callers
+            // open connections: no cap below the process's own limits (hyper's default is 200).
+            .max_concurrent_streams(None)
+            // Request bodies are read whole and at once; a larger connection window keeps
+            // concurrent uploads from queueing behind one another.
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_frame_size(H2_MAX_FRAME);
+        http
+    };
+    #[cfg(not(feature = "h2c"))]
+    let http = hyper::server::conn::http1::Builder::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -83,7 +91,10 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let handler = handler.clone();
                 let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service).into_owned());
+                let conn = http.serve_connection(TokioIo::new(tcp), service);
+                #[cfg(feature = "h2c")]
+                let conn = conn.into_owned();
+                let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");

@@ -76,6 +76,8 @@ pub fn lambda_bootstrap(arch: &str) -> PathBuf {
                 "build",
                 "-p",
                 "sri-bootstrap",
+                // As shipped: Lambda builds leave out `bootstrap serve`'s h2c.
+                "--no-default-features",
                 "--bin",
                 "bootstrap",
                 flag,
