@@ -147,6 +147,9 @@ impl Handler {
             "generation": h.generation,
             "invocations": self.invocations.load(std::sync::atomic::Ordering::Relaxed),
             "active_sessions": self.supervisor.current().active_sessions(),
+            // Whether `bootstrap serve` also takes HTTP/2 with prior knowledge (the connector
+            // multiplexes streams over it when it does).
+            "h2c": cfg!(feature = "h2c"),
         });
         if let Some(reason) = h.reason {
             body["reason"] = Value::String(self.redactor.redact(&reason));

@@ -50,7 +50,7 @@ struct Meta {
 
 struct Running {
     meta: Meta,
-    target: watch::Receiver<Option<String>>,
+    target: watch::Receiver<Option<Target>>,
     stop: watch::Sender<bool>,
 }
 
@@ -98,7 +98,7 @@ impl LocalBackend {
     }
 
     /// Starts and supervises `bootstrap serve` for a built function.
-    fn start(&self, meta: Meta, dir: &Path) -> watch::Receiver<Option<String>> {
+    fn start(&self, meta: Meta, dir: &Path) -> watch::Receiver<Option<Target>> {
         let (target_tx, target_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = watch::channel(false);
         let name = meta.function.name.clone();
@@ -333,7 +333,6 @@ impl Backend for LocalBackend {
             .expect("running lock")
             .get(name)
             .and_then(|r| r.target.borrow().clone())
-            .map(Target::h2c)
     }
 
     fn wait_target<'a>(&'a self, name: &'a str, within: Duration) -> BoxFuture<'a, Option<Target>> {
@@ -346,7 +345,7 @@ impl Backend for LocalBackend {
                 .target
                 .clone();
             let ready = tokio::time::timeout(within, target.wait_for(|t| t.is_some())).await;
-            ready.ok()?.ok().and_then(|t| t.clone()).map(Target::h2c)
+            ready.ok()?.ok().and_then(|t| t.clone())
         }
         .boxed()
     }
@@ -444,7 +443,7 @@ async fn supervise(
     opts: LocalOptions,
     dir: PathBuf,
     name: String,
-    target: watch::Sender<Option<String>>,
+    target: watch::Sender<Option<Target>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
@@ -492,10 +491,10 @@ async fn supervise(
             _ => None,
         };
         if let Some(base) = &base
-            && wait_healthy(base, opts.ready_timeout, &mut stop).await
+            && let Some(ready) = wait_healthy(base, opts.ready_timeout, &mut stop).await
         {
-            tracing::info!(function = %name, target = %base, "function ready");
-            let _ = target.send(Some(base.clone()));
+            tracing::info!(function = %name, target = %ready, "function ready");
+            let _ = target.send(Some(ready));
         }
         tokio::select! {
             status = child.wait() => {
@@ -521,26 +520,38 @@ async fn supervise(
     }
 }
 
-async fn wait_healthy(base: &str, within: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+/// Waits until the bootstrap at `base` is ready, and says how to reach it: h2c when its health
+/// says it speaks it (a bootstrap built without the `h2c` feature, as Lambda builds are, does
+/// not), plain HTTP/1.1 otherwise. `None`: it did not become ready.
+async fn wait_healthy(
+    base: &str,
+    within: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Target> {
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let stopped = *stop.borrow();
         if stopped || tokio::time::Instant::now() >= deadline {
-            return false;
+            return None;
         }
         if let Ok(r) = client.get(format!("{base}/health")).send().await {
-            if r.status().is_success() {
-                return true;
+            let ok = r.status().is_success();
+            let body = r.bytes().await.unwrap_or_default();
+            let v = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+            if ok {
+                return Some(if v["h2c"] == true {
+                    Target::h2c(base)
+                } else {
+                    Target::http(base)
+                });
             }
             // A plugin that failed to start will not recover by waiting.
-            let body = r.bytes().await.unwrap_or_default();
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
-                && v["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("failed to start") || s.contains("exited before"))
+            if v["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("failed to start") || s.contains("exited before"))
             {
-                return false;
+                return None;
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -709,7 +720,31 @@ fn io(context: String, e: std::io::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::pyproject_dependencies;
+    use super::{Target, pyproject_dependencies, wait_healthy};
+
+    /// A bootstrap that says it speaks h2c is reached over h2c; one that does not (a Lambda
+    /// build, or an older one) over HTTP/1.1.
+    #[tokio::test]
+    async fn the_transport_follows_what_the_bootstraps_health_says() {
+        for (health, want) in [
+            (
+                r#"{"status":"ok","h2c":true}"#,
+                Target::h2c as fn(String) -> Target,
+            ),
+            (r#"{"status":"ok","h2c":false}"#, Target::http),
+            (r#"{"status":"ok"}"#, Target::http),
+        ] {
+            let app = axum::Router::new()
+                .route("/health", axum::routing::get(move || async move { health }));
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", l.local_addr().unwrap());
+            let server = tokio::spawn(async move { axum::serve(l, app).await });
+            let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+            let got = wait_healthy(&base, std::time::Duration::from_secs(10), &mut stop).await;
+            assert_eq!(got, Some(want(base.clone())), "health {health}");
+            server.abort();
+        }
+    }
 
     fn deps(text: &str) -> Result<Vec<String>, String> {
         let dir = std::env::temp_dir().join(format!(
