@@ -16,8 +16,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,7 +57,6 @@ pub async fn serve(
         source: e,
     })?;
     tracing::info!(listen = %local, "serving SRI v1");
-    let graceful = GracefulShutdown::new();
     #[cfg(feature = "h2c")]
     let http = {
         let mut http =
@@ -76,43 +73,17 @@ pub async fn serve(
     };
     #[cfg(not(feature = "h2c"))]
     let http = hyper::server::conn::http1::Builder::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let tcp = match accepted {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                // Small SSE writes must not wait for delayed ACKs.
-                let _ = tcp.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
-                let conn = http.serve_connection(TokioIo::new(tcp), service);
-                #[cfg(feature = "h2c")]
-                let conn = conn.into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "streams still open {} s after shutdown; closing them",
-            DRAIN.as_secs()
-        );
-    }
+    connector::accept::serve_until(listener, shutdown, DRAIN, |io| {
+        let handler = handler.clone();
+        let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
+        // The h2c-or-HTTP/1.1 connection borrows its builder unless made owned.
+        #[cfg(feature = "h2c")]
+        let conn = http.serve_connection(io, service).into_owned();
+        #[cfg(not(feature = "h2c"))]
+        let conn = http.serve_connection(io, service);
+        conn
+    })
+    .await;
     Ok(())
 }
 

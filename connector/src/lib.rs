@@ -4,6 +4,8 @@
 //! connector and a plugin function. It has no AWS or server dependencies so that the
 //! `bootstrap` binary can use it with `default-features = false`; the protocol exists once.
 
+#[cfg(feature = "accept")]
+pub mod accept;
 #[cfg(feature = "lambda")]
 pub mod aws;
 #[cfg(feature = "server")]

@@ -105,53 +105,21 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioTimer;
     let local = listener
         .local_addr()
         .map_err(|e| Error::Backend(e.to_string()))?;
     tracing::info!(listen = %local, "sri listening");
     let backend = state.backend.clone();
     let app = router(state);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // The timer lets hyper drop connections that never finish sending their request head.
     http.timer(TokioTimer::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let tcp = match accepted {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => {
-                        // Out of descriptors, typically: keep serving the open streams.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Small NDJSON writes must not wait for delayed ACKs.
-                let _ = tcp.set_nodelay(true);
-                let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "streams still open {} s after shutdown; closing them",
-            DRAIN.as_secs()
-        );
-    }
+    crate::accept::serve_until(listener, shutdown, DRAIN, |io| {
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        http.serve_connection(io, service)
+    })
+    .await;
     backend.shutdown().await;
     Ok(())
 }

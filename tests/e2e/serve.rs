@@ -401,13 +401,7 @@ async fn the_connectors_client_multiplexes_sessions_over_h2c() {
     // One stream held open half-read, then dropped, while the others run.
     let sid = session_id("dropped");
     let params = json!({"n": 50, "delay_ms": 100, "prefix": "gone"});
-    let mut dropped = client
-        .invoke_target(
-            &target,
-            "invoke_tool",
-            envelope(&sid, tool_data("sample", "stream", params, None)),
-            None,
-        )
+    let mut dropped = stream_tool(&client, &target, &sid, params)
         .await
         .expect("the held stream starts");
     let first = bounded("the held stream's first event", dropped.next()).await;
@@ -419,13 +413,7 @@ async fn the_connectors_client_multiplexes_sessions_over_h2c() {
             let sid = session_id(&format!("h{i}"));
             let prefix = format!("h{i}");
             let params = json!({"n": 6, "delay_ms": 5, "prefix": prefix});
-            let events: Vec<_> = client
-                .invoke_target(
-                    &target,
-                    "invoke_tool",
-                    envelope(&sid, tool_data("sample", "stream", params, None)),
-                    None,
-                )
+            let events: Vec<_> = stream_tool(&client, &target, &sid, params)
                 .await
                 .unwrap_or_else(|e| panic!("session {sid}: {e}"))
                 .collect()
@@ -463,6 +451,19 @@ async fn the_connectors_client_multiplexes_sessions_over_h2c() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// The sample's `stream` tool with `params` in session `sid`, through the connector's client.
+async fn stream_tool(
+    client: &connector::client::Client,
+    target: &connector::transport::Target,
+    sid: &str,
+    params: Value,
+) -> Result<connector::client::EventStream, connector::client::InvokeError> {
+    let body = envelope(sid, tool_data("sample", "stream", params, None));
+    client
+        .invoke_target(target, "invoke_tool", body, None)
+        .await
 }
 
 /// `f`, or a panic naming `what` after 60 s.
