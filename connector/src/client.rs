@@ -159,6 +159,8 @@ impl Client {
             .build()
             .expect("HTTP client builds");
         let h2c = builder()
+            // Plain HTTP only: no need to load the system's root certificates (disk I/O).
+            .tls_built_in_root_certs(false)
             .http2_prior_knowledge()
             // Streams share the connection's flow-control window: a few daemons reading slowly
             // must not stall every other stream to the function, so the connection window is
@@ -497,11 +499,17 @@ impl Lanes {
         }
         let count = {
             let mut open = self.open.lock().expect("lanes lock");
-            if open.len() >= 1024 {
-                // Functions come and go (a restarted one gets a new port): forget idle ones.
-                open.retain(|_, n| n.load(Ordering::Acquire) > 0);
+            match open.get(url) {
+                Some(n) => n.clone(),
+                None => {
+                    if open.len() >= 1024 {
+                        // Functions come and go (a restarted one gets a new port): forget idle
+                        // ones.
+                        open.retain(|_, n| n.load(Ordering::Acquire) > 0);
+                    }
+                    open.entry(url.to_owned()).or_default().clone()
+                }
             }
-            open.entry(url.to_owned()).or_default().clone()
         };
         if count.fetch_add(1, Ordering::AcqRel) < self.limit {
             Some(Lane(count))

@@ -22,6 +22,7 @@ use crate::transport::Target;
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
 use crate::package::Package;
+use crate::packaging::wheels::Requirements;
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -183,9 +184,9 @@ impl LocalBackend {
         };
         run(&mut create, "creating the virtualenv").await?;
         let python = venv.join("bin").join("python");
-        match crate::packaging::wheels::Requirements::find(&plugin) {
-            crate::packaging::wheels::Requirements::None => {}
-            crate::packaging::wheels::Requirements::Txt(reqs) => {
+        match Requirements::find(&plugin) {
+            Requirements::None => {}
+            Requirements::Txt(reqs) => {
                 let _ = progress.send((
                     "build",
                     "installing dependencies from requirements.txt".into(),
@@ -198,7 +199,7 @@ impl LocalBackend {
                 )
                 .await?;
             }
-            crate::packaging::wheels::Requirements::Pyproject(path) => {
+            Requirements::Pyproject(path) => {
                 // pip cannot read pyproject.toml as a requirements file (uv can), so the list is
                 // read here and handed to either installer alike.
                 let deps = pyproject_dependencies(&path)?;
@@ -677,7 +678,7 @@ async fn run(cmd: &mut Command, what: &str) -> Result<(), Error> {
 }
 
 /// `[project] dependencies` of a pyproject.toml (PEP 621), as requirement strings.
-pub fn pyproject_dependencies(path: &Path) -> Result<Vec<String>, Error> {
+fn pyproject_dependencies(path: &Path) -> Result<Vec<String>, Error> {
     #[derive(serde::Deserialize)]
     struct Pyproject {
         project: Option<Project>,
