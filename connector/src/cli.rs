@@ -1,7 +1,6 @@
 //! The `sri` command line: `serve`, and the same operations from a terminal (`package`,
 //! `deploy`, `invoke`, `list`, `remove`, `gc`) against a running `sri serve`.
 
-use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -17,7 +16,7 @@ use crate::backend::local::{LocalBackend, LocalOptions};
 use crate::client::{Client, ClientOptions};
 use crate::launch::Launcher;
 use crate::logging::{LogFormat, parse_log_format};
-use crate::package::{DEFAULT_MAX_PACKAGE_BYTES, Package};
+use crate::package::Package;
 use crate::packaging::{self, Arch, PythonVersion, Target};
 use crate::protocol::signing::KeyRing;
 use crate::secret::{self, Secret};
@@ -120,9 +119,13 @@ pub struct ServeOptions {
     /// The daemon's address, handed to functions for backwards invocations.
     #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
     pub daemon_url: Option<String>,
-    /// Largest package accepted.
-    #[arg(long, env = "MAX_PLUGIN_PACKAGE_SIZE", default_value_t = DEFAULT_MAX_PACKAGE_BYTES)]
-    pub max_package_bytes: usize,
+    /// What a package may expand to (the intake's limits).
+    #[command(flatten)]
+    pub intake: crate::intake::Limits,
+    /// Refuse packages whose signature the daemon did not verify (pair with the daemon's
+    /// `FORCE_VERIFYING_SIGNATURE`).
+    #[arg(long, env = "SRI_REQUIRE_VERIFIED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_verified: bool,
     /// Largest invoke body accepted.
     #[arg(long, env = "MAX_SERVERLESS_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -469,6 +472,9 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
             .await?
         }
     };
+    // The connector owns this directory: whatever an interrupted intake left there goes.
+    let intake = crate::intake::Intake::new(o.intake.clone(), o.data_dir.join("intake"))?;
+    intake.sweep();
     let launcher = Arc::new(Launcher::new(backend.clone(), public_url));
     let state = Arc::new(AppState {
         backend,
@@ -476,7 +482,8 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         client,
         metrics: Default::default(),
         api_key: o.api_key.0,
-        max_package_bytes: o.max_package_bytes,
+        intake: Arc::new(intake),
+        require_verified: o.require_verified,
         max_request_bytes: o.max_request_bytes,
         start_wait: Duration::from_secs(o.ready_timeout_secs),
     });
@@ -518,60 +525,10 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Reads a `.difypkg`, or packs a plugin directory the way the daemon can checksum it (files
-/// only, no directory entries; `__pycache__` and `.venv` left out).
+/// Reads a `.difypkg`, or packs a plugin directory the way the daemon can checksum it
+/// ([`crate::package::load`]).
 pub fn load(path: &Path) -> Result<Package, Error> {
-    let bytes = if path.is_dir() {
-        pack_dir(path)?
-    } else {
-        std::fs::read(path)
-            .map_err(|e| Error::Package(format!("cannot read {}: {e}", path.display())))?
-    };
-    Package::read(Bytes::from(bytes), DEFAULT_MAX_PACKAGE_BYTES)
-}
-
-fn pack_dir(dir: &Path) -> Result<Vec<u8>, Error> {
-    use std::io::Write;
-    let mut files = Vec::new();
-    collect(dir, dir, &mut files)?;
-    files.sort();
-    let mut buf = std::io::Cursor::new(Vec::new());
-    let mut zip = zip::ZipWriter::new(&mut buf);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for rel in files {
-        let content =
-            std::fs::read(dir.join(&rel)).map_err(|e| Error::Package(format!("{rel}: {e}")))?;
-        zip.start_file(rel.as_str(), opts)
-            .map_err(|e| Error::Package(e.to_string()))?;
-        zip.write_all(&content)
-            .map_err(|e| Error::Package(e.to_string()))?;
-    }
-    zip.finish().map_err(|e| Error::Package(e.to_string()))?;
-    Ok(buf.into_inner())
-}
-
-fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::Package(format!("{}: {e}", dir.display())))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if matches!(name.as_str(), "__pycache__" | ".venv" | ".git") {
-            continue;
-        }
-        let path = entry.path();
-        if path.is_dir() {
-            collect(root, &path, out)?;
-        } else {
-            let rel = path
-                .strip_prefix(root)
-                .expect("below root")
-                .to_string_lossy()
-                .into_owned();
-            out.push(rel);
-        }
-    }
-    Ok(())
+    crate::package::load(path)
 }
 
 fn request(remote: &Remote, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -18,6 +18,8 @@ pub mod error;
 #[cfg(feature = "server")]
 pub mod gateway;
 #[cfg(feature = "server")]
+pub mod intake;
+#[cfg(feature = "server")]
 pub mod launch;
 #[cfg(feature = "logging")]
 pub mod logging;

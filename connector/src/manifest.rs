@@ -91,10 +91,14 @@ impl Manifest {
                 "`meta.runner.entrypoint` `{entrypoint}` is not a Python module name"
             ));
         }
+        let author = field(raw.author, "author")?;
+        let name = field(raw.name, "name")?;
+        let version = field(raw.version.and_then(scalar), "version")?;
+        check_identity(&author, &name, &version)?;
         Ok(Self {
-            author: field(raw.author, "author")?,
-            name: field(raw.name, "name")?,
-            version: field(raw.version.and_then(scalar), "version")?,
+            author,
+            name,
+            version,
             entrypoint,
             python_version: runner.version.and_then(scalar),
         })
@@ -104,6 +108,54 @@ impl Manifest {
     pub fn identity(&self) -> String {
         format!("{}/{}:{}", self.author, self.name, self.version)
     }
+}
+
+/// Checks a plugin's identity against the daemon's own patterns (`AuthorRegex`,
+/// `PluginNameRegex` and the version part of the unique identifier's regex in the daemon's
+/// `pkg/entities/plugin_entities/`): a package the daemon would refuse is refused here too,
+/// and nothing else can reach a function name, a path or a log line through these fields.
+pub fn check_identity(author: &str, name: &str, version: &str) -> Result<(), String> {
+    let word = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    let shown = |s: &str| s.chars().flat_map(char::escape_debug).take(140).collect::<String>();
+    if author.is_empty() || author.len() > 64 || !word(author) {
+        return Err(format!(
+            "`author` `{}` must be 1 to 64 of a-z, 0-9, `_` and `-` (the daemon's rule)",
+            shown(author)
+        ));
+    }
+    if name.is_empty() || name.len() > 128 || !word(name) {
+        return Err(format!(
+            "`name` `{}` must be 1 to 128 of a-z, 0-9, `_` and `-` (the daemon's rule)",
+            shown(name)
+        ));
+    }
+    if !is_version(version) {
+        return Err(format!(
+            "`version` `{}` must look like 1.2.3 or 1.2.3-beta1: 2 to 4 numbers of 1 to 4 \
+             digits, and an optional suffix of 1 to 16 letters, digits or `_` (the daemon's rule)",
+            shown(version)
+        ));
+    }
+    Ok(())
+}
+
+/// `^[0-9]{1,4}(\.[0-9]{1,4}){1,3}(-\w{1,16})?$`, the daemon's version pattern.
+fn is_version(v: &str) -> bool {
+    let (numbers, suffix) = match v.split_once('-') {
+        Some((n, s)) => (n, Some(s)),
+        None => (v, None),
+    };
+    let parts: Vec<&str> = numbers.split('.').collect();
+    (2..=4).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| (1..=4).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && suffix.is_none_or(|s| {
+            (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -118,6 +170,10 @@ mod tests {
         assert_eq!(m.identity(), "sri/sample:0.1.0");
         assert_eq!(m.entrypoint, "main");
         assert_eq!(m.python_version.as_deref(), Some("3.12"));
+        for v in ["0.0.1", "1.2", "1.2.3.4", "1.0.0-beta_1", "2025.1.1"] {
+            assert!(is_version(v), "{v}");
+        }
+        check_identity("acme-foo", "foo_bar", "1.0.0").unwrap();
     }
 
     #[test]
@@ -134,6 +190,17 @@ mod tests {
             ),
             (OK.replace("author: sri\n", ""), "`author` is missing"),
             ("meta: [".to_string(), "not valid YAML"),
+            (OK.replace("author: sri", "author: Sri"), "`author` `Sri`"),
+            (OK.replace("author: sri", "author: \"a/../b\""), "`author`"),
+            (OK.replace("name: sample", "name: foo.bar"), "`name` `foo.bar`"),
+            (
+                OK.replace("name: sample", &format!("name: {}", "n".repeat(129))),
+                "1 to 128",
+            ),
+            (OK.replace("version: 0.1.0", "version: 1"), "`version` `1`"),
+            (OK.replace("version: 0.1.0", "version: 1.2.3.4.5"), "`version`"),
+            (OK.replace("version: 0.1.0", "version: 1.2.3-b@d"), "`version`"),
+            (OK.replace("version: 0.1.0", "version: 12345.0"), "`version`"),
         ] {
             let err = Manifest::parse(&text).unwrap_err();
             assert!(err.contains(needle), "{err}");

@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, Function};
 use crate::client::Client;
+use crate::intake::Intake;
 use crate::launch::{Launcher, StageLine};
 use crate::metrics::{Metrics, ResultLabel};
-use crate::package::{self, Package};
+use crate::package;
 use crate::{Error, gateway};
 
 /// The variable holding the control-plane API key.
@@ -39,8 +40,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The control plane's key.
     pub api_key: String,
-    /// Largest package.
-    pub max_package_bytes: usize,
+    /// The package intake (limits, unpack directory, concurrency).
+    pub intake: Arc<Intake>,
+    /// Refuse packages whose signature the daemon did not verify (`SRI_REQUIRE_VERIFIED`).
+    pub require_verified: bool,
     /// Largest invoke body.
     pub max_request_bytes: usize,
     /// How long an invocation waits for a function that is (re)starting.
@@ -54,7 +57,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runner/instances", get(instances))
         .route(
             "/v1/launch",
-            post(launch).layer(DefaultBodyLimit::max(state.max_package_bytes + 1024 * 1024)),
+            post(launch).layer(DefaultBodyLimit::max(
+                state.intake.limits().max_package_bytes + 1024 * 1024,
+            )),
         )
         .route("/v1/functions/{name}", delete(remove))
         .route("/v1/gc", post(gc))
@@ -195,14 +200,22 @@ async fn instances(
 
 async fn launch(State(s): State<Arc<AppState>>, mut form: Multipart) -> Response {
     let mut context: Option<Bytes> = None;
+    let mut filename: Option<String> = None;
+    let mut metadata: Option<String> = None;
     let mut verified = false;
     loop {
         match form.next_field().await {
             Ok(Some(field)) => {
                 let name = field.name().unwrap_or_default().to_owned();
+                if name == "context" {
+                    filename = field.file_name().map(str::to_owned);
+                }
                 match field.bytes().await {
                     Ok(b) if name == "context" => context = Some(b),
                     Ok(b) if name == "verified" => verified = b.as_ref() == b"true",
+                    Ok(b) if name == "metadata" => {
+                        metadata = Some(String::from_utf8_lossy(&b).into_owned())
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         return lines(vec![failed(
@@ -227,16 +240,31 @@ async fn launch(State(s): State<Arc<AppState>>, mut form: Multipart) -> Response
             "the upload has no `context` part holding the .difypkg",
         )]);
     };
-    let pkg = match Package::read(bytes, s.max_package_bytes) {
+    let refused = |message: String| {
+        s.metrics
+            .launches
+            .get_or_create(&ResultLabel {
+                result: "failed".into(),
+            })
+            .inc();
+        lines(vec![failed("healthz", &message)])
+    };
+    if s.require_verified && !verified {
+        return refused(
+            "the daemon did not verify this package's signature, and SRI_REQUIRE_VERIFIED=true \
+             refuses unverified packages; install it from the marketplace or a signed package, \
+             or set SRI_REQUIRE_VERIFIED=false"
+                .into(),
+        );
+    }
+    let pkg = match s.intake.read(bytes).await.and_then(|p| {
+        p.check_claims(filename.as_deref(), metadata.as_deref())
+            .map(|()| p)
+    }) {
         Ok(p) => p,
         Err(e) => {
-            s.metrics
-                .launches
-                .get_or_create(&ResultLabel {
-                    result: "failed".into(),
-                })
-                .inc();
-            return lines(vec![failed("healthz", &e.to_string())]);
+            tracing::warn!(error = %e, "package refused");
+            return refused(e.to_string());
         }
     };
     tracing::info!(identifier = %pkg.unique_identifier(), verified, "launch requested");

@@ -160,7 +160,10 @@ async fn start_gateway(target: String) -> String {
         client: Client::new(ring(), fast()),
         metrics: Default::default(),
         api_key: "key".into(),
-        max_package_bytes: 1 << 20,
+        intake: Arc::new(
+            connector::intake::Intake::new(Default::default(), std::env::temp_dir()).unwrap(),
+        ),
+        require_verified: false,
         max_request_bytes: 1 << 20,
         start_wait: Duration::from_millis(100),
     });

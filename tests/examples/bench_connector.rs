@@ -252,7 +252,10 @@ fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
             ),
             metrics: Default::default(),
             api_key: "bench".into(),
-            max_package_bytes: 52_428_800,
+            intake: Arc::new(
+                connector::intake::Intake::new(Default::default(), std::env::temp_dir()).unwrap(),
+            ),
+            require_verified: false,
             max_request_bytes: 5_242_880,
             start_wait: Duration::from_secs(1),
         });

@@ -12,6 +12,7 @@ pub mod difypkg;
 pub mod emulator;
 pub mod eventstream;
 pub mod godaemon;
+pub mod hostile;
 pub mod lwa;
 pub mod moto;
 /// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).

@@ -112,7 +112,8 @@ pub struct Entry {
     pub size: u64,
 }
 
-/// Every file below `root`, sorted by zip name (symlinks followed: the zip holds contents).
+/// Every file below `root`, sorted by zip name. Links are never followed (the package's tree
+/// holds none; one that an installer made would point wherever it likes), only reported.
 pub fn entries(root: &Path) -> Result<Vec<Entry>, Error> {
     let mut out = Vec::new();
     walk(root, root, &mut out)?;
@@ -124,8 +125,10 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
     for entry in read_dir(dir)? {
         let path = entry.path();
-        let meta = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
-        if meta.is_dir() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io_err(&path, e))?;
+        if meta.file_type().is_symlink() {
+            tracing::warn!(path = %path.display(), "link left out of the function zip");
+        } else if meta.is_dir() {
             walk(root, &path, out)?;
         } else if meta.is_file() {
             let name = path

@@ -282,8 +282,14 @@ async fn build_in(
     std::fs::create_dir_all(&root).map_err(|e| archive::io_err(&root, e))?;
 
     say("package", format!("unpacking {}", pkg.unique_identifier()));
-    pkg.extract(&plugin)?;
-    archive::remove_junk(&plugin)?;
+    // Disk writes stay off the async workers.
+    let (p, dest) = (pkg.clone(), plugin.clone());
+    tokio::task::spawn_blocking(move || {
+        p.extract(&dest)?;
+        archive::remove_junk(&dest)
+    })
+    .await
+    .map_err(|e| Error::Packaging(format!("unpacking stopped: {e}")))??;
 
     std::fs::create_dir_all(&vendor).map_err(|e| archive::io_err(&vendor, e))?;
     match wheels::Requirements::find(&plugin) {
