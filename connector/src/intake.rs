@@ -142,8 +142,10 @@ impl Tree {
             .map_err(|e| Error::Package(format!("cannot read `{path}` back: {e}")))
     }
 
-    /// Copies the tree into `dest` (which must not exist yet) with normalised modes. The tree
-    /// holds only regular files and directories made here, so nothing is followed.
+    /// Lays the tree out in `dest` (which must not exist yet): hard links to the tree's files
+    /// where `dest` is on the same file system (the tree's files are already normalised and
+    /// nothing writes to them), copies with normalised modes elsewhere. The tree holds only
+    /// regular files and directories made here, so nothing is followed.
     pub fn copy_to(&self, dest: &Path) -> Result<(), Error> {
         use std::os::unix::fs::PermissionsExt;
         let err = |p: &Path, e: std::io::Error| {
@@ -158,10 +160,13 @@ impl Tree {
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| err(parent, e))?;
             }
-            std::fs::copy(self.root().join(&f.path), &to).map_err(|e| err(&to, e))?;
-            let mode = if f.executable { 0o755 } else { 0o644 };
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| err(&to, e))?;
+            let from = self.root().join(&f.path);
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(|e| err(&to, e))?;
+                let mode = if f.executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| err(&to, e))?;
+            }
         }
         Ok(())
     }
@@ -225,6 +230,7 @@ impl Intake {
 }
 
 /// What unpacking yields: the tree and the daemon's checksum of it.
+#[derive(Debug)]
 pub struct Unpacked {
     /// The validated files.
     pub tree: Tree,
@@ -240,6 +246,16 @@ pub fn unpack(bytes: &[u8], limits: &Limits, scratch: &Path) -> Result<Unpacked,
             "the package has {} bytes, over the limit of {} (MAX_PLUGIN_PACKAGE_SIZE)",
             bytes.len(),
             limits.max_package_bytes
+        )));
+    }
+    // The central directory is parsed whole into memory: refuse an oversized one by its count
+    // before that (rc-zip stays the authority on everything else).
+    if let Some(n) = declared_entries(bytes)
+        && n > limits.max_entries as u64
+    {
+        return Err(Error::Package(format!(
+            "the package has {n} entries, over the limit of {} (SRI_INTAKE_MAX_ENTRIES)",
+            limits.max_entries
         )));
     }
     let archive = bytes.read_zip().map_err(|e| {
@@ -299,9 +315,7 @@ pub fn unpack(bytes: &[u8], limits: &Limits, scratch: &Path) -> Result<Unpacked,
             .create_new(true)
             .open(&to)
             .map_err(|e| Error::Package(format!("cannot write `{path}`: {e}")))?;
-        let per_entry = compressed
-            .saturating_mul(limits.max_ratio)
-            .max(RATIO_FLOOR);
+        let per_entry = compressed.saturating_mul(limits.max_ratio).max(RATIO_FLOOR);
         let mut reader = entry.reader();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -353,6 +367,32 @@ pub fn unpack(bytes: &[u8], limits: &Limits, scratch: &Path) -> Result<Unpacked,
     })
 }
 
+/// The record count the end of central directory declares (its zip64 form when the 16-bit
+/// count is saturated), if the archive has one where it should be.
+fn declared_entries(bytes: &[u8]) -> Option<u64> {
+    const EOCD: &[u8] = b"PK\x05\x06";
+    const LOCATOR: &[u8] = b"PK\x06\x07";
+    const EOCD64: &[u8] = b"PK\x06\x06";
+    let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    // The record is 22 bytes plus a comment of at most 65,535.
+    let from = bytes.len().saturating_sub(22 + 0xFFFF);
+    let at = from + memchr::memmem::rfind(&bytes[from..], EOCD)?;
+    let count = u16_at(at + 10)?;
+    if count != 0xFFFF {
+        return Some(count.into());
+    }
+    let loc = at.checked_sub(20)?;
+    if bytes.get(loc..loc + 4)? != LOCATOR {
+        return None;
+    }
+    let at64 = usize::try_from(u64_at(loc + 8)?).ok()?;
+    if bytes.get(at64..at64 + 4)? != EOCD64 {
+        return None;
+    }
+    u64_at(at64 + 32)
+}
+
 /// What to do with one central-directory record, decided before anything is decompressed.
 enum Step {
     Dir {
@@ -373,9 +413,8 @@ fn plan<'a>(
     archive_len: u64,
     limits: &Limits,
 ) -> Result<Vec<Step>, Error> {
-    let refuse = |name: &str, why: String| {
-        Error::Package(format!("zip entry `{}` {why}", printable(name)))
-    };
+    let refuse =
+        |name: &str, why: String| Error::Package(format!("zip entry `{}` {why}", printable(name)));
     let mut steps = Vec::new();
     let mut folded: HashMap<String, String> = HashMap::new();
     let mut file_paths: Vec<String> = Vec::new();
@@ -478,9 +517,7 @@ fn plan<'a>(
                 ),
             ));
         }
-        if e.header_offset >= archive_len
-            || e.compressed_size > archive_len - e.header_offset
-        {
+        if e.header_offset >= archive_len || e.compressed_size > archive_len - e.header_offset {
             return Err(refuse(
                 raw,
                 "has data outside the archive; the zip is corrupt".into(),
@@ -523,10 +560,7 @@ fn plan<'a>(
         let mut parent = f.as_str();
         while let Some((p, _)) = parent.rsplit_once('/') {
             if files.contains(p) {
-                return Err(refuse(
-                    f,
-                    format!("lies below `{p}`, which is a file"),
-                ));
+                return Err(refuse(f, format!("lies below `{p}`, which is a file")));
             }
             parent = p;
         }
@@ -614,10 +648,108 @@ fn set_mode(path: &Path, executable: bool) -> Result<(), Error> {
 
 /// A name as it may be shown: control characters escaped, at most 200 characters.
 fn printable(name: &str) -> String {
-    let s: String = name.chars().flat_map(char::escape_debug).take(200).collect();
+    let s: String = name
+        .chars()
+        .flat_map(char::escape_debug)
+        .take(200)
+        .collect();
     if s.len() < name.len() && name.chars().count() > 200 {
         format!("{s}…")
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_one_grammar() {
+        for ok in [
+            "main.py",
+            "tools/a.yaml",
+            "_assets/icon.svg",
+            "a/b/c/d.py",
+            "ünï/cödé.py",
+        ] {
+            check_name(ok, 32).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, why) in [
+            ("", "empty name"),
+            ("/etc/passwd", "absolute"),
+            ("a/../b", "`..`"),
+            ("..", "`..`"),
+            ("./a", "`.`"),
+            ("a//b", "empty path component"),
+            ("a\\b", "backslash"),
+            ("C:/x", "drive letter"),
+            ("a\0b", "control character"),
+            ("a\nb", "control character"),
+        ] {
+            let e = check_name(bad, 32).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(check_name("a/".repeat(33).trim_end_matches('/'), 32).is_err());
+        assert!(
+            check_name(&"n".repeat(256), 32)
+                .unwrap_err()
+                .contains("component")
+        );
+        assert!(
+            check_name(&"n/".repeat(600), 1000)
+                .unwrap_err()
+                .contains("bytes")
+        );
+    }
+
+    fn zip_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, content) in files {
+            w.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(content).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn counts_what_the_end_record_declares() {
+        assert_eq!(
+            declared_entries(&zip_of(&[("a", b"1"), ("b", b"2")])),
+            Some(2)
+        );
+        assert_eq!(declared_entries(b"not a zip"), None);
+    }
+
+    #[test]
+    fn unpacks_counts_and_cleans_up() {
+        let scratch = tempfile::tempdir().unwrap();
+        let bytes = zip_of(&[("a/b.py", b"x = 1\n"), ("c.txt", &[b'z'; 4096])]);
+        let u = unpack(&bytes, &Limits::default(), scratch.path()).unwrap();
+        let names: Vec<_> = u.tree.files().iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names, ["a/b.py", "c.txt"]);
+        assert_eq!(u.tree.files()[1].size, 4096);
+        drop(u);
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+
+        let tight = Limits {
+            max_unpacked_bytes: 1000,
+            ..Limits::default()
+        };
+        let e = unpack(&bytes, &tight, scratch.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SRI_INTAKE_MAX_UNPACKED_BYTES"), "{e}");
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+        let few = Limits {
+            max_entries: 1,
+            ..Limits::default()
+        };
+        let e = unpack(&bytes, &few, scratch.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SRI_INTAKE_MAX_ENTRIES"), "{e}");
     }
 }

@@ -119,7 +119,12 @@ pub fn check_identity(author: &str, name: &str, version: &str) -> Result<(), Str
         s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     };
-    let shown = |s: &str| s.chars().flat_map(char::escape_debug).take(140).collect::<String>();
+    let shown = |s: &str| {
+        s.chars()
+            .flat_map(char::escape_debug)
+            .take(140)
+            .collect::<String>()
+    };
     if author.is_empty() || author.len() > 64 || !word(author) {
         return Err(format!(
             "`author` `{}` must be 1 to 64 of a-z, 0-9, `_` and `-` (the daemon's rule)",
@@ -192,15 +197,27 @@ mod tests {
             ("meta: [".to_string(), "not valid YAML"),
             (OK.replace("author: sri", "author: Sri"), "`author` `Sri`"),
             (OK.replace("author: sri", "author: \"a/../b\""), "`author`"),
-            (OK.replace("name: sample", "name: foo.bar"), "`name` `foo.bar`"),
+            (
+                OK.replace("name: sample", "name: foo.bar"),
+                "`name` `foo.bar`",
+            ),
             (
                 OK.replace("name: sample", &format!("name: {}", "n".repeat(129))),
                 "1 to 128",
             ),
             (OK.replace("version: 0.1.0", "version: 1"), "`version` `1`"),
-            (OK.replace("version: 0.1.0", "version: 1.2.3.4.5"), "`version`"),
-            (OK.replace("version: 0.1.0", "version: 1.2.3-b@d"), "`version`"),
-            (OK.replace("version: 0.1.0", "version: 12345.0"), "`version`"),
+            (
+                OK.replace("version: 0.1.0", "version: 1.2.3.4.5"),
+                "`version`",
+            ),
+            (
+                OK.replace("version: 0.1.0", "version: 1.2.3-b@d"),
+                "`version`",
+            ),
+            (
+                OK.replace("version: 0.1.0", "version: 12345.0"),
+                "`version`",
+            ),
         ] {
             let err = Manifest::parse(&text).unwrap_err();
             assert!(err.contains(needle), "{err}");

@@ -119,11 +119,13 @@ impl Package {
             }
         }
         if let Some(m) = metadata {
-            let claimed = serde_json::from_str::<serde_json::Value>(m).ok().and_then(|v| {
-                v.get("plugin_unique_identifier")?
-                    .as_str()
-                    .map(str::to_owned)
-            });
+            let claimed = serde_json::from_str::<serde_json::Value>(m)
+                .ok()
+                .and_then(|v| {
+                    v.get("plugin_unique_identifier")?
+                        .as_str()
+                        .map(str::to_owned)
+                });
             let ours = self.unique_identifier();
             match claimed {
                 Some(c) if c == ours => {}
@@ -135,8 +137,7 @@ impl Package {
                 }
                 None => {
                     return Err(Error::Package(
-                        "the `metadata` part is not `{\"plugin_unique_identifier\":\"…\"}`"
-                            .into(),
+                        "the `metadata` part is not `{\"plugin_unique_identifier\":\"…\"}`".into(),
                     ));
                 }
             }
@@ -184,8 +185,7 @@ fn pack_dir(dir: &Path) -> Result<Vec<u8>, Error> {
         .compression_method(zip::CompressionMethod::Deflated);
     let mut total = 0u64;
     for (rel, real) in files {
-        let content =
-            std::fs::read(&real).map_err(|e| Error::Package(format!("{rel}: {e}")))?;
+        let content = std::fs::read(&real).map_err(|e| Error::Package(format!("{rel}: {e}")))?;
         total += content.len() as u64;
         if total > Limits::default().max_unpacked_bytes {
             return Err(Error::Package(format!(

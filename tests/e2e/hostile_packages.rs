@@ -43,7 +43,14 @@ fn rand_u64() -> u64 {
 fn status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     s.lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
@@ -98,7 +105,13 @@ async fn every_hostile_package_is_refused_and_leaves_nothing() {
             .await
             .unwrap_or_else(|e| panic!("{}: launch refused (want a failed line): {e}", case.what));
         let t = o.transcript();
-        eprintln!("{}: {:?} in {:.2} s", case.what, o.failures(), o.elapsed.as_secs_f64());
+        eprintln!(
+            "{}: {:?} in {:.2} s (connector peak RSS {} KiB)",
+            case.what,
+            o.failures(),
+            o.elapsed.as_secs_f64(),
+            status_kib(pid, "VmHWM:")
+        );
         assert!(
             o.failures().iter().any(|m| {
                 let m = m.to_lowercase();
@@ -110,7 +123,12 @@ async fn every_hostile_package_is_refused_and_leaves_nothing() {
             c.log_tail(20)
         );
         assert!(o.installed.is_none(), "{}: installed\n{t}", case.what);
-        assert_eq!(o.chunks.last().map(|c| c.stage.as_str()), Some("end"), "{}", case.what);
+        assert_eq!(
+            o.chunks.last().map(|c| c.stage.as_str()),
+            Some("end"),
+            "{}",
+            case.what
+        );
         transcripts.push_str(&t);
     }
 
@@ -186,7 +204,12 @@ async fn every_hostile_package_is_refused_and_leaves_nothing() {
             "invoke_tool",
             &envelope(
                 &sid,
-                tool_data("sample", "echo", json!({"q": "still here"}), Some("sri-demo-key")),
+                tool_data(
+                    "sample",
+                    "echo",
+                    json!({"q": "still here"}),
+                    Some("sri-demo-key"),
+                ),
             ),
             &sid,
         )
@@ -216,7 +239,14 @@ fn sri_package_refuses_every_hostile_package() {
         std::fs::write(&input, &case.bytes).expect("write case");
         let out = work.path().join(format!("case-{i}.zip"));
         let run = Command::new(harness::sri::sri_bin())
-            .args(["package", "--arch", "x86_64", "--python", "3.12", "--no-bytecode"])
+            .args([
+                "package",
+                "--arch",
+                "x86_64",
+                "--python",
+                "3.12",
+                "--no-bytecode",
+            ])
             .arg("--bootstrap")
             .arg(bootstrap_bin())
             .arg("-o")
@@ -228,7 +258,11 @@ fn sri_package_refuses_every_hostile_package() {
             .output()
             .expect("run sri package");
         let stderr = String::from_utf8_lossy(&run.stderr).to_lowercase();
-        assert!(!run.status.success(), "{}: sri package succeeded", case.what);
+        assert!(
+            !run.status.success(),
+            "{}: sri package succeeded",
+            case.what
+        );
         assert!(
             case.words.iter().all(|w| stderr.contains(w)),
             "{}: the error does not say {:?}:\n{stderr}",
@@ -236,12 +270,20 @@ fn sri_package_refuses_every_hostile_package() {
             case.words
         );
         assert!(!out.exists(), "{}: a zip was written", case.what);
-        assert!(!stderr.contains(&canary), "{}: canary in the error", case.what);
+        assert!(
+            !stderr.contains(&canary),
+            "{}: canary in the error",
+            case.what
+        );
     }
     // Nothing of any case was left in the cache's work area or the system's temporary
     // directory's intake trees of this run.
     let tmp = work.path().join("cache").join("tmp");
-    assert!(listing(&tmp).is_empty(), "left in the cache: {:?}", listing(&tmp));
+    assert!(
+        listing(&tmp).is_empty(),
+        "left in the cache: {:?}",
+        listing(&tmp)
+    );
 }
 
 #[test]
