@@ -168,7 +168,8 @@ pub async fn run(
         Ok(Err(e)) => return Err(fail(format!("{what}: waiting for {program}: {e}"))),
         Err(_) => {
             return Err(fail(format!(
-                "{what} did not finish within {} s (SRI_INSTALL_TIMEOUT_SECS); it was stopped",
+                "{what} did not finish within {} s and was stopped (for installs, raise \
+                 SRI_INSTALL_TIMEOUT_SECS)",
                 limit.as_secs()
             )));
         }
