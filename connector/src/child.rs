@@ -90,6 +90,15 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Points uv or pip at the operator's package index (`SRI_INDEX_URL`). Through their variables
+/// rather than arguments, so that credentials in the URL are not on a command line every local
+/// user can read; `UV_DEFAULT_INDEX` too, since it wins over `UV_INDEX_URL`.
+pub fn index(cmd: &mut Command, url: &str) {
+    for var in ["UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"] {
+        cmd.env(var, url);
+    }
+}
+
 /// `$XDG_CACHE_HOME`, else `$HOME/.cache`.
 fn user_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
@@ -357,15 +366,11 @@ mod tests {
     #[tokio::test]
     async fn children_get_a_cleared_environment_and_a_scratch_home() {
         assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
-        let out = run(
-            sh("env; echo cwd=$(pwd)"),
-            "env",
-            Duration::from_secs(30),
-            &scratch(),
-            err,
-        )
-        .await
-        .unwrap();
+        let mut cmd = sh("env; echo cwd=$(pwd)");
+        index(&mut cmd, "https://idx.example/simple");
+        let out = run(cmd, "env", Duration::from_secs(30), &scratch(), err)
+            .await
+            .unwrap();
         assert!(out.status.success());
         let home = out
             .stdout
@@ -389,6 +394,14 @@ mod tests {
             );
         }
         assert!(!Path::new(&home).exists(), "scratch HOME removed");
+        for var in ["UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"] {
+            assert!(
+                out.stdout
+                    .contains(&format!("{var}=https://idx.example/simple\n")),
+                "{var}: {}",
+                out.stdout
+            );
+        }
     }
 
     /// A timeout kills the whole group: a grandchild in the background dies too.

@@ -1014,3 +1014,42 @@ async fn dependency_files_are_data_and_the_connectors_environment_stays_home() {
         "the canary reached the function: {leaked:?}"
     );
 }
+
+/// The index is the operator's (`SRI_INDEX_URL`), and its credentials never reach the daemon:
+/// an index that refuses connections fails the install, the failed line says where uv went,
+/// and the password in the URL is not in it, nor in the connector's logs.
+#[tokio::test]
+async fn the_operators_index_is_used_and_its_credentials_are_never_echoed() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let password = format!("pw-{}-secret", std::process::id());
+    let c = Connector::start_with(harness::sri::ConnectorOptions::default().env(
+        "SRI_INDEX_URL",
+        format!("http://sri:{password}@127.0.0.1:{port}/simple"),
+    ));
+    let d = daemon(&c);
+    let pkg = sample_with_dependencies(
+        "reqs-operator-index",
+        "requirements.txt",
+        "dify_plugin>=0.7.4,<0.11\n",
+    );
+    let o = d.launch_package(&pkg, false).await.expect("HTTP 200");
+    eprintln!("failed lines: {:?}", o.failures());
+    assert_stream_clean(&o, &c);
+    assert!(o.installed.is_none(), "{}", o.transcript());
+    assert!(
+        o.failures().iter().any(|m| m
+            .contains("installing the dependencies from requirements.txt failed")
+            && m.contains(&format!("127.0.0.1:{port}"))),
+        "{}",
+        o.transcript()
+    );
+    assert!(!o.transcript().contains(&password), "{}", o.transcript());
+    assert!(
+        !c.logs().join("\n").contains(&password),
+        "{}",
+        c.log_tail(40)
+    );
+}

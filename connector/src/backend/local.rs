@@ -254,7 +254,7 @@ impl LocalBackend {
             }
         };
         if let Some(url) = &self.opts.index_url {
-            c.args(["--index-url", url]);
+            child::index(&mut c, url);
         }
         c
     }

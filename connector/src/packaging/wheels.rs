@@ -39,7 +39,7 @@ pub async fn install(
         // No index and no network: only the wheelhouse (and uv's cache of it).
         cmd.args(["--no-index", "--offline"]);
     } else if let Some(url) = &opts.index_url {
-        cmd.args(["--index-url", url]);
+        child::index(&mut cmd, url);
     }
     cmd.arg("-r").arg(&reqs);
     let out = child::run(
