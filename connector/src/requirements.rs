@@ -20,11 +20,15 @@
 //! proxy and CA settings come only from the operator (`SRI_INDEX_URL`, uv's and pip's own
 //! variables and configuration files).
 //!
-//! PEP 508 itself is parsed by [`pep508_rs`] (the standalone release of the parser uv grew from,
-//! by one of uv's maintainers): the grammar with its marker language and PEP 440 specifiers is
-//! large and subtle, and a second hand-written copy would disagree with the installers in edge
-//! cases. Only the requirements-file layer around it (lines, comments, continuations, `--hash`)
-//! is ours, because that is exactly where the forbidden forms live.
+//! PEP 508 itself is parsed by [`pep508_rs`] 0.9 (the standalone release of the parser uv grew
+//! from, by one of uv's maintainers; uv's own fork, `uv-pep508`, is published only as "an
+//! internal component crate of uv" with an unstable API and a newer MSRV than ours): the grammar
+//! with its marker language and PEP 440 specifiers is large and subtle, and a second
+//! hand-written copy would disagree with the installers in edge cases. It is used without its
+//! `non-pep508-extensions` feature, so paths and bare URLs are not requirements. Only the
+//! requirements-file layer around it (lines, comments, continuations, `--hash`) is ours, because
+//! that is exactly where the forbidden forms live. Before it parses, a requirement is bounded
+//! (4 KiB, 16 levels of marker parentheses: the parser recurses on them).
 
 use std::path::Path;
 use std::str::FromStr;
