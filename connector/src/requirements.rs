@@ -202,9 +202,15 @@ pub fn parse_pyproject(text: &str) -> Result<Dependencies, Error> {
                 .into(),
         ));
     }
+    let newlines: Vec<usize> = text
+        .bytes()
+        .enumerate()
+        .filter(|(_, b)| *b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
     let mut requirements = Vec::new();
     for dep in project.dependencies {
-        let line = line_of(text, dep.span().start);
+        let line = newlines.partition_point(|nl| *nl < dep.span().start) + 1;
         let mut logical = Logical::default();
         logical.push(dep.get_ref(), line);
         match logical.parse(file, false)? {
@@ -254,13 +260,10 @@ impl Logical {
         std::mem::take(self)
     }
 
+    /// The physical line of a byte of `text` (`parts` is sorted by offset).
     fn line_at(&self, offset: usize) -> usize {
-        self.parts
-            .iter()
-            .rev()
-            .find(|(start, _)| *start <= offset)
-            .or(self.parts.first())
-            .map_or(0, |p| p.1)
+        let i = self.parts.partition_point(|(start, _)| *start <= offset);
+        self.parts.get(i.saturating_sub(1)).map_or(0, |p| p.1)
     }
 
     /// The requirement on this line, `None` for a blank or comment line. `txt`: the
@@ -462,6 +465,10 @@ fn requirement(text: &str) -> Result<String, String> {
     }
     let looks_like_location = text.starts_with(['.', '/', '~', '\\'])
         || text.contains("://")
+        || text
+            .split(';')
+            .next()
+            .is_some_and(|head| head.contains('@'))
         || text.contains('\\')
         || text.as_bytes().get(1) == Some(&b':');
     let parsed = pep508_rs::Requirement::<pep508_rs::VerbatimUrl>::from_str(text);
@@ -643,6 +650,7 @@ mod tests {
                 &["direct URL reference", "foo==1.2.3"],
             ),
             ("foo @ file:///etc/passwd\n", 1, &["direct URL reference"]),
+            ("foo @ ./vendored/foo\n", 1, &["path or URL"]),
             (
                 "foo @ git+https://github.com/a/b.git@main\n",
                 1,
@@ -721,6 +729,38 @@ mod tests {
             ")".repeat(16)
         );
         assert_eq!(txt(&ok).unwrap().len(), 1);
+    }
+
+    /// A file at the size limit parses in linear time whatever its shape (a debug build takes
+    /// about a second; a quadratic walk would take hours).
+    #[test]
+    fn worst_case_files_parse_quickly() {
+        let n = MAX_FILE_BYTES as usize;
+        let hash = format!("--hash={H1} ");
+        let shapes = [
+            "a \\\n".repeat(n / 4),
+            "a==1\n".repeat(n / 5),
+            format!("a==1 {}\n", hash.repeat(n / hash.len())),
+            "# c\n".repeat(n / 4),
+        ];
+        for text in &shapes {
+            let t = std::time::Instant::now();
+            let _ = parse_requirements_txt(text);
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        let deps = "\"a\",\n".repeat(n / 5);
+        let t = std::time::Instant::now();
+        let d = parse_pyproject(&format!("[project]\ndependencies = [\n{deps}]\n")).unwrap();
+        assert_eq!(d.requirements.last().unwrap().line, n / 5 + 2);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

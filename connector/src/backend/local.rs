@@ -169,8 +169,12 @@ impl LocalBackend {
         tokio::task::spawn_blocking(move || p.extract(&t))
             .await
             .map_err(|e| Error::Backend(e.to_string()))??;
-        // Parsed before any installer runs: the package's file never reaches one.
-        let deps = Dependencies::read(&plugin)?;
+        // Parsed before any installer runs (the package's file never reaches one), off the
+        // async workers: a hostile file costs parsing time.
+        let p = plugin.clone();
+        let deps = tokio::task::spawn_blocking(move || Dependencies::read(&p))
+            .await
+            .map_err(|e| Error::Backend(e.to_string()))??;
         let venv = tmp.join("venv");
         let _ = progress.send((
             "build",

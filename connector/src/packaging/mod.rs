@@ -299,8 +299,13 @@ async fn build_in(
     archive::remove_junk(&plugin)?;
 
     std::fs::create_dir_all(&vendor).map_err(|e| archive::io_err(&vendor, e))?;
-    // Parsed before any installer runs: the package's file never reaches uv.
-    match Dependencies::read(&plugin)? {
+    // Parsed before any installer runs (the package's file never reaches uv), off the async
+    // workers: a hostile file costs parsing time.
+    let p = plugin.clone();
+    let deps = tokio::task::spawn_blocking(move || Dependencies::read(&p))
+        .await
+        .map_err(|e| Error::Packaging(format!("dependency parsing task failed: {e}")))??;
+    match deps {
         None => say(
             "dependencies",
             "no requirements.txt or pyproject.toml: nothing to install".into(),
