@@ -116,6 +116,13 @@ pub struct ServeOptions {
     /// venv's pip), `uv`, or `pip` (honours pip's own configuration: pip.conf, PIP_INDEX_URL).
     #[arg(long, env = "SRI_INSTALLER", value_enum, default_value = "auto")]
     pub installer: Installer,
+    /// The package index dependency installs use (default: the installer's own settings,
+    /// `UV_INDEX_URL` / `PIP_INDEX_URL` or PyPI); a package can never choose one.
+    #[arg(long, env = "SRI_INDEX_URL")]
+    pub index_url: Option<String>,
+    /// Seconds one dependency install step may take before it is killed.
+    #[arg(long, env = "SRI_INSTALL_TIMEOUT_SECS", default_value_t = 900)]
+    pub install_timeout_secs: u64,
     /// The daemon's address, handed to functions for backwards invocations.
     #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
     pub daemon_url: Option<String>,
@@ -183,8 +190,11 @@ pub struct PackageOptions {
     #[arg(long, env = "SRI_OFFLINE")]
     pub offline: bool,
     /// The package index (default: uv's own, `UV_INDEX_URL` or PyPI).
-    #[arg(long)]
+    #[arg(long, env = "SRI_INDEX_URL")]
     pub index_url: Option<String>,
+    /// Seconds installing the dependencies may take before uv is killed.
+    #[arg(long, env = "SRI_INSTALL_TIMEOUT_SECS", default_value_t = 900)]
+    pub install_timeout_secs: u64,
     /// Ship no bytecode even when a matching interpreter is found.
     #[arg(long)]
     pub no_bytecode: bool,
@@ -332,6 +342,7 @@ async fn package(o: PackageOptions) -> anyhow::Result<()> {
     opts.wheelhouse = o.wheelhouse;
     opts.offline = o.offline;
     opts.index_url = o.index_url;
+    opts.install_timeout = Duration::from_secs(o.install_timeout_secs);
     opts.bytecode = !o.no_bytecode;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
@@ -448,6 +459,8 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 signing_keys: signing_keys.0.clone(),
                 daemon_url: o.daemon_url.clone(),
                 ready_timeout: Duration::from_secs(o.ready_timeout_secs),
+                index_url: o.index_url.clone(),
+                install_timeout: Duration::from_secs(o.install_timeout_secs),
             })
             .await?
         }
@@ -467,6 +480,8 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                     signing_keys: signing_keys.clone(),
                     daemon_url: o.daemon_url.clone(),
                     uv,
+                    index_url: o.index_url.clone(),
+                    install_timeout: Duration::from_secs(o.install_timeout_secs),
                 },
             )
             .await?

@@ -275,6 +275,7 @@ pub fn unpack(bytes: &[u8], limits: &Limits, scratch: &Path) -> Result<Unpacked,
         archive.encoding(),
         rc_zip_sync::rc_zip::encoding::Encoding::Utf8
     );
+    refuse_special_files(bytes)?;
     let plan = plan(
         entries.iter().map(|e| &**e),
         utf8,
@@ -365,6 +366,35 @@ pub fn unpack(bytes: &[u8], limits: &Limits, scratch: &Path) -> Result<Unpacked,
         tree: Tree { dir, files },
         checksum: hex::encode(outer.finalize()),
     })
+}
+
+/// Refuses records whose Unix file type is anything but a regular file or a directory, read
+/// from the raw external attributes: rc-zip folds a character device (`S_IFCHR`) and unknown
+/// types into "regular file" when it maps modes, so its view alone would let them through.
+fn refuse_special_files(bytes: &[u8]) -> Result<(), Error> {
+    let Ok(mut zip) = zip::ZipArchive::new(std::io::Cursor::new(bytes)) else {
+        // rc-zip says what is wrong with an archive; this pass only looks at modes.
+        return Ok(());
+    };
+    for i in 0..zip.len() {
+        let Ok(f) = zip.by_index_raw(i) else {
+            continue;
+        };
+        let kind = match f.unix_mode().map(|m| m & 0o170_000) {
+            None | Some(0) | Some(0o100_000) | Some(0o040_000) => continue,
+            Some(0o120_000) => "a symbolic link",
+            Some(0o020_000) => "a character device",
+            Some(0o060_000) => "a device",
+            Some(0o010_000) => "a named pipe (FIFO)",
+            Some(0o140_000) => "a socket",
+            Some(_) => "of an unknown file type",
+        };
+        return Err(Error::Package(format!(
+            "zip entry `{}` is {kind}; packages may hold only regular files and directories",
+            printable(f.name())
+        )));
+    }
+    Ok(())
 }
 
 /// The record count the end of central directory declares (its zip64 form when the 16-bit

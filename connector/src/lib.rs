@@ -11,6 +11,8 @@ pub mod aws;
 #[cfg(feature = "server")]
 pub mod backend;
 #[cfg(feature = "server")]
+pub mod child;
+#[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod client;
@@ -31,6 +33,8 @@ pub mod package;
 #[cfg(feature = "server")]
 pub mod packaging;
 pub mod protocol;
+#[cfg(feature = "server")]
+pub mod requirements;
 pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;

@@ -834,3 +834,222 @@ fn venvs_with_pip(c: &Connector) -> usize {
         .filter(|f| f.path().join("venv/bin/pip").exists())
         .count()
 }
+
+/// The sample plugin renamed `name`, with `file` (`requirements.txt` or `pyproject.toml`) set
+/// to `text` and the other dependency file left out.
+fn sample_with_dependencies(name: &str, file: &str, text: &str) -> Package {
+    let mut files: Vec<(String, Vec<u8>)> = collect_dir(&plugin_dir("sample"))
+        .into_iter()
+        .filter(|(p, _)| p != "requirements.txt" && p != "pyproject.toml")
+        .map(|(p, b)| match p.as_str() {
+            "manifest.yaml" => {
+                let m = String::from_utf8(b).unwrap();
+                let m = m.replace("name: sample", &format!("name: {name}"));
+                (p, m.into_bytes())
+            }
+            _ => (p, b),
+        })
+        .collect();
+    files.push((file.into(), text.as_bytes().to_vec()));
+    Package::from_files(&files)
+}
+
+/// Every file below `dir` that contains `needle` (links not followed).
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file()
+                && let Ok(bytes) = std::fs::read(e.path())
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// Dependency files are data, never options: `-r /proc/self/environ`, a `file://` reference and
+/// a pyproject `--index-url` fail the launch with the file, the line and the rule before any
+/// installer runs. A canary in the connector's environment reaches no launch line, no log line,
+/// no installer invocation (uv is spied on through SRI_UV) and nothing in the built function,
+/// and a good package still installs through the same path.
+#[tokio::test]
+async fn dependency_files_are_data_and_the_connectors_environment_stays_home() {
+    let canary = format!(
+        "sri-canary-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let spy_dir = harness::sri::TempDir::new("uv-spy");
+    let calls = spy_dir.path().join("calls.log");
+    let spy = spy_dir.path().join("uv");
+    let real = harness::root().join(".venv/tools/bin/uv");
+    std::fs::write(
+        &spy,
+        format!(
+            "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; \
+             printf '\\n'; env; echo '----'; }} >> '{}'\nexec '{}' \"$@\"\n",
+            calls.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let c = Connector::start_with(
+        harness::sri::ConnectorOptions::default()
+            .env("SRI_UV", spy.display().to_string())
+            .env("SRI_TEST_CANARY", &canary),
+    );
+    let d = daemon(&c);
+    let hostile = [
+        (
+            sample_with_dependencies(
+                "reqs-environ",
+                "requirements.txt",
+                "-r /proc/self/environ\n",
+            ),
+            vec!["requirements.txt line 1:", "`-r`", "another file"],
+        ),
+        (
+            sample_with_dependencies(
+                "reqs-file-url",
+                "requirements.txt",
+                "# pinned\ndify_plugin>=0.7.4,<0.11 \\\n  ; python_version >= '3.8'\nfoo @ file:///etc/passwd\n",
+            ),
+            vec!["requirements.txt line 4:", "direct URL reference"],
+        ),
+        (
+            sample_with_dependencies(
+                "reqs-pyproject-index",
+                "pyproject.toml",
+                "[project]\nname = \"x\"\nversion = \"0.1\"\ndependencies = [\n  \"dify_plugin>=0.7.4\",\n  \"--index-url=http://127.0.0.1:9/simple\",\n]\n",
+            ),
+            vec!["pyproject.toml line 6:", "`--index-url`", "SRI_INDEX_URL"],
+        ),
+    ];
+    let mut transcripts = String::new();
+    for (pkg, words) in &hostile {
+        let o = d.launch_package(pkg, false).await.expect("HTTP 200");
+        assert_stream_clean(&o, &c);
+        let failures = o.failures();
+        assert!(
+            failures.iter().any(|m| words.iter().all(|w| m.contains(w))),
+            "{}: no failed line with {words:?}:\n{}",
+            pkg.name,
+            o.transcript()
+        );
+        assert!(o.installed.is_none(), "{}", o.transcript());
+        transcripts.push_str(&o.transcript());
+    }
+    assert!(
+        !calls.exists(),
+        "an installer ran for a refused package:\n{}",
+        std::fs::read_to_string(&calls).unwrap_or_default()
+    );
+
+    // A good package goes through the spy: venv, then the install of the parsed list.
+    let (_, endpoint) = launch_ok(&c, &d, &sample()).await;
+    let (sid, o) = call(
+        &d,
+        &endpoint,
+        "invoke_tool",
+        tool_data("sample", "echo", json!({"q": "deps"}), Some(DEMO_KEY)),
+    )
+    .await;
+    assert_ended(&o, &sid, &c);
+    let spied = std::fs::read_to_string(&calls).expect("uv was called");
+    let invocations: Vec<&str> = spied.split("----\n").filter(|s| !s.is_empty()).collect();
+    assert!(invocations.len() >= 2, "venv + install:\n{spied}");
+    let install = invocations
+        .iter()
+        .find(|i| i.starts_with("argv: [pip] [install]"))
+        .unwrap_or_else(|| panic!("no uv pip install:\n{spied}"));
+    assert!(
+        install.contains("sri-requirements.txt]") && !install.contains("plugin/requirements.txt"),
+        "uv reads the connector's parsed list, never the package's file:\n{install}"
+    );
+    for inv in &invocations {
+        for var in [
+            "SRI_SIGNING_KEYS=",
+            "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY=",
+            "SRI_TEST_CANARY=",
+            "SRI_DATA_DIR=",
+        ] {
+            assert!(!inv.contains(var), "{var} reached the installer:\n{inv}");
+        }
+        assert!(
+            inv.contains("\nHOME=") && inv.contains(".home-"),
+            "scratch HOME:\n{inv}"
+        );
+    }
+    assert!(!spied.contains(&canary), "the canary reached the installer");
+    transcripts.push_str(&o.transcript());
+    assert!(
+        !transcripts.contains(&canary),
+        "the canary reached a launch or invoke line"
+    );
+    let logs = c.logs().join("\n");
+    assert!(
+        !logs.contains(&canary),
+        "the canary reached the connector's logs"
+    );
+    let leaked = files_containing(&c.data_dir().join("functions"), canary.as_bytes());
+    assert!(
+        leaked.is_empty(),
+        "the canary reached the function: {leaked:?}"
+    );
+}
+
+/// The index is the operator's (`SRI_INDEX_URL`), and its credentials never reach the daemon:
+/// an index that refuses connections fails the install, the failed line says where uv went,
+/// and the password in the URL is not in it, nor in the connector's logs.
+#[tokio::test]
+async fn the_operators_index_is_used_and_its_credentials_are_never_echoed() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let password = format!("pw-{}-secret", std::process::id());
+    let c = Connector::start_with(harness::sri::ConnectorOptions::default().env(
+        "SRI_INDEX_URL",
+        format!("http://sri:{password}@127.0.0.1:{port}/simple"),
+    ));
+    let d = daemon(&c);
+    let pkg = sample_with_dependencies(
+        "reqs-operator-index",
+        "requirements.txt",
+        "dify_plugin>=0.7.4,<0.11\n",
+    );
+    let o = d.launch_package(&pkg, false).await.expect("HTTP 200");
+    eprintln!("failed lines: {:?}", o.failures());
+    assert_stream_clean(&o, &c);
+    assert!(o.installed.is_none(), "{}", o.transcript());
+    assert!(
+        o.failures().iter().any(|m| m
+            .contains("installing the dependencies from requirements.txt failed")
+            && m.contains(&format!("127.0.0.1:{port}"))),
+        "{}",
+        o.transcript()
+    );
+    assert!(!o.transcript().contains(&password), "{}", o.transcript());
+    assert!(
+        !c.logs().join("\n").contains(&password),
+        "{}",
+        c.log_tail(40)
+    );
+}

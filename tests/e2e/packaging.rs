@@ -463,3 +463,101 @@ async fn bad_inputs_are_refused_with_the_fix() {
     let back = connector::cli::load(&out).unwrap();
     assert_eq!(back.checksum, pkg.checksum);
 }
+
+/// `sri package` parses the dependency list before uv runs: `-r /proc/self/environ` (and a
+/// `git+` reference) exit non-zero naming the file, the line and the rule, with uv never
+/// started. A good plugin is installed from the list the connector writes, by a uv (spied on
+/// through `--uv`) whose environment holds none of `sri`'s, and a canary in that environment
+/// reaches neither uv nor the zip.
+#[test]
+fn dependency_files_are_parsed_before_uv_and_uv_sees_none_of_the_environment() {
+    let dir = TempDir::new("pack-reqs");
+    let canary = format!("sri-pack-canary-{}", std::process::id());
+    let calls = dir.path().join("calls.log");
+    let spy = dir.path().join("uv");
+    std::fs::write(
+        &spy,
+        format!(
+            "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; \
+             printf '\\n'; env; echo '----'; }} >> '{}'\nexec '{}' \"$@\"\n",
+            calls.display(),
+            uv().display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cache = cache_in(&dir);
+    let x86 = lambda_bootstrap("x86_64");
+    let out = dir.path().join("out.zip");
+    let plugin = dir.path().join("plugin");
+    let package = |requirements: &str| {
+        let _ = std::fs::remove_dir_all(&plugin);
+        for (p, bytes) in harness::difypkg::collect_dir(&plugin_dir("sample")) {
+            let path = plugin.join(&p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        std::fs::write(plugin.join("requirements.txt"), requirements).unwrap();
+        let args = [
+            plugin.to_str().unwrap(),
+            "--arch",
+            "x86_64",
+            "--no-bytecode",
+            "--bootstrap",
+            x86.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--uv",
+            spy.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        sri_package(&args, &[("SRI_TEST_CANARY", canary.as_str())])
+    };
+    for (requirements, words) in [
+        (
+            "-r /proc/self/environ\n",
+            &["requirements.txt line 1:", "`-r`", "another file"][..],
+        ),
+        (
+            "dify_plugin>=0.7.4,<0.11\nsdk @ git+https://github.com/x/y.git\n",
+            &["requirements.txt line 2:", "VCS reference"],
+        ),
+    ] {
+        let (ok, _, err) = package(requirements);
+        assert!(!ok, "{requirements:?} was packaged");
+        for w in words {
+            assert!(err.contains(w), "{w:?} missing from:\n{err}");
+        }
+        assert!(!err.contains(&canary), "{err}");
+        assert!(!calls.exists(), "uv ran for {requirements:?}");
+        assert!(!out.exists());
+    }
+
+    let (ok, _, err) = package(
+        "# the sample's dependency\ndify_plugin>=0.7.4,<0.11 \\\n  ; python_version >= '3.8'\n",
+    );
+    assert!(ok, "{err}");
+    let spied = std::fs::read_to_string(&calls).expect("uv ran");
+    assert!(
+        spied.contains("[-r] [") && spied.contains("sri-requirements.txt]"),
+        "uv reads the connector's list:\n{spied}"
+    );
+    assert!(!spied.contains(&plugin.join("requirements.txt").display().to_string()));
+    assert!(!spied.contains(&canary), "the canary reached uv:\n{spied}");
+    assert!(
+        spied.contains("\nHOME=") && spied.contains(".home-"),
+        "{spied}"
+    );
+    let zip = unzip(&out);
+    assert!(zip.keys().any(|k| k.starts_with("vendor/dify_plugin/")));
+    for (name, (_, bytes)) in &zip {
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "the canary reached {name}"
+        );
+    }
+}

@@ -351,6 +351,11 @@ pub fn corpus(bomb_gib: u64) -> Vec<Case> {
             &["fifo", "named pipe"],
         ),
         case(
+            "character device",
+            sample_with(vec![RawEntry::file("tty", b"").with_mode(0o020644)]),
+            &["tty", "character device"],
+        ),
+        case(
             "block device",
             sample_with(vec![RawEntry::file("disk", b"").with_mode(0o060644)]),
             &["disk", "device"],

@@ -142,6 +142,10 @@ pub struct LambdaContext {
     pub daemon_url: Option<String>,
     /// `uv`, which installs dependencies for the target platform.
     pub uv: PathBuf,
+    /// The operator's package index (`SRI_INDEX_URL`).
+    pub index_url: Option<String>,
+    /// How long installing a package's dependencies may take.
+    pub install_timeout: std::time::Duration,
 }
 
 /// One published version = one deployed package.
@@ -269,7 +273,8 @@ impl LambdaBackend {
             bootstrap,
             wheelhouse: options.wheelhouse.clone(),
             offline: options.offline,
-            index_url: None,
+            index_url: context.index_url.clone(),
+            install_timeout: context.install_timeout,
             cache_dir: options.cache_dir.clone(),
             uv: context.uv.clone(),
             bytecode: true,

@@ -21,8 +21,9 @@ use crate::transport::Target;
 
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
+use crate::child;
 use crate::package::Package;
-use crate::packaging::wheels::Requirements;
+use crate::requirements::Dependencies;
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -41,6 +42,10 @@ pub struct LocalOptions {
     pub daemon_url: Option<String>,
     /// How long a new function may take to become ready.
     pub ready_timeout: Duration,
+    /// The package index installs use (`SRI_INDEX_URL`; default: the installer's own settings).
+    pub index_url: Option<String>,
+    /// How long one installer step may take (`SRI_INSTALL_TIMEOUT_SECS`).
+    pub install_timeout: Duration,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -164,58 +169,59 @@ impl LocalBackend {
         tokio::task::spawn_blocking(move || p.extract(&t))
             .await
             .map_err(|e| Error::Backend(e.to_string()))??;
+        // Parsed before any installer runs (the package's file never reaches one), off the
+        // async workers: a hostile file costs parsing time.
+        let p = plugin.clone();
+        let deps = tokio::task::spawn_blocking(move || Dependencies::read(&p))
+            .await
+            .map_err(|e| Error::Backend(e.to_string()))??;
         let venv = tmp.join("venv");
         let _ = progress.send((
             "build",
             format!("creating a virtualenv with {}", self.opts.python),
         ));
-        let mut create = match &self.opts.uv {
+        let create = match &self.opts.uv {
             Some(uv) => {
-                let mut c = Command::new(uv);
+                let mut c = child::command(uv);
                 c.args(["venv", "--quiet", "--python", &self.opts.python])
                     .arg(&venv);
                 c
             }
             None => {
-                let mut c = Command::new(&self.opts.python);
+                let mut c = child::command(&self.opts.python);
                 c.args(["-m", "venv"]).arg(&venv);
                 c
             }
         };
-        run(&mut create, "creating the virtualenv").await?;
+        self.run(create, "creating the virtualenv", tmp).await?;
         let python = venv.join("bin").join("python");
-        match Requirements::find(&plugin) {
-            Requirements::None => {}
-            Requirements::Txt(reqs) => {
+        match deps {
+            None => {}
+            Some(deps) if deps.is_empty() => {}
+            Some(deps) => {
                 let _ = progress.send((
                     "build",
-                    "installing dependencies from requirements.txt".into(),
+                    format!(
+                        "installing {} dependencies from {}",
+                        deps.requirements.len(),
+                        deps.file
+                    ),
                 ));
+                // pip cannot read pyproject.toml as a requirements file, and neither installer
+                // may read the package's own file: both get the parsed list, written here.
+                let reqs = tmp.join("sri-requirements.txt");
+                tokio::fs::write(&reqs, deps.to_requirements_txt())
+                    .await
+                    .map_err(|e| io("writing the requirements file".into(), e))?;
                 let mut install = self.installer(&venv, &python);
                 install.arg("-r").arg(&reqs);
-                run(
-                    &mut install,
-                    "installing the dependencies from requirements.txt",
+                self.run(
+                    install,
+                    &format!("installing the dependencies from {}", deps.file),
+                    tmp,
                 )
                 .await?;
-            }
-            Requirements::Pyproject(path) => {
-                // pip cannot read pyproject.toml as a requirements file (uv can), so the list is
-                // read here and handed to either installer alike.
-                let deps = pyproject_dependencies(&path)?;
-                let _ = progress.send((
-                    "build",
-                    format!("installing {} dependencies from pyproject.toml", deps.len()),
-                ));
-                if !deps.is_empty() {
-                    let mut install = self.installer(&venv, &python);
-                    install.args(&deps);
-                    run(
-                        &mut install,
-                        "installing the dependencies from pyproject.toml",
-                    )
-                    .await?;
-                }
+                let _ = tokio::fs::remove_file(&reqs).await;
             }
         }
         let meta = Meta {
@@ -235,21 +241,42 @@ impl LocalBackend {
             .map_err(|e| io("writing meta.json".into(), e))
     }
 
-    /// `uv pip install` into the venv, or its own pip when there is no uv; arguments follow.
+    /// `uv pip install` into the venv, or its own pip when there is no uv, with the operator's
+    /// index; the requirements file follows.
     fn installer(&self, venv: &Path, python: &Path) -> Command {
-        match &self.opts.uv {
+        let mut c = match &self.opts.uv {
             Some(uv) => {
-                let mut c = Command::new(uv);
+                let mut c = child::command(uv);
                 c.args(["pip", "install", "--quiet", "--python"])
                     .arg(python);
                 c
             }
             None => {
-                let mut c = Command::new(venv.join("bin").join("pip"));
+                let mut c = child::command(venv.join("bin").join("pip"));
                 c.args(["install", "--quiet", "--disable-pip-version-check"]);
                 c
             }
+        };
+        if let Some(url) = &self.opts.index_url {
+            child::index(&mut c, url);
         }
+        c
+    }
+
+    /// Runs one build step (see [`child::run`]); its scratch directory lives in the build dir.
+    async fn run(&self, cmd: Command, what: &str, build_dir: &Path) -> Result<(), Error> {
+        let out = child::run(
+            cmd,
+            what,
+            self.opts.install_timeout,
+            build_dir,
+            Error::Backend,
+        )
+        .await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::Backend(child::failure(what, &out)))
     }
 
     async fn stop_function(&self, name: &str) {
@@ -648,80 +675,13 @@ async fn stop_stale(dir: &Path) {
     }
 }
 
-async fn run(cmd: &mut Command, what: &str) -> Result<(), Error> {
-    let out = tokio::time::timeout(Duration::from_secs(900), cmd.stdin(Stdio::null()).output())
-        .await
-        .map_err(|_| Error::Backend(format!("{what} took over 15 minutes")))?
-        .map_err(|e| {
-            Error::Backend(format!(
-                "{what}: cannot run {:?}: {e}",
-                cmd.as_std().get_program()
-            ))
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = stderr
-        .lines()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    Err(Error::Backend(format!(
-        "{what} failed ({}): {}",
-        out.status,
-        tail.join(" | ")
-    )))
-}
-
-/// `[project] dependencies` of a pyproject.toml (PEP 621), as requirement strings.
-fn pyproject_dependencies(path: &Path) -> Result<Vec<String>, Error> {
-    #[derive(serde::Deserialize)]
-    struct Pyproject {
-        project: Option<Project>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Project {
-        #[serde(default)]
-        dependencies: Vec<String>,
-        #[serde(default)]
-        dynamic: Vec<String>,
-    }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| io(format!("reading {}", path.display()), e))?;
-    let parsed: Pyproject = toml::from_str(&text).map_err(|e| {
-        Error::Package(format!(
-            "pyproject.toml is not a valid PEP 621 file: {}",
-            e.message()
-        ))
-    })?;
-    let project = parsed.project.ok_or_else(|| {
-        Error::Package(
-            "pyproject.toml has no [project] table: list the plugin's dependencies in \
-             [project] dependencies, or ship a requirements.txt"
-                .into(),
-        )
-    })?;
-    if project.dynamic.iter().any(|d| d == "dependencies") {
-        return Err(Error::Package(
-            "pyproject.toml declares its dependencies dynamic; list them in [project] \
-             dependencies, or ship a requirements.txt"
-                .into(),
-        ));
-    }
-    Ok(project.dependencies)
-}
-
 fn io(context: String, e: std::io::Error) -> Error {
     Error::Backend(format!("{context}: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Target, pyproject_dependencies, wait_healthy};
+    use super::{Target, wait_healthy};
 
     /// A bootstrap that says it speaks h2c is reached over h2c; one that does not (a Lambda
     /// build, or an older one) over HTTP/1.1.
@@ -745,34 +705,5 @@ mod tests {
             assert_eq!(got, Some(want(base.clone())), "health {health}");
             server.abort();
         }
-    }
-
-    fn deps(text: &str) -> Result<Vec<String>, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "sri-pyproject-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("pyproject.toml");
-        std::fs::write(&path, text).unwrap();
-        let out = pyproject_dependencies(&path).map_err(|e| e.to_string());
-        std::fs::remove_dir_all(&dir).unwrap();
-        out
-    }
-
-    #[test]
-    fn pyproject_dependencies_are_read_or_refused_with_the_fix() {
-        assert_eq!(
-            deps("[project]\nname = \"p\"\ndependencies = [\"dify_plugin>=0.9\", \"httpx\"]\n"),
-            Ok(vec!["dify_plugin>=0.9".to_owned(), "httpx".to_owned()])
-        );
-        assert_eq!(deps("[project]\nname = \"p\"\n"), Ok(vec![]));
-        let no_project = deps("[tool.uv]\ndev-dependencies = []\n").unwrap_err();
-        assert!(no_project.contains("no [project] table"), "{no_project}");
-        let invalid = deps("[project\nname = ").unwrap_err();
-        assert!(invalid.contains("not a valid PEP 621 file"), "{invalid}");
-        let dynamic = deps("[project]\nname = \"p\"\ndynamic = [\"dependencies\"]\n").unwrap_err();
-        assert!(dynamic.contains("requirements.txt"), "{dynamic}");
     }
 }

@@ -126,12 +126,10 @@ pub async fn find(version: PythonVersion) -> Result<Interpreter, NotFound> {
 }
 
 async fn probe(path: &Path) -> Option<String> {
-    let mut cmd = tokio::process::Command::new(path);
+    let mut cmd = crate::child::command(path);
     cmd.args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"]);
     let out = run(cmd, PROBE_TIMEOUT, "python --version").await.ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    out.status.success().then(|| out.stdout.trim().to_owned())
 }
 
 /// Compiles every `.py` below `dirs` (relative to `root`) with paths recorded as they will be
@@ -142,7 +140,7 @@ pub async fn compile(
     root: &Path,
     dirs: &[&str],
 ) -> Result<Option<String>, Error> {
-    let mut cmd = tokio::process::Command::new(&py.path);
+    let mut cmd = crate::child::command(&py.path);
     cmd.args([
         "-m",
         "compileall",
@@ -164,8 +162,7 @@ pub async fn compile(
     if out.status.success() {
         return Ok(None);
     }
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = crate::child::redact(&(out.stdout + &out.stderr));
     let tail: Vec<&str> = text.lines().rev().take(10).collect();
     Ok(Some(tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
 }

@@ -33,6 +33,7 @@ pub use target::{Arch, FunctionConfig, PythonVersion, Target};
 use crate::Error;
 use crate::backend::Progress;
 use crate::package::Package;
+use crate::requirements::Dependencies;
 
 /// Largest zip Lambda accepts by direct upload (`ZipFile`); larger ones go through S3.
 pub const DIRECT_UPLOAD_LIMIT: u64 = 50 * 1024 * 1024;
@@ -50,8 +51,10 @@ pub struct Options {
     pub wheelhouse: Option<PathBuf>,
     /// No index at all, only the wheelhouse (air-gapped builds).
     pub offline: bool,
-    /// The package index (default: uv's, i.e. `UV_INDEX_URL` or PyPI).
+    /// The package index (`SRI_INDEX_URL`; default: uv's, i.e. `UV_INDEX_URL` or PyPI).
     pub index_url: Option<String>,
+    /// How long installing the dependencies may take (`SRI_INSTALL_TIMEOUT_SECS`).
+    pub install_timeout: Duration,
     /// Built zips, their metadata, and uv's download cache (`uv/`).
     pub cache_dir: PathBuf,
     /// The uv binary.
@@ -70,6 +73,7 @@ impl Options {
             wheelhouse: None,
             offline: false,
             index_url: None,
+            install_timeout: crate::child::DEFAULT_INSTALL_TIMEOUT,
             cache_dir: default_cache_dir(),
             uv: default_uv(),
             bytecode: true,
@@ -77,8 +81,8 @@ impl Options {
     }
 
     /// [`Options::new`] with what the environment says: `SRI_WHEELHOUSE`, `SRI_OFFLINE`
-    /// (`1`/`true`), `SRI_CACHE_DIR`, `SRI_UV`, `SRI_BOOTSTRAP_<ARCH>`; the index comes from uv's
-    /// own `UV_INDEX_URL`.
+    /// (`1`/`true`), `SRI_CACHE_DIR`, `SRI_UV`, `SRI_BOOTSTRAP_<ARCH>`, `SRI_INDEX_URL` (else
+    /// uv's own `UV_INDEX_URL`), `SRI_INSTALL_TIMEOUT_SECS`.
     pub fn from_env(target: Target) -> Self {
         let mut o = Self::new(target);
         o.wheelhouse = std::env::var_os("SRI_WHEELHOUSE")
@@ -87,6 +91,15 @@ impl Options {
         o.offline = std::env::var("SRI_OFFLINE")
             .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
             .unwrap_or(false);
+        o.index_url = std::env::var("SRI_INDEX_URL")
+            .ok()
+            .filter(|v| !v.is_empty());
+        if let Some(secs) = std::env::var("SRI_INSTALL_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.install_timeout = Duration::from_secs(secs);
+        }
         o
     }
 }
@@ -292,28 +305,35 @@ async fn build_in(
     .map_err(|e| Error::Packaging(format!("unpacking stopped: {e}")))??;
 
     std::fs::create_dir_all(&vendor).map_err(|e| archive::io_err(&vendor, e))?;
-    match wheels::Requirements::find(&plugin) {
-        wheels::Requirements::None => say(
+    // Parsed before any installer runs (the package's file never reaches uv), off the async
+    // workers: a hostile file costs parsing time.
+    let p = plugin.clone();
+    let deps = tokio::task::spawn_blocking(move || Dependencies::read(&p))
+        .await
+        .map_err(|e| Error::Packaging(format!("dependency parsing task failed: {e}")))??;
+    match deps {
+        None => say(
             "dependencies",
             "no requirements.txt or pyproject.toml: nothing to install".into(),
         ),
-        wheels::Requirements::Txt(p) | wheels::Requirements::Pyproject(p) => {
-            let file = p
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
+        Some(deps) if deps.is_empty() => say(
+            "dependencies",
+            format!("{} lists no dependencies: nothing to install", deps.file),
+        ),
+        Some(deps) => {
             say(
                 "dependencies",
                 format!(
-                    "installing {file} for {} (Python {}){}",
+                    "installing {} requirements of {} for {} (Python {}){}",
+                    deps.requirements.len(),
+                    deps.file,
                     target.wheel_platform(),
                     target.python,
                     if opts.offline { ", offline" } else { "" }
                 ),
             );
             let t = Instant::now();
-            wheels::install(opts, &p, &vendor).await?;
+            wheels::install(opts, &deps, &vendor, work).await?;
             say(
                 "dependencies",
                 format!("installed in {:.1} s", t.elapsed().as_secs_f64()),
@@ -430,30 +450,15 @@ pub fn human(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// Runs `cmd` to completion within `limit`, capturing its output; the child is killed when the
-/// limit passes (or the future is dropped).
+/// Runs `cmd` (made by [`crate::child::command`]) to completion within `limit`, the way every
+/// helper program runs (see [`crate::child`]), with its scratch directory in the system's temp
+/// dir.
 pub(crate) async fn run(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     limit: Duration,
     what: &str,
-) -> Result<std::process::Output, Error> {
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| {
-        Error::Packaging(format!(
-            "cannot run {what} ({}): {e}",
-            cmd.as_std().get_program().to_string_lossy()
-        ))
-    })?;
-    match tokio::time::timeout(limit, child.wait_with_output()).await {
-        Ok(r) => r.map_err(|e| Error::Packaging(format!("{what}: {e}"))),
-        Err(_) => Err(Error::Packaging(format!(
-            "{what} did not finish within {} s",
-            limit.as_secs()
-        ))),
-    }
+) -> Result<crate::child::Output, Error> {
+    crate::child::run(cmd, what, limit, &std::env::temp_dir(), Error::Packaging).await
 }
 
 #[cfg(test)]

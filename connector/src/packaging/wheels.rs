@@ -1,54 +1,36 @@
 //! Installing a plugin's dependencies for the target platform with uv, and turning uv's resolver
 //! failures into an error that names the package without a wheel and says how to fix it.
 //!
+//! What uv installs is the parsed list of [`crate::requirements`], never the package's file.
+//!
 //! Only wheels are accepted (`--only-binary :all:`): building an sdist here would compile for the
 //! build machine, not for Lambda.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use super::{Options, Target, run};
+use super::{Options, Target};
 use crate::Error;
+use crate::child;
+use crate::requirements::Dependencies;
 
-/// How long one dependency install may take (a cold install of a large plugin downloads a lot).
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Where a plugin declares its dependencies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requirements {
-    /// `requirements.txt` (what `dify plugin init` writes).
-    Txt(PathBuf),
-    /// `pyproject.toml` `[project] dependencies`.
-    Pyproject(PathBuf),
-    /// Neither: nothing to install.
-    None,
-}
-
-impl Requirements {
-    /// Looks in the unpacked plugin directory.
-    pub fn find(plugin: &Path) -> Self {
-        let txt = plugin.join("requirements.txt");
-        let pyproject = plugin.join("pyproject.toml");
-        if txt.is_file() {
-            Requirements::Txt(txt)
-        } else if pyproject.is_file() {
-            Requirements::Pyproject(pyproject)
-        } else {
-            Requirements::None
-        }
-    }
-}
-
-/// `uv pip install --target vendor …` for `opts.target`.
-pub async fn install(opts: &Options, reqs: &Path, vendor: &Path) -> Result<(), Error> {
+/// `uv pip install --target vendor …` of the parsed `deps` for `opts.target`. uv reads the
+/// requirements file the connector writes from them (in `scratch`), never the package's own.
+pub async fn install(
+    opts: &Options,
+    deps: &Dependencies,
+    vendor: &Path,
+    scratch: &Path,
+) -> Result<(), Error> {
     let target = &opts.target;
-    let mut cmd = tokio::process::Command::new(&opts.uv);
+    let reqs = scratch.join("sri-requirements.txt");
+    std::fs::write(&reqs, deps.to_requirements_txt())
+        .map_err(|e| Error::Packaging(format!("writing {}: {e}", reqs.display())))?;
+    let mut cmd = child::command(&opts.uv);
     cmd.args(["pip", "install", "--target"])
         .arg(vendor)
         .args(["--python-platform", &target.uv_platform()])
         .args(["--python-version", target.python.as_str()])
-        .args(["--only-binary", ":all:", "--no-progress", "-r"])
-        .arg(reqs)
+        .args(["--only-binary", ":all:", "--no-progress"])
         .env("UV_CACHE_DIR", opts.cache_dir.join("uv"));
     if let Some(wh) = &opts.wheelhouse {
         cmd.arg("--find-links").arg(wh);
@@ -57,20 +39,27 @@ pub async fn install(opts: &Options, reqs: &Path, vendor: &Path) -> Result<(), E
         // No index and no network: only the wheelhouse (and uv's cache of it).
         cmd.args(["--no-index", "--offline"]);
     } else if let Some(url) = &opts.index_url {
-        cmd.args(["--index-url", url]);
+        child::index(&mut cmd, url);
     }
-    let out = run(cmd, INSTALL_TIMEOUT, "uv pip install").await?;
+    cmd.arg("-r").arg(&reqs);
+    let out = child::run(
+        cmd,
+        "uv pip install",
+        opts.install_timeout,
+        scratch,
+        Error::Packaging,
+    )
+    .await?;
     if out.status.success() {
         return Ok(());
     }
-    let text = String::from_utf8_lossy(&out.stderr);
-    Err(Error::Packaging(explain(&text, target, opts)))
+    Err(Error::Packaging(explain(&out.stderr, target, opts)))
 }
 
 /// The error message for a failed install: the package without a wheel when uv says which,
 /// the fix, and uv's own words (trimmed).
 pub fn explain(uv_stderr: &str, target: &Target, opts: &Options) -> String {
-    let uv_text = trim_uv(uv_stderr);
+    let uv_text = trim_uv(&child::redact(uv_stderr));
     match missing_wheel(uv_stderr) {
         Some(name) => format!(
             "`{name}` has no wheel for {} ({}, Python {}; {} wheels fit). Fix: vendor a wheel \
@@ -135,14 +124,24 @@ fn strip_specifier(s: &str) -> String {
     s[..end].to_owned()
 }
 
-/// uv's stderr without the interpreter notice, at most 40 lines.
+/// uv's stderr without the interpreter notice, at most 40 lines and
+/// [`child::MESSAGE_BYTES`].
 fn trim_uv(s: &str) -> String {
     let lines: Vec<&str> = s
         .lines()
         .filter(|l| !l.starts_with("Using CPython") && !l.trim().is_empty())
         .collect();
     let keep = lines.len().min(40);
-    lines[lines.len() - keep..].join("\n")
+    let text = lines[lines.len() - keep..].join("\n");
+    match text.len().checked_sub(child::MESSAGE_BYTES) {
+        Some(cut) if cut > 0 => {
+            let start = (cut..text.len())
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(text.len());
+            format!("…{}", &text[start..])
+        }
+        _ => text,
+    }
 }
 
 #[cfg(test)]
