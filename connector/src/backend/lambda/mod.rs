@@ -27,7 +27,7 @@ use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Backend, Function, Progress};
 use crate::Error;
@@ -179,8 +179,8 @@ pub struct LambdaBackend {
     live: Mutex<HashMap<String, LiveState>>,
     /// One `live` refresh at a time per Lambda function (calls arriving meanwhile share it).
     refreshing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// When a call for an unknown deployment last made us re-read its function (rate limit).
-    missed: Mutex<HashMap<String, Instant>>,
+    /// Rate limit of lookups for deployments this replica does not know.
+    missed: Mutex<routing::Misses>,
     /// One deploy at a time per Lambda function (two checksums of one plugin share it).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -238,7 +238,7 @@ impl LambdaBackend {
             deployed: Mutex::new(BTreeMap::new()),
             live: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
-            missed: Mutex::new(HashMap::new()),
+            missed: Mutex::new(routing::Misses::default()),
             locks: Mutex::new(HashMap::new()),
         });
         this.discover().await?;

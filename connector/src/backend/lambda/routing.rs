@@ -18,10 +18,51 @@ use crate::Error;
 use crate::backend::Function;
 use crate::transport::Target;
 
-/// How often a call for an unknown deployment may make us re-read one function from AWS.
+/// How often calls for one unknown deployment name may make us look it up in AWS.
 const MISS_INTERVAL: Duration = Duration::from_secs(1);
-/// How many functions the miss rate limiter remembers (then it forgets them all).
+/// How many lookups of unknown names may happen per [`MISS_INTERVAL`] in all (the gateway is
+/// reachable without the API key, so junk names must not turn into unbounded AWS calls).
+const MISS_BUDGET: u32 = 20;
+/// How many names the limiter remembers (then it forgets them all).
 const MISS_MEMORY: usize = 4096;
+
+/// Rate limit of lookups for deployment names this replica does not know.
+#[derive(Debug, Default)]
+pub(super) struct Misses {
+    by_name: std::collections::HashMap<String, Instant>,
+    window: Option<Instant>,
+    in_window: u32,
+}
+
+impl Misses {
+    /// Whether `name` may be looked up now (and counts it if so).
+    fn allow(&mut self, name: &str, now: Instant) -> bool {
+        if self
+            .by_name
+            .get(name)
+            .is_some_and(|t| now.saturating_duration_since(*t) < MISS_INTERVAL)
+        {
+            return false;
+        }
+        match self.window {
+            Some(w) if now.saturating_duration_since(w) < MISS_INTERVAL => {
+                if self.in_window >= MISS_BUDGET {
+                    return false;
+                }
+                self.in_window += 1;
+            }
+            _ => {
+                self.window = Some(now);
+                self.in_window = 1;
+            }
+        }
+        if self.by_name.len() >= MISS_MEMORY {
+            self.by_name.clear();
+        }
+        self.by_name.insert(name.to_owned(), now);
+        true
+    }
+}
 /// Longest a call waits for AWS to confirm `live` before it goes by exact version instead.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -272,18 +313,13 @@ impl LambdaBackend {
         if !aws_name.starts_with(&format!("{}-", self.options.prefix)) {
             return;
         }
+        if !self
+            .missed
+            .lock()
+            .expect("lock")
+            .allow(name, Instant::now())
         {
-            let mut missed = self.missed.lock().expect("lock");
-            if missed
-                .get(aws_name)
-                .is_some_and(|t| t.elapsed() < MISS_INTERVAL)
-            {
-                return;
-            }
-            if missed.len() >= MISS_MEMORY {
-                missed.clear();
-            }
-            missed.insert(aws_name.to_owned(), Instant::now());
+            return;
         }
         let owned = match self
             .lambda
@@ -410,6 +446,25 @@ mod tests {
         assert!(l.fresh(Duration::from_secs(2)));
         assert!(!l.fresh(Duration::from_secs(1)));
         assert!(!l.fresh(Duration::ZERO));
+    }
+
+    #[test]
+    fn lookups_of_unknown_names_are_rate_limited() {
+        let mut m = Misses::default();
+        let t0 = Instant::now();
+        assert!(m.allow("a", t0));
+        assert!(
+            !m.allow("a", t0 + Duration::from_millis(10)),
+            "same name again"
+        );
+        assert!(m.allow("a", t0 + MISS_INTERVAL), "again after the interval");
+        let mut m = Misses::default();
+        let allowed = (0..100).filter(|i| m.allow(&format!("n{i}"), t0)).count();
+        assert_eq!(
+            allowed, MISS_BUDGET as usize,
+            "the budget bounds distinct names"
+        );
+        assert!(m.allow("later", t0 + MISS_INTERVAL));
     }
 
     #[test]
