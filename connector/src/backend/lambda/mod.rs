@@ -12,8 +12,8 @@
 //! `live` not confirmed lately, since another replica may have moved it) goes to the exact
 //! version with `InvokeWithResponseStream`, because a Function URL can only point at an alias.
 //!
-//! The jobs live in submodules: [`naming`], [`deploy`], [`discovery`], [`routing`], [`gc`] and
-//! [`errors`].
+//! The jobs live in submodules: `naming`, `deploy`, `discovery`, `routing`, `gc` and
+//! `errors`.
 
 mod deploy;
 mod discovery;
