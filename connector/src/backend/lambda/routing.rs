@@ -256,24 +256,42 @@ impl LambdaBackend {
             return Ok(l);
         }
         let asked = Instant::now();
-        let version = match self
-            .lambda
-            .get_alias()
-            .function_name(aws_name)
-            .name(LIVE_ALIAS)
-            .send()
-            .await
-        {
-            Ok(a) => a.function_version().map(str::to_owned),
-            Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
-            Err(e) => return Err(aws_err(format!("GetAlias {aws_name}:{LIVE_ALIAS}"), &e)),
-        };
         let known_url = self
             .live
             .lock()
             .expect("lock")
             .get(aws_name)
             .and_then(|l| l.url.clone());
+        // A failure is remembered as "not confirmed" for the TTL too, so a throttled or
+        // failing AWS is not asked again by every call (they go by exact version meanwhile).
+        let unconfirmed = |url: Option<String>| LiveState {
+            version: None,
+            url,
+            asked,
+        };
+        // GetFunction on the alias names the version it points at, and (unlike GetAlias) is
+        // outside Lambda's 15 requests/s control-plane quota.
+        let version = match self
+            .lambda
+            .get_function()
+            .function_name(aws_name)
+            .qualifier(LIVE_ALIAS)
+            .send()
+            .await
+        {
+            Ok(f) => f
+                .configuration()
+                .and_then(|c| c.version())
+                .map(str::to_owned),
+            Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
+            Err(e) => {
+                self.live
+                    .lock()
+                    .expect("lock")
+                    .insert(aws_name.to_owned(), unconfirmed(known_url));
+                return Err(aws_err(format!("GetFunction {aws_name}:{LIVE_ALIAS}"), &e));
+            }
+        };
         // The URL belongs to the alias, not to a version: it only changes when the function is
         // made anew, so it is read once.
         let url = match known_url {
@@ -288,7 +306,13 @@ impl LambdaBackend {
             {
                 Ok(u) => Some(u.function_url().to_owned()),
                 Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
-                Err(e) => return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e)),
+                Err(e) => {
+                    self.live
+                        .lock()
+                        .expect("lock")
+                        .insert(aws_name.to_owned(), unconfirmed(None));
+                    return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e));
+                }
             },
         };
         let state = LiveState {
