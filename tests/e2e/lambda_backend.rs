@@ -759,6 +759,40 @@ async fn plugins_whose_names_clean_alike_get_their_own_functions() {
             assert!(a.0 != b.0 && a.1 != b.1, "shared: {a:?} {b:?}");
         }
     }
+    // A function whose tag names another plugin is never taken over, whatever its name.
+    let taken = lambda_function_name(&s.prefix, "acme", "taken");
+    s.lambda
+        .create_function()
+        .function_name(&taken)
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role(&s.role)
+        .handler("x")
+        .code(
+            aws_sdk_lambda::types::FunctionCode::builder()
+                .zip_file(aws_sdk_lambda::primitives::Blob::new(
+                    harness::difypkg::zip_files(&[("x.txt".into(), b"not yours".to_vec())]),
+                ))
+                .build(),
+        )
+        .tags("sri:managed-by", "sri-connector")
+        .tags("sri:plugin", "someone/else")
+        .send()
+        .await
+        .expect("CreateFunction");
+    let pkg = Package::from_files(&sample_as("acme", "taken", "0.1.0", false));
+    let o = s
+        .daemon()
+        .launch_package(&pkg, false)
+        .await
+        .unwrap_or_else(|e| panic!("launch refused: {e}"));
+    let failures = o.failures().join("\n");
+    assert!(
+        failures.contains("someone/else") && failures.contains("acme/taken"),
+        "the failure names both plugins: {failures}\n{}",
+        o.transcript()
+    );
+    assert!(o.installed.is_none(), "{}", o.transcript());
+
     // Each deployment's calls reach its own function and version (as a second replica routes
     // them, from what AWS says).
     let cache = TempDir::new("lambda-cache-replica");
