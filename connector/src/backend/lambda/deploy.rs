@@ -308,7 +308,6 @@ impl LambdaBackend {
         };
 
         // 3. `live` follows the newest deployment.
-        let alias_asked = std::time::Instant::now();
         match self
             .lambda
             .get_alias()
@@ -343,6 +342,9 @@ impl LambdaBackend {
             Err(e) => return Err(aws_err(format!("GetAlias {aws_name}:{LIVE_ALIAS}"), &e)),
         }
 
+        // Known true once the alias answered (a later answer wins over one asked before).
+        let alias_asked = std::time::Instant::now();
+
         // 4. The Function URL on `live` (IAM-authenticated, streaming) and who may call it.
         let url = self.ensure_url(&aws_name).await?;
         self.ensure_permissions(&aws_name).await?;
@@ -360,8 +362,8 @@ impl LambdaBackend {
                 version: version.clone(),
             },
         );
-        self.live.lock().expect("lock").insert(
-            aws_name.clone(),
+        self.remember_live(
+            &aws_name,
             LiveState {
                 version: Some(version),
                 url: Some(url),

@@ -90,7 +90,6 @@ impl LambdaBackend {
                     .iter()
                     .max_by_key(|o| o.version.parse::<u64>().unwrap_or(0))
                     .expect("not empty");
-                let asked = std::time::Instant::now();
                 self.lambda
                     .update_alias()
                     .function_name(aws_name)
@@ -101,7 +100,7 @@ impl LambdaBackend {
                     .map_err(|e| aws_err(format!("UpdateAlias {aws_name}:{LIVE_ALIAS}"), &e))?;
                 if let Some(l) = self.live.lock().expect("lock").get_mut(aws_name) {
                     l.version = Some(newest.version.clone());
-                    l.asked = asked;
+                    l.asked = std::time::Instant::now();
                 }
             }
             match self

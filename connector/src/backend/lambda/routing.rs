@@ -116,7 +116,16 @@ impl LambdaBackend {
             Err(e) => return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e)),
         };
         let mut deployed = self.deployed.lock().expect("lock");
-        deployed.retain(|_, d| d.aws_name != aws_name);
+        // Versions only grow: one numbered above everything listed was published after the
+        // listing (by a deploy on this replica meanwhile) and stays.
+        let listed_max = versions
+            .iter()
+            .filter_map(|v| v.version()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        deployed.retain(|_, d| {
+            d.aws_name != aws_name || d.version.parse::<u64>().unwrap_or(0) > listed_max
+        });
         for v in &versions {
             let (Some(version), Some((checksum, identifier))) =
                 (v.version(), v.description().and_then(parse_description))
@@ -148,8 +157,8 @@ impl LambdaBackend {
             );
         }
         drop(deployed);
-        self.live.lock().expect("lock").insert(
-            aws_name.to_owned(),
+        self.remember_live(
+            aws_name,
             LiveState {
                 version: live_version,
                 url,
@@ -157,6 +166,12 @@ impl LambdaBackend {
             },
         );
         Ok(versions)
+    }
+
+    /// Keeps `state` unless what is known was asked later (an answer that took longer must not
+    /// overwrite a newer one, e.g. the alias this replica just moved).
+    pub(super) fn remember_live(&self, aws_name: &str, state: LiveState) {
+        keep_newer(&mut self.live.lock().expect("lock"), aws_name, state);
     }
 
     fn ttl(&self) -> Duration {
@@ -285,10 +300,7 @@ impl LambdaBackend {
                 .map(str::to_owned),
             Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
             Err(e) => {
-                self.live
-                    .lock()
-                    .expect("lock")
-                    .insert(aws_name.to_owned(), unconfirmed(known_url));
+                self.remember_live(aws_name, unconfirmed(known_url));
                 return Err(aws_err(format!("GetFunction {aws_name}:{LIVE_ALIAS}"), &e));
             }
         };
@@ -307,10 +319,7 @@ impl LambdaBackend {
                 Ok(u) => Some(u.function_url().to_owned()),
                 Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
                 Err(e) => {
-                    self.live
-                        .lock()
-                        .expect("lock")
-                        .insert(aws_name.to_owned(), unconfirmed(None));
+                    self.remember_live(aws_name, unconfirmed(None));
                     return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e));
                 }
             },
@@ -320,10 +329,7 @@ impl LambdaBackend {
             url,
             asked,
         };
-        self.live
-            .lock()
-            .expect("lock")
-            .insert(aws_name.to_owned(), state.clone());
+        self.remember_live(aws_name, state.clone());
         Ok(state)
     }
 
@@ -368,6 +374,20 @@ impl LambdaBackend {
         }
         if let Err(e) = self.refresh(aws_name).await {
             tracing::warn!(function = aws_name, error = %e, "cannot look up an unknown deployment");
+        }
+    }
+}
+
+/// Stores `state` for `aws_name` unless the known state was asked later.
+fn keep_newer(
+    live: &mut std::collections::HashMap<String, LiveState>,
+    aws_name: &str,
+    state: LiveState,
+) {
+    match live.get(aws_name) {
+        Some(known) if known.asked > state.asked => {}
+        _ => {
+            live.insert(aws_name.to_owned(), state);
         }
     }
 }
@@ -470,6 +490,22 @@ mod tests {
         assert!(l.fresh(Duration::from_secs(2)));
         assert!(!l.fresh(Duration::from_secs(1)));
         assert!(!l.fresh(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_slow_answer_never_overwrites_a_newer_one() {
+        let t0 = Instant::now();
+        let state = |v: &str, asked| LiveState {
+            version: Some(v.into()),
+            url: None,
+            asked,
+        };
+        let mut live = std::collections::HashMap::new();
+        keep_newer(&mut live, "f", state("2", t0 + Duration::from_millis(5)));
+        keep_newer(&mut live, "f", state("1", t0));
+        assert_eq!(live["f"].version.as_deref(), Some("2"));
+        keep_newer(&mut live, "f", state("3", t0 + Duration::from_millis(9)));
+        assert_eq!(live["f"].version.as_deref(), Some("3"));
     }
 
     #[test]
