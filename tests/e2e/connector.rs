@@ -6,7 +6,7 @@
 //! builds a venv and installs `dify_plugin` (uv or pip): each launch may take up to 180 s, and
 //! its time is printed.
 
-use harness::difypkg::{Package, collect_dir, zip_files};
+use harness::difypkg::{Package, collect_dir, sample_as, zip_files};
 use harness::godaemon::{GoDaemon, InvokeOutcome, LaunchOutcome, decode_error_response};
 use harness::sri::Connector;
 use harness::{envelope, plugin_dir, session_id, tool_data};
@@ -823,6 +823,87 @@ async fn dependencies_install_with_pip_or_uv_from_requirements_or_pyproject() {
     let (sid, o) = call(&d, &endpoint, "invoke_tool", echo()).await;
     assert_ended(&o, &sid, &c);
     assert_eq!(venvs_with_pip(&c), 0, "the venv was made by uv");
+}
+
+/// Plugins whose names clean to one string (`acme/foo_bar`, `acme/foo-bar`, `acme-foo/bar`) get
+/// one function each, and every call reaches the plugin it was made for.
+#[tokio::test]
+async fn plugins_whose_names_clean_alike_get_their_own_functions_and_calls() {
+    let c = Connector::start();
+    let d = daemon(&c);
+    let mut launched = Vec::new();
+    for (author, name) in [
+        ("acme", "foo_bar"),
+        ("acme", "foo-bar"),
+        ("acme-foo", "bar"),
+    ] {
+        let pkg = Package::from_files(&sample_as(author, name, "0.1.0", true));
+        let (function, endpoint) = launch_ok(&c, &d, &pkg).await;
+        assert_eq!(
+            function,
+            connector::backend::local_function_name(author, name, &pkg.checksum)
+        );
+        assert!(
+            connector::backend::is_function_name(&function),
+            "{function}"
+        );
+        launched.push((format!("{author}/{name}"), function, endpoint));
+    }
+    let mut functions: Vec<&String> = launched.iter().map(|(_, f, _)| f).collect();
+    functions.sort();
+    functions.dedup();
+    assert_eq!(functions.len(), 3, "one function per plugin: {launched:?}");
+    // Call them interleaved: each answers as itself.
+    for _round in 0..2 {
+        for (plugin, _, endpoint) in &launched {
+            let (sid, o) = call(
+                &d,
+                endpoint,
+                "invoke_tool",
+                tool_data("sample", "stream", json!({"n": 2, "delay_ms": 0}), None),
+            )
+            .await;
+            assert_ended(&o, &sid, &c);
+            assert_eq!(
+                o.texts(),
+                [format!("{plugin} 0"), format!("{plugin} 1")],
+                "{}",
+                o.transcript()
+            );
+        }
+    }
+}
+
+/// A function directory whose `meta.json` names another package is never reused for a package
+/// that maps to the same name: the launch fails naming both checksums, and nothing is touched.
+#[tokio::test]
+async fn a_function_is_reused_only_for_the_same_checksum() {
+    let c = Connector::start();
+    let d = daemon(&c);
+    let pkg = Package::from_files(&sample_as("acme", "reuse", "0.1.0", true));
+    let name = connector::backend::local_function_name("acme", "reuse", &pkg.checksum);
+    let other = "f".repeat(64);
+    let dir = c.data_dir().join("functions").join(&name);
+    std::fs::create_dir_all(&dir).expect("function dir");
+    let meta = json!({"function": {"name": name, "identifier": format!("acme/reuse:0.0.9@{other}"),
+                      "checksum": other}, "created_at": 1});
+    std::fs::write(dir.join("meta.json"), meta.to_string()).expect("meta.json");
+    let o = d
+        .launch_package(&pkg, false)
+        .await
+        .unwrap_or_else(|e| panic!("launch refused: {e}\n{}", c.log_tail(40)));
+    assert_stream_clean(&o, &c);
+    let failures = o.failures().join("\n");
+    assert!(
+        failures.contains(&other) && failures.contains(&pkg.checksum),
+        "the failure names both checksums: {failures}\n{}",
+        o.transcript()
+    );
+    assert!(o.installed.is_none(), "{}", o.transcript());
+    assert!(
+        !dir.join("plugin").exists() && !dir.join("venv").exists(),
+        "the other package's function was touched"
+    );
 }
 
 /// How many of the connector's functions have a venv with its own pip.

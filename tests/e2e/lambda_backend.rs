@@ -6,11 +6,19 @@
 //! tests), and the functions are x86_64 so that the host's debug `bootstrap` can be packaged.
 
 use aws_sdk_lambda::Client as Lambda;
-use harness::difypkg::{Package, collect_dir};
+use connector::backend::lambda::{
+    LambdaBackend, LambdaContext, LambdaOptions, Transport, lambda_function_name,
+};
+use connector::backend::{Backend, Function, is_function_name};
+use connector::packaging::{Arch, PythonVersion};
+use connector::secret::Secret;
+use connector::transport::Target;
+use harness::difypkg::{Package, collect_dir, sample_as};
 use harness::godaemon::GoDaemon;
 use harness::moto::Moto;
 use harness::sri::{Connector, ConnectorOptions, TempDir};
 use harness::{plugin_dir, root};
+use std::sync::Arc;
 use std::time::Duration;
 
 const LAUNCH_BUDGET: Duration = Duration::from_secs(180);
@@ -116,7 +124,7 @@ impl Setup {
     }
 
     fn function_name(&self) -> String {
-        format!("{}-sri-sample", self.prefix)
+        lambda_function_name(&self.prefix, "sri", "sample")
     }
 
     async fn versions(&self) -> Vec<(String, String)> {
@@ -170,7 +178,7 @@ async fn launch_deploys_a_versioned_streaming_function_and_relaunch_changes_noth
     let v1 = plugin("0.1.0");
     let name = s.launch(&v1).await;
     assert!(
-        name.starts_with(&s.function_name()) && name.ends_with(&v1.checksum[..12]),
+        name.starts_with(&s.function_name()) && name.ends_with(&v1.checksum[..32]),
         "deployment name {name} names the function and the checksum"
     );
 
@@ -460,7 +468,7 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
     let lambda = Lambda::new(&moto.sdk().await);
     let env = lambda
         .get_function_configuration()
-        .function_name("rs-sri-sample")
+        .function_name(lambda_function_name("rs", "sri", "sample"))
         .send()
         .await
         .expect("GetFunctionConfiguration")
@@ -484,7 +492,7 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
     .await;
     let live_before = lambda
         .get_alias()
-        .function_name("rs-sri-sample")
+        .function_name(lambda_function_name("rs", "sri", "sample"))
         .name("live")
         .send()
         .await
@@ -503,7 +511,7 @@ async fn a_restarted_connector_finds_its_functions_and_reads_keys_from_a_secret(
     // with the new ring and moved `live`.
     let live = lambda
         .get_function_configuration()
-        .function_name("rs-sri-sample")
+        .function_name(lambda_function_name("rs", "sri", "sample"))
         .qualifier("live")
         .send()
         .await
@@ -599,5 +607,266 @@ async fn zips_over_50_mib_go_through_the_artifact_bucket_or_fail_naming_it() {
     assert!(
         listing.contains(&format!("<Key>{}/{}/", s.prefix, s.function_name())),
         "the zip is under the prefix: {listing}"
+    );
+}
+
+/// One connector replica's Lambda backend, in this process, on `moto`, with the settings
+/// [`Setup`] gives the connector process. `route_ttl_ms` 0: the replica asks AWS what `live`
+/// runs before every Function URL call, so what the tests check does not depend on timing.
+async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<LambdaBackend> {
+    let options = LambdaOptions {
+        region: Some(harness::moto::REGION.into()),
+        endpoint_url: Some(moto.url.clone()),
+        role_arn: Some(role.into()),
+        prefix: prefix.into(),
+        arch: Arch::X86_64,
+        python: PythonVersion::Py312,
+        memory_mb: None,
+        timeout_s: None,
+        transport: Transport::FunctionUrl,
+        route_ttl_ms: 0,
+        artifact_bucket: None,
+        kms_key_arn: None,
+        bootstrap_layer_arn: None,
+        invoker_principal: None,
+        bootstrap: Some(harness::stripped_bootstrap()),
+        wheelhouse: None,
+        offline: false,
+        cache_dir: cache.path().to_path_buf(),
+    };
+    let context = LambdaContext {
+        signing_keys: Secret(harness::keys_env(&[harness::SECRET_A])),
+        daemon_url: None,
+        uv: root().join(".venv/tools/bin/uv"),
+        index_url: None,
+        install_timeout: std::time::Duration::from_secs(900),
+    };
+    LambdaBackend::open(&moto.sdk().await, options, context)
+        .await
+        .expect("a replica opens on moto")
+}
+
+/// Deploys `pkg` on one replica (what its `/v1/launch` does).
+async fn deploy(r: &LambdaBackend, pkg: &Package) -> Function {
+    let p = connector::package::Package::read(bytes::Bytes::from(pkg.bytes.clone()))
+        .expect("a readable package");
+    let (progress, _ignored) = tokio::sync::mpsc::unbounded_channel();
+    r.deploy(&p, progress)
+        .await
+        .unwrap_or_else(|e| panic!("deploy {}: {e}", pkg.unique_identifier()))
+}
+
+/// Where AWS says a call for the package with `checksum` must go: the Function URL while `live`
+/// runs the version published for it, else that exact version.
+async fn expected(lambda: &Lambda, aws_name: &str, checksum: &str) -> Target {
+    let versions = lambda
+        .list_versions_by_function()
+        .function_name(aws_name)
+        .send()
+        .await
+        .expect("ListVersionsByFunction");
+    let version = versions
+        .versions()
+        .iter()
+        .filter(|v| v.description().is_some_and(|d| d.contains(checksum)))
+        .filter_map(|v| v.version()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or_else(|| panic!("no version of {aws_name} for {checksum}"))
+        .to_string();
+    let live = lambda
+        .get_alias()
+        .function_name(aws_name)
+        .name("live")
+        .send()
+        .await
+        .expect("GetAlias live");
+    if live.function_version() == Some(version.as_str()) {
+        let url = lambda
+            .get_function_url_config()
+            .function_name(aws_name)
+            .qualifier("live")
+            .send()
+            .await
+            .expect("GetFunctionUrlConfig");
+        Target::FunctionUrl {
+            url: url.function_url().to_owned(),
+            region: harness::moto::REGION.into(),
+        }
+    } else {
+        Target::InvokeStream {
+            function: aws_name.to_owned(),
+            qualifier: version,
+        }
+    }
+}
+
+/// Every replica routes every launched deployment where AWS says it must go.
+async fn assert_routes(
+    stage: &str,
+    replicas: &[&Arc<LambdaBackend>],
+    lambda: &Lambda,
+    aws_name: &str,
+    launched: &[Function],
+) {
+    for (i, r) in replicas.iter().enumerate() {
+        for f in launched {
+            let got = r
+                .wait_target(&f.name, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("{stage}: replica {i} does not know {}", f.name));
+            let want = expected(lambda, aws_name, &f.checksum).await;
+            assert_eq!(
+                got, want,
+                "{stage}: replica {i} routes {} ({}) elsewhere",
+                f.name, f.identifier
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_whose_names_clean_alike_get_their_own_functions() {
+    let s = Setup::start(&[]).await;
+    let mut launched = Vec::new();
+    for (author, name) in [
+        ("acme", "foo_bar"),
+        ("acme", "foo-bar"),
+        ("acme-foo", "bar"),
+    ] {
+        let pkg = Package::from_files(&sample_as(author, name, "0.1.0", false));
+        let deployment = s.launch(&pkg).await;
+        let aws_name = lambda_function_name(&s.prefix, author, name);
+        assert!(
+            deployment.starts_with(&format!("{aws_name}-")) && is_function_name(&deployment),
+            "{deployment} is a deployment of {aws_name}"
+        );
+        let f = s
+            .lambda
+            .get_function()
+            .function_name(&aws_name)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{author}/{name} has its own function {aws_name}: {e:?}"));
+        let tags = f.tags().cloned().unwrap_or_default();
+        assert_eq!(
+            tags.get("sri:plugin"),
+            Some(&format!("{author}/{name}")),
+            "{aws_name}"
+        );
+        assert_eq!(tags.get("sri:checksum"), Some(&pkg.checksum), "{aws_name}");
+        launched.push((aws_name, deployment, pkg.checksum.clone()));
+    }
+    for (i, a) in launched.iter().enumerate() {
+        for b in &launched[i + 1..] {
+            assert!(a.0 != b.0 && a.1 != b.1, "shared: {a:?} {b:?}");
+        }
+    }
+    // A function whose tag names another plugin is never taken over, whatever its name.
+    let taken = lambda_function_name(&s.prefix, "acme", "taken");
+    s.lambda
+        .create_function()
+        .function_name(&taken)
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role(&s.role)
+        .handler("x")
+        .code(
+            aws_sdk_lambda::types::FunctionCode::builder()
+                .zip_file(aws_sdk_lambda::primitives::Blob::new(
+                    harness::difypkg::zip_files(&[("x.txt".into(), b"not yours".to_vec())]),
+                ))
+                .build(),
+        )
+        .tags("sri:managed-by", "sri-connector")
+        .tags("sri:plugin", "someone/else")
+        .send()
+        .await
+        .expect("CreateFunction");
+    let pkg = Package::from_files(&sample_as("acme", "taken", "0.1.0", false));
+    let o = s
+        .daemon()
+        .launch_package(&pkg, false)
+        .await
+        .unwrap_or_else(|e| panic!("launch refused: {e}"));
+    let failures = o.failures().join("\n");
+    assert!(
+        failures.contains("someone/else") && failures.contains("acme/taken"),
+        "the failure names both plugins: {failures}\n{}",
+        o.transcript()
+    );
+    assert!(o.installed.is_none(), "{}", o.transcript());
+
+    // Each deployment's calls reach its own function and version (as a second replica routes
+    // them, from what AWS says).
+    let cache = TempDir::new("lambda-cache-replica");
+    let r = replica(&s.moto, &s.role, &s.prefix, &cache).await;
+    for (aws_name, deployment, checksum) in &launched {
+        let got = r
+            .wait_target(deployment, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("the replica does not know {deployment}"));
+        assert_eq!(got, expected(&s.lambda, aws_name, checksum).await);
+        match got {
+            Target::FunctionUrl { .. } => {}
+            other => panic!("the only version of {aws_name} is live: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_route_every_call_to_the_version_it_was_launched_for() {
+    let moto = Moto::start().await;
+    let role = moto.create_role("sri-plugin-exec").await;
+    let prefix = format!("r{}", std::process::id() % 100000);
+    let (cache_a, cache_b) = (
+        TempDir::new("lambda-cache-a"),
+        TempDir::new("lambda-cache-b"),
+    );
+    let a = replica(&moto, &role, &prefix, &cache_a).await;
+    let b = replica(&moto, &role, &prefix, &cache_b).await;
+    let lambda = Lambda::new(&moto.sdk().await);
+    let aws_name = lambda_function_name(&prefix, "sri", "sample");
+    let both = [&a, &b];
+    let mut launched = Vec::new();
+
+    launched.push(deploy(&a, &plugin("0.1.0")).await);
+    assert_routes("A launched 0.1.0", &both, &lambda, &aws_name, &launched).await;
+
+    // B moves `live` to 0.2.0; A, which made 0.1.0 live, must now call 0.1.0 by version.
+    launched.push(deploy(&b, &plugin("0.2.0")).await);
+    assert_routes("B launched 0.2.0", &both, &lambda, &aws_name, &launched).await;
+    assert!(
+        matches!(
+            a.wait_target(&launched[0].name, Duration::from_secs(5))
+                .await,
+            Some(Target::InvokeStream { .. })
+        ),
+        "A calls the old version by its number"
+    );
+
+    launched.push(deploy(&a, &plugin("0.3.0")).await);
+    assert_routes("A launched 0.3.0", &both, &lambda, &aws_name, &launched).await;
+
+    // B relaunches the first package: its version is reused and `live` goes back to it.
+    let again = deploy(&b, &plugin("0.1.0")).await;
+    assert_eq!(again, launched[0]);
+    assert_routes("B relaunched 0.1.0", &both, &lambda, &aws_name, &launched).await;
+    assert!(
+        matches!(
+            a.wait_target(&launched[0].name, Duration::from_secs(5))
+                .await,
+            Some(Target::FunctionUrl { .. })
+        ),
+        "live runs 0.1.0 again"
+    );
+    let versions = lambda
+        .list_versions_by_function()
+        .function_name(&aws_name)
+        .send()
+        .await
+        .expect("ListVersionsByFunction");
+    assert_eq!(
+        versions.versions().len(),
+        4,
+        "$LATEST and one version per package"
     );
 }

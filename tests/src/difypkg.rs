@@ -238,6 +238,46 @@ fn go_clean(name: &str) -> String {
     }
 }
 
+/// The sample plugin's files as plugin `author/name` at `version`, its `stream` tool answering
+/// `"{author}/{name} {i}"` by default (so a call shows which plugin answered). With
+/// `dependencies: false` its `requirements.txt` is empty (packaging tests that check the
+/// deployment, not the installs).
+pub fn sample_as(
+    author: &str,
+    name: &str,
+    version: &str,
+    dependencies: bool,
+) -> Vec<(String, Vec<u8>)> {
+    collect_dir(&crate::plugin_dir("sample"))
+        .into_iter()
+        .map(|(path, content)| {
+            let text = || String::from_utf8(content.clone()).expect("utf-8 source");
+            match path.as_str() {
+                "requirements.txt" if !dependencies => (path, Vec::new()),
+                "manifest.yaml" => {
+                    let t = text()
+                        .replacen("version: 0.1.0\n", &format!("version: {version}\n"), 1)
+                        .replacen("\nauthor: sri\n", &format!("\nauthor: {author}\n"), 1)
+                        .replacen("\nname: sample\n", &format!("\nname: {name}\n"), 1);
+                    assert!(
+                        t.contains(&format!("\nname: {name}\n")),
+                        "the sample manifest changed shape: {t}"
+                    );
+                    (path, t.into_bytes())
+                }
+                "tools/stream.py" => {
+                    let t = text();
+                    let default = r#"or "chunk""#;
+                    assert!(t.contains(default), "stream.py changed shape: {t}");
+                    let t = t.replacen(default, &format!(r#"or "{author}/{name}""#), 1);
+                    (path, t.into_bytes())
+                }
+                _ => (path, content),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

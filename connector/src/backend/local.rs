@@ -134,6 +134,19 @@ impl LocalBackend {
     ) -> Result<PathBuf, Error> {
         let final_dir = self.dir(name);
         if final_dir.join("meta.json").exists() {
+            // Reused only for the very same package: the name carries part of the checksum,
+            // meta.json all of it.
+            let meta = read_meta(&final_dir).await?;
+            if meta.function.checksum != pkg.checksum {
+                return Err(Error::Backend(format!(
+                    "function `{name}` already holds package {} (checksum {}), not {} (checksum \
+                     {}); remove it (DELETE /v1/functions/{name}) to rebuild",
+                    meta.function.identifier,
+                    meta.function.checksum,
+                    pkg.unique_identifier(),
+                    pkg.checksum
+                )));
+            }
             return Ok(final_dir);
         }
         let tmp = self
@@ -304,12 +317,7 @@ impl Backend for LocalBackend {
             }
             let fresh = !self.dir(&name).join("meta.json").exists();
             let dir = self.build(pkg, &name, &progress).await?;
-            let meta: Meta = serde_json::from_slice(
-                &tokio::fs::read(dir.join("meta.json"))
-                    .await
-                    .map_err(|e| io("reading meta.json".into(), e))?,
-            )
-            .map_err(|e| Error::Backend(format!("meta.json: {e}")))?;
+            let meta = read_meta(&dir).await?;
             let _ = progress.send(("run", "starting the function".into()));
             let function = meta.function.clone();
             let mut target = self.start(meta, &dir);
@@ -673,6 +681,14 @@ async fn stop_stale(dir: &Path) {
         }
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+/// A function's `meta.json`.
+async fn read_meta(dir: &Path) -> Result<Meta, Error> {
+    let text = tokio::fs::read(dir.join("meta.json"))
+        .await
+        .map_err(|e| io("reading meta.json".into(), e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Backend(format!("meta.json: {e}")))
 }
 
 fn io(context: String, e: std::io::Error) -> Error {
