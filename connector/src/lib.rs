@@ -11,6 +11,8 @@ pub mod aws;
 #[cfg(feature = "server")]
 pub mod backend;
 #[cfg(feature = "server")]
+pub mod capability;
+#[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod client;
@@ -24,6 +26,8 @@ pub mod logging;
 pub mod manifest;
 #[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
+pub mod names;
 #[cfg(feature = "server")]
 pub mod package;
 #[cfg(feature = "server")]
