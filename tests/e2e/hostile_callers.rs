@@ -379,6 +379,10 @@ async fn trickle(addr: SocketAddr, head: Vec<u8>, drip: &'static [u8]) -> Cut {
         if w.write_all(&head).await.is_err() {
             return;
         }
+        if drip.is_empty() {
+            // Silent, but open: dropping the write half would send a FIN.
+            std::future::pending::<()>().await;
+        }
         for b in drip.iter().cycle() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if w.write_all(std::slice::from_ref(b)).await.is_err() {
@@ -419,7 +423,16 @@ async fn slowloris<F, Fut>(
     let total = slow.len();
     let tasks: Vec<_> = slow
         .into_iter()
-        .map(|(addr, head, drip)| tokio::spawn(trickle(addr, head, drip)))
+        .enumerate()
+        .map(|(i, (addr, head, drip))| {
+            tokio::spawn(async move {
+                // 100 new connections every 50 ms: a burst of thousands would overflow the
+                // listen backlog, and a silent client whose handshake the server dropped would
+                // look like a connection the server never cut.
+                tokio::time::sleep(Duration::from_millis(50 * (i / 100) as u64)).await;
+                trickle(addr, head, drip).await
+            })
+        })
         .collect();
     let all = futures_util::future::join_all(tasks);
     tokio::pin!(all);
