@@ -40,7 +40,7 @@ pub fn check_api_key(key: Option<&str>) -> Result<&str, Error> {
              set the same value on the Dify plugin daemon",
             match given {
                 None => "not set".to_owned(),
-                Some(k) if k.is_empty() => "empty".to_owned(),
+                Some("") => "empty".to_owned(),
                 Some(k) => format!("{} bytes long", k.len()),
             }
         ))),

@@ -69,10 +69,10 @@ fn bootstrap_addr(c: &Connector, name: &str) -> String {
     )
     .expect("bootstrap.log");
     log.lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == "serving SRI v1")
-        .filter_map(|v| v["listen"].as_str().map(str::to_owned))
-        .last()
+        .find_map(|v| v["listen"].as_str().map(str::to_owned))
         .expect("a listen line in bootstrap.log")
 }
 
