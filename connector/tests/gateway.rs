@@ -156,6 +156,44 @@ impl Backend for Fixed {
     }
 }
 
+/// A backend whose one function is known but never ready (restarting for good).
+struct Restarting;
+
+impl Backend for Restarting {
+    fn deploy<'a>(&'a self, _: &'a Package, _: Progress) -> BoxFuture<'a, Result<Function, Error>> {
+        async { Err(Error::Backend("not here".into())) }.boxed()
+    }
+    fn find(&self, _: &str) -> Option<Function> {
+        None
+    }
+    fn list(&self) -> Vec<Function> {
+        Fixed(String::new()).list()
+    }
+    fn target(&self, _: &str) -> Option<connector::transport::Target> {
+        None
+    }
+    fn wait_target<'a>(
+        &'a self,
+        _: &'a str,
+        within: Duration,
+    ) -> BoxFuture<'a, Option<connector::transport::Target>> {
+        async move {
+            tokio::time::sleep(within).await;
+            None
+        }
+        .boxed()
+    }
+    fn remove<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        async { Ok(()) }.boxed()
+    }
+    fn gc(&self, _: usize) -> BoxFuture<'_, Result<Vec<String>, Error>> {
+        async { Ok(vec![]) }.boxed()
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+}
+
 /// Invokes the scripted function and collects its whole stream.
 async fn invoke_all(client: &Client, target: &str) -> Vec<Result<Event, InvokeError>> {
     client
@@ -736,4 +774,56 @@ async fn raw_post(base: &str, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
     (status, text)
+}
+
+/// A call for a function that does not come back waits a bounded time, without reading (or
+/// holding) its body, and gets a 503 the daemon does not resend.
+#[tokio::test]
+async fn a_call_for_a_restarting_function_waits_bounded_without_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend: Arc<dyn Backend> = Arc::new(Restarting);
+    let state = Arc::new(AppState {
+        launcher: Arc::new(Launcher::new(
+            backend.clone(),
+            "http://127.0.0.1".into(),
+            caps(),
+        )),
+        backend,
+        client: Client::new(ring(), fast()),
+        metrics: Default::default(),
+        api_key: "key".into(),
+        max_package_bytes: 1 << 20,
+        max_request_bytes: 1 << 20,
+        start_wait: Duration::from_millis(300),
+        limits: Limits::default(),
+        legacy_endpoints: false,
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, router(state)).await.unwrap() });
+    // Announce a 1 MB body and send none of it.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/functions/fn1/{}/invoke?action=invoke_tool HTTP/1.1\r\nhost: x\r\n\
+         content-length: 1000000\r\n\r\n",
+        caps().token("fn1")
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer without the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.contains("PluginNotReady") && text.contains("SRI_RESTART_WAIT_SECS"),
+        "{text}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "waited {waited:?} for a 300 ms bound"
+    );
 }
