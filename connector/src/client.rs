@@ -158,6 +158,10 @@ impl Client {
             reqwest::Client::builder()
                 .connect_timeout(options.connect_timeout)
                 .tcp_nodelay(true)
+                // Under `bootstrap serve`'s idle deadline (its header-read timeout, 30 s by
+                // default), so that a pooled connection is dropped here before it is closed
+                // there, rather than raced.
+                .pool_idle_timeout(POOL_IDLE)
         };
         let http = builder()
             .pool_max_idle_per_host(256)
@@ -546,6 +550,9 @@ const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// The largest h2c frame accepted: plugin objects run to megabytes, and 16 KiB frames (the
 /// default) would cut them into hundreds of pieces.
 const H2_MAX_FRAME: u32 = 256 * 1024;
+
+/// How long an idle pooled connection to a function is kept.
+const POOL_IDLE: Duration = Duration::from_secs(20);
 
 /// How much of an error answer is read to word the error.
 const MAX_ERROR_BODY: usize = 4096;
