@@ -57,14 +57,22 @@ pub async fn serve_until<C>(
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
+    let mut at_cap = false;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => {
+                at_cap = false;
+                slot
+            }
             Err(_) => {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    "connection cap reached; new connections wait until one closes"
-                );
+                // Once per episode, not once per connection that waits.
+                if !at_cap {
+                    at_cap = true;
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection cap reached; new connections wait until one closes"
+                    );
+                }
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                     _ = &mut shutdown => break,
@@ -190,5 +198,99 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(tcp: &mut TcpStream) -> String {
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tcp.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Past the cap, a new connection waits (served by nobody) until an open one closes.
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 2,
+            first_bytes_timeout: Duration::from_secs(10),
+        };
+        tokio::spawn(serve_until(
+            listener,
+            std::future::pending(),
+            Duration::ZERO,
+            limits,
+            |io| {
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("hi")))
+                });
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service)
+            },
+        ));
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(get(&mut first).await.starts_with("HTTP/1.1 200"));
+        assert!(get(&mut second).await.starts_with("HTTP/1.1 200"));
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(500), get(&mut third)).await;
+        assert!(
+            waiting.is_err(),
+            "a third connection was served: {waiting:?}"
+        );
+        drop(first);
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+            .await
+            .expect("served once a slot was free")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+
+    /// A connection that sends nothing is closed at the first-bytes deadline.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_at_the_first_bytes_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 10,
+            first_bytes_timeout: Duration::from_millis(300),
+        };
+        tokio::spawn(serve_until(
+            listener,
+            std::future::pending(),
+            Duration::ZERO,
+            limits,
+            |io| {
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::new()))
+                });
+                // No header-read timeout here: the first-bytes deadline alone must close it.
+                hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(None)
+                    .serve_connection(io, service)
+            },
+        ));
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("closed within 10 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

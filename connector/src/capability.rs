@@ -61,7 +61,7 @@ impl Capabilities {
         let mut keys = Vec::new();
         for (i, s) in list.split(',').map(str::trim).enumerate() {
             if s.len() < MIN_SECRET_BYTES {
-                return Err(Error::KeyRing(format!(
+                return Err(Error::Config(format!(
                     "SRI_ENDPOINT_SECRET: secret #{} has {} bytes, at least {MIN_SECRET_BYTES} are \
                      required (make one with `openssl rand -hex 32`)",
                     i + 1,

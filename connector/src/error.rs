@@ -45,6 +45,9 @@ pub enum Error {
     /// A function name from a caller does not follow the grammar ([`crate::names`]).
     #[error("{0}")]
     InvalidName(String),
+    /// A setting cannot be used (the message names the variable and the fix).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// `e` with all its sources, `outer: inner: innermost` (what reqwest and hyper errors need to

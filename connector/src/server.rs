@@ -34,7 +34,7 @@ pub const MIN_API_KEY_BYTES: usize = 16;
 pub fn check_api_key(key: Option<&str>) -> Result<&str, Error> {
     match key {
         Some(k) if k.len() >= MIN_API_KEY_BYTES => Ok(k),
-        given => Err(Error::KeyRing(format!(
+        given => Err(Error::Config(format!(
             "{API_KEY_ENV} is {}: it guards /v1/launch, which runs code on this host, so it must \
              have at least {MIN_API_KEY_BYTES} bytes; make one with `openssl rand -hex 32` and \
              set the same value on the Dify plugin daemon",
