@@ -43,9 +43,6 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 #[cfg(feature = "h2c")]
 const H2_MAX_FRAME: u32 = 256 * 1024;
 
-/// The largest h2c header block accepted (the connector sends a few hundred bytes).
-#[cfg(feature = "h2c")]
-const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -82,7 +79,6 @@ pub async fn serve(
             // open connections: hyper's default cap (200) is far too low for the connector's
             // multiplexed idle streams, so the cap is ours.
             .max_concurrent_streams(limits.max_h2c_streams)
-            .max_header_list_size(H2_MAX_HEADER_LIST)
             // Request bodies are read whole and at once; a larger connection window keeps
             // concurrent uploads from queueing behind one another.
             .initial_connection_window_size(H2_CONNECTION_WINDOW)

@@ -648,3 +648,57 @@ async fn after_sri_serve_stops_no_bootstrap_or_plugin_is_left() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Stopping `sri serve` lets a bootstrap finish its drain: a stream in flight on the function
+/// (here called directly, past the gateway's own drain) completes with every chunk and `end`,
+/// and no process is left afterwards.
+#[tokio::test]
+async fn stopping_sri_serve_waits_for_a_bootstraps_drain() {
+    let mut c = Connector::start();
+    let d = daemon(&c);
+    let (name, _) = launch_sample(&c, &d).await;
+    let boot = bootstrap_addr(&c, &name);
+    let sid = session_id("draining");
+    // 12 chunks 500 ms apart: ~5.5 s, past the 3 s after which a bootstrap used to be killed.
+    let data = tool_data("sample", "stream", json!({"n": 12, "delay_ms": 500}), None);
+    let url = format!("http://{boot}");
+    let stream = tokio::spawn(async move { invoke_stream(&url, envelope(&sid, data)).await });
+    // Stop once the session runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h: Value = reqwest::get(format!("http://{boot}/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["active_sessions"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never started: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let data_dir = c.data_dir().to_owned();
+    let report = tokio::task::spawn_blocking(move || {
+        let report = c.stop();
+        (report, c)
+    });
+    let events = stream.await.expect("stream task");
+    let (report, c) = report.await.unwrap();
+    assert!(report.graceful, "no clean exit on SIGTERM: {report:?}\n{}", c.log_tail(30));
+    let texts = harness::texts(&events);
+    assert_eq!(texts.len(), 12, "the stream was cut: {texts:?}");
+    assert_eq!(
+        events.last().map(|(_, e)| e.kind),
+        Some(connector::protocol::events::EventKind::End)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_under(&data_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            processes_under(&data_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
