@@ -43,7 +43,6 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 #[cfg(feature = "h2c")]
 const H2_MAX_FRAME: u32 = 256 * 1024;
 
-
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Serves `handler` on `listen` until `shutdown` completes; in-flight streams are let finish.

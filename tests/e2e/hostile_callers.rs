@@ -685,7 +685,11 @@ async fn stopping_sri_serve_waits_for_a_bootstraps_drain() {
     });
     let events = stream.await.expect("stream task");
     let (report, c) = report.await.unwrap();
-    assert!(report.graceful, "no clean exit on SIGTERM: {report:?}\n{}", c.log_tail(30));
+    assert!(
+        report.graceful,
+        "no clean exit on SIGTERM: {report:?}\n{}",
+        c.log_tail(30)
+    );
     let texts = harness::texts(&events);
     assert_eq!(texts.len(), 12, "the stream was cut: {texts:?}");
     assert_eq!(
