@@ -44,8 +44,10 @@ FROM debian:bookworm-slim
 # ca-certificates: TLS to AWS and the daemon (rustls with the system roots).
 # python3 + uv: `sri` installs plugin dependencies for the function's platform and Python
 # (cross-platform wheels: uv/pip --python-platform, no emulation needed).
+# tini: PID 1 that reaps. `sri` spawns bootstraps and they spawn plugins; an orphan whose parent
+# died is re-parented to PID 1, and only a reaping init keeps it from staying a zombie.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+ && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv tini \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/sri-tools \
  && /opt/sri-tools/bin/pip install --no-cache-dir --disable-pip-version-check uv==0.13.9 \
@@ -63,5 +65,6 @@ EXPOSE 5004
 # No curl in the image: bash's /dev/tcp asks GET /healthz and looks for a 200.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/5004 && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
-ENTRYPOINT ["sri"]
+# The stop signal goes to sri alone: it drains its streams, then stops its functions in order.
+ENTRYPOINT ["/usr/bin/tini", "--", "sri"]
 CMD ["serve"]

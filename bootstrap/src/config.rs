@@ -28,9 +28,30 @@ pub enum Mode {
         /// Address to listen on.
         #[arg(long, env = "SRI_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Deadlines and caps of the listener.
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Run as an AWS Lambda custom runtime (the default when `AWS_LAMBDA_RUNTIME_API` is set).
     Lambda,
+}
+
+/// Deadlines and caps of `bootstrap serve`'s listener, far above what the connector needs.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ServeLimits {
+    /// Seconds a connection may take to send a request head (and its first bytes).
+    #[arg(long, env = "SRI_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request body may take to arrive whole.
+    #[arg(long, env = "SRI_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
+    /// Connections open at once; more wait in the backlog.
+    #[arg(long, env = "SRI_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Concurrent streams on one h2c connection (the connector multiplexes a function's
+    /// streams past its dedicated connections on one).
+    #[arg(long, env = "SRI_MAX_H2C_STREAMS", default_value_t = 16_384)]
+    pub max_h2c_streams: u32,
 }
 
 /// How the plugin is run and bounded.

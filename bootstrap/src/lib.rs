@@ -37,12 +37,13 @@ const STOP_GRACE: Duration = Duration::from_millis(300);
 pub async fn run(config: Config) -> Result<(), Error> {
     let started = Instant::now();
     match config.mode.clone() {
-        Some(Mode::Serve { listen }) => {
+        Some(Mode::Serve { listen, limits }) => {
             let handler = build(&config, started)?;
             serve::serve(
                 handler.clone(),
                 listen,
                 config.plugin.max_request_bytes,
+                limits,
                 shutdown_signal(),
             )
             .await?;

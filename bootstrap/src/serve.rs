@@ -8,6 +8,11 @@
 //! With the `h2c` feature (default; Lambda builds leave it out) it speaks HTTP/1.1 and HTTP/2
 //! with prior knowledge on the same port: the connector's local backend multiplexes streams to a
 //! function over one h2c connection, other callers keep HTTP/1.1.
+//!
+//! Every bound is a [`ServeLimits`]: a connection cap and a first-bytes deadline (the shared
+//! accept loop), a header-read deadline (HTTP/1.1), a stream cap (h2c), and a deadline on each
+//! request body, which is read whole before its signature is checked. Response streams have no
+//! deadline here: the invocation's own deadline bounds them.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -24,6 +29,7 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Error;
+use crate::config::ServeLimits;
 use crate::invocation::{Frame as ReplyFrame, Handler, Reply, ReplyBody, Request as Invocation};
 
 /// How long in-flight streams may run on after a shutdown signal.
@@ -44,8 +50,11 @@ pub async fn serve(
     handler: Arc<Handler>,
     listen: SocketAddr,
     max_request_bytes: usize,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let header_timeout = Duration::from_secs(limits.header_read_timeout_secs);
+    let body_timeout = Duration::from_secs(limits.body_read_timeout_secs);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Io {
@@ -61,10 +70,14 @@ pub async fn serve(
     let http = {
         let mut http =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        http.http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout);
         http.http2()
             // Streams are what callers open here, one per invocation, as HTTP/1.1 callers
-            // open connections: no cap below the process's own limits (hyper's default is 200).
-            .max_concurrent_streams(None)
+            // open connections: hyper's default cap (200) is far too low for the connector's
+            // multiplexed idle streams, so the cap is ours.
+            .max_concurrent_streams(limits.max_h2c_streams)
             // Request bodies are read whole and at once; a larger connection window keeps
             // concurrent uploads from queueing behind one another.
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -72,10 +85,20 @@ pub async fn serve(
         http
     };
     #[cfg(not(feature = "h2c"))]
-    let http = hyper::server::conn::http1::Builder::new();
-    connector::accept::serve_until(listener, shutdown, DRAIN, |io| {
+    let http = {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        http
+    };
+    let accept = connector::accept::Limits {
+        max_connections: limits.max_connections,
+        first_bytes_timeout: header_timeout,
+    };
+    connector::accept::serve_until(listener, shutdown, DRAIN, accept, |io| {
         let handler = handler.clone();
-        let service = service_fn(move |req| route(handler.clone(), max_request_bytes, req));
+        let service =
+            service_fn(move |req| route(handler.clone(), max_request_bytes, body_timeout, req));
         // The h2c-or-HTTP/1.1 connection borrows its builder unless made owned.
         #[cfg(feature = "h2c")]
         let conn = http.serve_connection(io, service).into_owned();
@@ -90,6 +113,7 @@ pub async fn serve(
 async fn route(
     handler: Arc<Handler>,
     max_request_bytes: usize,
+    body_timeout: Duration,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
@@ -101,7 +125,7 @@ async fn route(
                 body: ReplyBody::Full(body),
             })
         }
-        (&Method::POST, "/invoke") => invoke(&handler, max_request_bytes, req).await,
+        (&Method::POST, "/invoke") => invoke(&handler, max_request_bytes, body_timeout, req).await,
         _ => respond(Reply::error(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -114,6 +138,7 @@ async fn route(
 async fn invoke(
     handler: &Handler,
     max_request_bytes: usize,
+    body_timeout: Duration,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
@@ -129,9 +154,22 @@ async fn invoke(
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // One byte over the limit is enough to know it is too large.
-    let body = match Limited::new(body, max_request_bytes + 1).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let read = Limited::new(body, max_request_bytes + 1).collect();
+    let body = match tokio::time::timeout(body_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Err(_) => {
+            let msg = format!(
+                "the request body did not arrive within {} s (SRI_BODY_READ_TIMEOUT_SECS)",
+                body_timeout.as_secs()
+            );
+            return respond(Reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                &msg,
+                &request_id,
+            ));
+        }
+        Ok(Err(e)) => {
             let (status, kind, msg) = if e.is::<http_body_util::LengthLimitError>() {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -13,6 +13,7 @@ use crate::Error;
 use crate::backend::Backend;
 use crate::backend::lambda::{LambdaBackend, LambdaContext, LambdaOptions};
 use crate::backend::local::{LocalBackend, LocalOptions};
+use crate::capability::Capabilities;
 use crate::client::{Client, ClientOptions};
 use crate::launch::Launcher;
 use crate::logging::{LogFormat, parse_log_format};
@@ -86,9 +87,35 @@ pub struct ServeOptions {
     /// The URL the daemon reaches this connector at (endpoints are `{public_url}/v1/functions/{name}`).
     #[arg(long, env = "SRI_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// The control plane's API key (the daemon sends it in `Authorization`).
+    /// The control plane's API key (the daemon sends it in `Authorization`); at least 16 bytes.
     #[arg(long, env = API_KEY_ENV, hide_env_values = true, value_parser = secret::parse)]
-    pub api_key: Secret,
+    pub api_key: Option<Secret>,
+    /// Keys of the gateway's capability endpoints (`secret[,older…]`, each ≥ 32 bytes; the first
+    /// issues, all are accepted). Default: derived from each key of the signing ring.
+    #[arg(long, env = "SRI_ENDPOINT_SECRET", hide_env_values = true, value_parser = secret::parse)]
+    pub endpoint_secret: Option<Secret>,
+    /// Also serve the token-less endpoints (`/v1/functions/{name}/invoke`) of functions launched
+    /// before capability endpoints, to anyone who can reach the port: for a migration only.
+    #[arg(long, env = "SRI_LEGACY_ENDPOINTS")]
+    pub legacy_endpoints: bool,
+    /// Seconds a connection may take to send a request head (and its first bytes).
+    #[arg(long, env = "SRI_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds an invoke body may take to arrive whole.
+    #[arg(long, env = "SRI_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a launch upload (the .difypkg) may take to arrive whole.
+    #[arg(long, env = "SRI_UPLOAD_TIMEOUT_SECS", default_value_t = 240)]
+    pub upload_timeout_secs: u64,
+    /// Connections open at once (each open daemon stream holds one); more wait in the backlog.
+    #[arg(long, env = "SRI_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub max_connections: usize,
+    /// Seconds an invocation waits for a function that is (re)starting before `PluginNotReady`.
+    #[arg(long, env = "SRI_RESTART_WAIT_SECS", default_value_t = 120)]
+    pub restart_wait_secs: u64,
+    /// The largest SSE line, and event, accepted from a function, in bytes.
+    #[arg(long, env = "SRI_MAX_EVENT_BYTES", default_value_t = crate::client::MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
     /// SRI v1 key ring shared with the functions (`kid:base64secret,…`).
     #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
     pub signing_keys: Option<Secret>,
@@ -276,6 +303,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Remove { name, remote } => {
+            crate::names::check(&name)?;
             let resp = request(
                 &remote,
                 reqwest::Method::DELETE,
@@ -388,6 +416,8 @@ async fn package(o: PackageOptions) -> anyhow::Result<()> {
 }
 
 async fn serve(o: ServeOptions) -> anyhow::Result<()> {
+    let api_key =
+        crate::server::check_api_key(o.api_key.as_ref().map(|k| k.0.as_str()))?.to_owned();
     raise_open_file_limit();
     // Loaded once, lazily: only the secret lookup and the Lambda backend need AWS.
     let needs_aws = o.signing_keys_secret_id.is_some() || o.backend == BackendKind::Lambda;
@@ -414,6 +444,10 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         ),
     };
     let keys: KeyRing = signing_keys.0.parse()?;
+    let capabilities = match &o.endpoint_secret {
+        Some(s) if !s.0.trim().is_empty() => Capabilities::from_secrets(&s.0)?,
+        _ => Capabilities::from_ring(&keys),
+    };
     let listener = crate::server::bind(o.listen).await?;
     let public_url = match o.public_url.clone() {
         Some(u) => u,
@@ -428,6 +462,7 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         keys,
         ClientOptions {
             dedicated_streams: o.dedicated_streams,
+            max_event_bytes: o.max_event_bytes,
             ..ClientOptions::default()
         },
     );
@@ -490,18 +525,31 @@ async fn serve(o: ServeOptions) -> anyhow::Result<()> {
     // The connector owns this directory: whatever an interrupted intake left there goes.
     let intake = crate::intake::Intake::new(o.intake.clone(), o.data_dir.join("intake"))?;
     intake.sweep();
-    let launcher = Arc::new(Launcher::new(backend.clone(), public_url));
+    let launcher = Arc::new(Launcher::new(backend.clone(), public_url, capabilities));
     let state = Arc::new(AppState {
         backend,
         launcher,
         client,
         metrics: Default::default(),
-        api_key: o.api_key.0,
+        api_key,
         intake: Arc::new(intake),
         require_verified: o.require_verified,
         max_request_bytes: o.max_request_bytes,
-        start_wait: Duration::from_secs(o.ready_timeout_secs),
+        start_wait: Duration::from_secs(o.restart_wait_secs),
+        limits: crate::server::Limits {
+            header_read_timeout: Duration::from_secs(o.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(o.body_read_timeout_secs),
+            upload_timeout: Duration::from_secs(o.upload_timeout_secs),
+            max_connections: o.max_connections,
+        },
+        legacy_endpoints: o.legacy_endpoints,
     });
+    if o.legacy_endpoints {
+        tracing::warn!(
+            "SRI_LEGACY_ENDPOINTS is set: token-less endpoints run plugins for anyone who can \
+             reach this port; re-launch the plugins and unset it (README: Upgrading)"
+        );
+    }
     crate::server::serve(state, listener, shutdown_signal()).await?;
     Ok(())
 }
@@ -624,6 +672,36 @@ async fn deploy(path: &Path, remote: &Remote) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway endpoint of function `name`, as the connector hands it out (its capability
+/// token included), on the connector's URL as this command reaches it (the public URL it hands
+/// the daemon may not resolve here).
+async fn endpoint_of(remote: &Remote, name: &str) -> anyhow::Result<String> {
+    crate::names::check(name)?;
+    let resp = request(remote, reqwest::Method::GET, "/v1/runner/instances")
+        .send()
+        .await?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "listing the functions answered HTTP {status}: {} (the gateway endpoint carries a \
+         token only the control plane hands out: set {API_KEY_ENV})",
+        v["error"].as_str().unwrap_or_default()
+    );
+    let endpoint = v["Items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["Name"] == name)
+        .and_then(|i| i["Endpoint"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no function named `{name}` (see `sri list`)"))?;
+    let path = endpoint
+        .find("/v1/functions/")
+        .map(|i| &endpoint[i..])
+        .ok_or_else(|| anyhow::anyhow!("the endpoint {endpoint} is not a gateway endpoint"))?;
+    Ok(format!("{}{path}", remote.url.trim_end_matches('/')))
+}
+
 async fn invoke(o: InvokeOptions) -> anyhow::Result<()> {
     let params: Value = serde_json::from_str(&o.params)
         .map_err(|e| anyhow::anyhow!("--params is not JSON: {e}"))?;
@@ -637,10 +715,9 @@ async fn invoke(o: InvokeOptions) -> anyhow::Result<()> {
                  "tool": o.tool, "tool_parameters": params, "type": "tool", "user_id": "sri-cli"},
     });
     let url = format!(
-        "{}/v1/functions/{}/invoke?action={}",
-        o.remote.url.trim_end_matches('/'),
-        o.name,
-        o.action
+        "{}/invoke?{}",
+        endpoint_of(&o.remote, &o.name).await?,
+        crate::transport::invoke_query(&o.action)
     );
     let resp = reqwest::Client::new()
         .post(url)

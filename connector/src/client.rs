@@ -2,8 +2,9 @@
 //! daemon.
 //!
 //! It signs each attempt, pools connections, and bounds every wait (connect, first byte, idle
-//! between events — the function sends keepalives). It retries with jittered backoff only before
-//! the first byte (connection errors, 429, 502/503/504), never after the function started, and
+//! between events — the function sends keepalives). It retries with jittered backoff only when
+//! nothing can have run (connection errors, 429, 503), never after the function was reached
+//! with a call it may have acted on (a 502 from a function is often a crash mid-call), and
 //! cancels the call when the caller drops the stream.
 //!
 //! One request path serves every [`Target`]: plain HTTP and Lambda Function URLs share it (a
@@ -44,6 +45,8 @@ pub struct ClientOptions {
     /// Concurrent invocations of one [`Target::H2c`] function that each get a connection of
     /// their own (HTTP/1.1); further ones share an h2c connection. See [`Lanes`].
     pub dedicated_streams: usize,
+    /// The largest SSE line, and event, accepted from a function.
+    pub max_event_bytes: usize,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +58,7 @@ impl Default for ClientOptions {
             attempts: 3,
             backoff: Duration::from_millis(200),
             dedicated_streams: DEFAULT_DEDICATED_STREAMS,
+            max_event_bytes: MAX_EVENT_BYTES,
         }
     }
 }
@@ -99,13 +103,14 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    /// A refusal: retried when its status is 429 or 502–504 (the platform's "later"), final
-    /// otherwise; errors that are not refusals are final.
+    /// A function's refusal: retried when its status is 429 or 503 (the platform's or the
+    /// bootstrap's "later", before anything ran), final otherwise. A 502 or 504 is final: it
+    /// can come from a function that crashed or timed out mid-call, and a call that may have
+    /// had effects is never resent.
     pub(crate) fn refused(err: InvokeError) -> Self {
         match &err {
             InvokeError::Rejected {
-                status: 429 | 502 | 503 | 504,
-                ..
+                status: 429 | 503, ..
             } => Self::Retry(err),
             _ => Self::Fatal(err),
         }
@@ -153,6 +158,10 @@ impl Client {
             reqwest::Client::builder()
                 .connect_timeout(options.connect_timeout)
                 .tcp_nodelay(true)
+                // Under `bootstrap serve`'s idle deadline (its header-read timeout, 30 s by
+                // default), so that a pooled connection is dropped here before it is closed
+                // there, rather than raced.
+                .pool_idle_timeout(POOL_IDLE)
         };
         let http = builder()
             .pool_max_idle_per_host(256)
@@ -418,7 +427,7 @@ impl Client {
     /// function cannot make the caller hold an arbitrarily long line.
     fn events(&self, bytes: ByteStream) -> EventStream {
         let idle = self.options.idle_timeout;
-        let decoder = sse::Decoder::new(MAX_EVENT_BYTES);
+        let decoder = sse::Decoder::new(self.options.max_event_bytes);
         let stream =
             futures_util::stream::unfold(Some((bytes, decoder)), move |state| async move {
                 let (mut bytes, mut decoder) = state?;
@@ -528,7 +537,8 @@ struct Call<'a> {
     traceparent: Option<&'a str>,
 }
 
-/// The longest SSE line the client accepts (the daemon's 5 MiB line plus framing).
+/// The longest SSE line (and event) the client accepts by default (the daemon's 5 MiB line plus
+/// framing).
 pub const MAX_EVENT_BYTES: usize = sse::DEFAULT_MAX_LINE;
 
 /// The h2c connection's receive window: the largest allowed (2³¹ − 1), see [`Client::new`].
@@ -540,6 +550,9 @@ const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// The largest h2c frame accepted: plugin objects run to megabytes, and 16 KiB frames (the
 /// default) would cut them into hundreds of pieces.
 const H2_MAX_FRAME: u32 = 256 * 1024;
+
+/// How long an idle pooled connection to a function is kept.
+const POOL_IDLE: Duration = Duration::from_secs(20);
 
 /// How much of an error answer is read to word the error.
 const MAX_ERROR_BODY: usize = 4096;

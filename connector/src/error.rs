@@ -42,6 +42,12 @@ pub enum Error {
     /// An SSE stream could not be decoded.
     #[error("invalid SRI event stream: {0}")]
     Sse(String),
+    /// A function name from a caller does not follow the grammar ([`crate::names`]).
+    #[error("{0}")]
+    InvalidName(String),
+    /// A setting cannot be used (the message names the variable and the fix).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// `e` with all its sources, `outer: inner: innermost` (what reqwest and hyper errors need to

@@ -2,9 +2,14 @@
 //! it (SRI v1), calls the function, and rewrites its SSE events as the daemon's NDJSON
 //! (`{…}\n\n`, no `data:`), passing plugin objects through byte for byte.
 //!
+//! Only capability endpoints are served (`/v1/functions/{name}/{token}`, see
+//! [`crate::capability`]): every caller without the function's token gets the same 404, checked
+//! before anything else is read.
+//!
 //! It never lets a failure look like success: a function stream that ends without `end` becomes
 //! an explicit session error. Failures before anything ran are non-2xx with
-//! `{"errorType","errorMessage"}`; 502 (which the daemon retries) only when nothing has run.
+//! `{"errorType","errorMessage"}`, and never 502: the daemon resends a 502 up to 3 times, and the
+//! client here has already retried what was safe, so one daemon call makes at most 3 attempts.
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -34,64 +39,154 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// `POST /v1/functions/{name}/invoke?action=…`
+/// What every caller without a valid capability gets, whatever was wrong (no token, a wrong
+/// one, another function's, an unknown function, a pre-token endpoint): the same answer, so it
+/// tells nothing about what is installed, and the fix for the one legitimate caller it can hit.
+pub const NOT_FOUND_MESSAGE: &str = "no function at this endpoint: call the endpoint the launch \
+     returned (`sri list` shows them); endpoints made before capability tokens must be \
+     re-launched (README: Upgrading)";
+
+fn not_found(state: &AppState) -> Response {
+    state.metrics.error("FunctionNotFound");
+    error(StatusCode::NOT_FOUND, "FunctionNotFound", NOT_FOUND_MESSAGE)
+}
+
+/// `POST /v1/functions/{name}/{token}/invoke?action=…`: the capability endpoint.
 pub async fn invoke(
+    State(state): State<Arc<AppState>>,
+    Path((name, token)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(e) = crate::names::check(&name) {
+        return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+    }
+    if !state.launcher.capabilities().check(&name, &token) {
+        return not_found(&state);
+    }
+    call(state, name, query, headers, body).await
+}
+
+/// `POST /v1/functions/{name}/invoke?action=…`: the endpoint of functions launched before
+/// capability tokens, served only with `SRI_LEGACY_ENDPOINTS=true`.
+pub async fn invoke_legacy(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Err(e) = crate::names::check(&name) {
+        return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+    }
+    if !state.legacy_endpoints {
+        if state.backend.list().iter().any(|f| f.name == name) {
+            warn_legacy(&name);
+        }
+        return not_found(&state);
+    }
+    call(state, name, query, headers, body).await
+}
+
+/// Tells the operator (not the caller) that a deployed function is still called at its
+/// pre-token endpoint, at most once a minute whoever sends such calls.
+fn warn_legacy(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            function = %name,
+            "a call to the token-less endpoint of a deployed function was refused: re-launch \
+             the plugin so the daemon stores its capability endpoint (Dify: reinstall the \
+             plugin), or set SRI_LEGACY_ENDPOINTS=true during the migration (README: Upgrading)"
+        );
+    }
+}
+
+/// One daemon call to an authorized function name.
+async fn call(
+    state: Arc<AppState>,
+    name: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let Some(action) = query.get("action").filter(|a| !a.is_empty()).cloned() else {
+        state.metrics.error("BadRequest");
         return error(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "the `action` query parameter is missing",
         );
     };
-    state
-        .metrics
-        .invocations
-        .get_or_create(&crate::metrics::ActionLabel {
-            action: action.clone(),
-        })
-        .inc();
+    // Wait for a (re)starting function before reading the body: a waiting call holds no
+    // request bytes (the caller's are held back by TCP flow control).
+    let Some(target) = state.backend.wait_target(&name, state.start_wait).await else {
+        drop(body);
+        if !state.backend.list().iter().any(|f| f.name == name) {
+            return not_found(&state);
+        }
+        state.metrics.error("PluginNotReady");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PluginNotReady",
+            &format!(
+                "function `{name}` did not become ready within {} s (SRI_RESTART_WAIT_SECS); \
+                 retry shortly",
+                state.start_wait.as_secs()
+            ),
+        );
+    };
+    state.metrics.invocation(&action);
     // Read the (chunked) body whole: its hash is signed, and it is sent with Content-Length.
-    let body = match axum::body::to_bytes(body, state.max_request_bytes + 1).await {
-        Ok(b) if b.len() <= state.max_request_bytes => b,
-        Ok(_) | Err(_) => {
+    let limit = state.max_request_bytes;
+    let read = axum::body::to_bytes(body, limit + 1);
+    let body = match tokio::time::timeout(state.limits.body_read_timeout, read).await {
+        Ok(Ok(b)) if b.len() <= limit => b,
+        Ok(Ok(_)) => {
             state.metrics.error("PayloadTooLarge");
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "PayloadTooLarge",
+                &format!("the request body is over {limit} bytes (MAX_SERVERLESS_REQUEST_BYTES)"),
+            );
+        }
+        Ok(Err(e)) => {
+            state.metrics.error("BadRequest");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("could not read the request body: {e}"),
+            );
+        }
+        Err(_) => {
+            state.metrics.error("RequestTimeout");
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
                 &format!(
-                    "the request body is over {} bytes (MAX_SERVERLESS_REQUEST_BYTES)",
-                    state.max_request_bytes
+                    "the request body did not arrive within {} s (SRI_BODY_READ_TIMEOUT_SECS)",
+                    state.limits.body_read_timeout.as_secs()
                 ),
             );
         }
     };
     let session_id = match Envelope::parse(body.clone()) {
         Ok(e) => e.session_id().to_owned(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
-    };
-    let Some(target) = state.backend.wait_target(&name, state.start_wait).await else {
-        let known = state.backend.list().iter().any(|f| f.name == name);
-        let (status, kind, msg) = if known {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "PluginNotReady",
-                format!("function `{name}` is starting or restarting; retry shortly"),
-            )
-        } else {
-            (
-                StatusCode::NOT_FOUND,
-                "FunctionNotFound",
-                format!("no function named `{name}`; launch the plugin first"),
-            )
-        };
-        state.metrics.error(kind);
-        return error(status, kind, &msg);
+        Err(e) => {
+            state.metrics.error("BadRequest");
+            return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+        }
     };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let started = Instant::now();
@@ -101,32 +196,7 @@ pub async fn invoke(
         .await
     {
         Ok(s) => s,
-        Err(InvokeError::Rejected {
-            status,
-            error_type,
-            message,
-        }) => {
-            state.metrics.error(&error_type);
-            // A 502 from the function would make the daemon resend; only we decide that.
-            let status = if status == 502 {
-                StatusCode::BAD_GATEWAY
-            } else {
-                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
-            };
-            return error(status, &error_type, &message);
-        }
-        Err(e @ InvokeError::Unreachable(_)) => {
-            state.metrics.error("FunctionUnreachable");
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "FunctionUnreachable",
-                &e.to_string(),
-            );
-        }
-        Err(e) => {
-            state.metrics.error("BadRequest");
-            return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
-        }
+        Err(e) => return refusal(&state, e),
     };
     let metrics = state.clone();
     metrics.metrics.active_streams.inc();
@@ -137,6 +207,43 @@ pub async fn invoke(
         .header("cache-control", "no-cache")
         .body(Body::from_stream(out))
         .expect("response")
+}
+
+/// A call the client could not start, as the daemon's answer. Never a 502: the daemon resends
+/// on 502, and the client has already made every attempt that was safe (retries included), so
+/// a 502 would multiply them, or resend a call a function may have acted on.
+fn refusal(state: &AppState, e: InvokeError) -> Response {
+    match e {
+        InvokeError::Rejected {
+            status,
+            error_type,
+            message,
+        } => {
+            state.metrics.error(&error_type);
+            let status = match StatusCode::from_u16(status) {
+                Ok(s)
+                    if s != StatusCode::BAD_GATEWAY
+                        && (s.is_client_error() || s.is_server_error()) =>
+                {
+                    s
+                }
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, &error_type, &message)
+        }
+        e @ InvokeError::Unreachable(_) => {
+            state.metrics.error("FunctionUnreachable");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "FunctionUnreachable",
+                &e.to_string(),
+            )
+        }
+        e => {
+            state.metrics.error("BadRequest");
+            error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string())
+        }
+    }
 }
 
 /// Rewrites SRI events as NDJSON lines, guaranteeing an `end` after an explicit error when

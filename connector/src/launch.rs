@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::{Backend, Function};
+use crate::capability::Capabilities;
 use crate::package::Package;
 
 /// One line of the launch stream: `{"Stage","State","Obj","Message"}`, all strings.
@@ -59,22 +60,34 @@ type Record = watch::Receiver<Vec<StageLine>>;
 pub struct Launcher {
     backend: Arc<dyn Backend>,
     public_url: String,
+    capabilities: Capabilities,
     inflight: Mutex<HashMap<String, Record>>,
 }
 
 impl Launcher {
-    /// A launcher whose endpoints are `{public_url}/v1/functions/{name}`.
-    pub fn new(backend: Arc<dyn Backend>, public_url: String) -> Self {
+    /// A launcher whose endpoints are `{public_url}/v1/functions/{name}/{token}`.
+    pub fn new(backend: Arc<dyn Backend>, public_url: String, capabilities: Capabilities) -> Self {
         Self {
             backend,
             public_url: public_url.trim_end_matches('/').to_owned(),
+            capabilities,
             inflight: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The endpoint the daemon is given for a function.
+    /// The endpoint the daemon is given for a function: it carries the function's capability
+    /// token (the daemon appends `/invoke`).
     pub fn endpoint(&self, name: &str) -> String {
-        format!("{}/v1/functions/{name}", self.public_url)
+        format!(
+            "{}/v1/functions/{name}/{}",
+            self.public_url,
+            self.capabilities.token(name)
+        )
+    }
+
+    /// What makes and checks the endpoints' tokens.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
     }
 
     /// The success line for a function.

@@ -11,6 +11,7 @@ pub mod aws;
 #[cfg(feature = "server")]
 pub mod backend;
 #[cfg(feature = "server")]
+pub mod capability;
 pub mod child;
 #[cfg(feature = "server")]
 pub mod cli;
@@ -28,6 +29,8 @@ pub mod logging;
 pub mod manifest;
 #[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
+pub mod names;
 #[cfg(feature = "server")]
 pub mod package;
 #[cfg(feature = "server")]

@@ -1,5 +1,9 @@
 //! Prometheus metrics for `GET /metrics`: invocations, errors by type, latency, active streams,
 //! launches.
+//!
+//! Label values come only from closed sets ([`ACTIONS`], [`ERROR_TYPES`], and `other`): actions
+//! and error types are chosen by callers and plugins, and a series per distinct value would let
+//! anyone grow the registry (and every scrape) without bound.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -8,18 +12,95 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The label value for anything outside a closed set.
+pub const OTHER: &str = "other";
+
+/// The daemon's actions (`PluginAccessAction` in the daemon's `access_types` package).
+pub const ACTIONS: &[&str] = &[
+    "invoke_tool",
+    "validate_tool_credentials",
+    "get_tool_runtime_parameters",
+    "invoke_llm",
+    "invoke_text_embedding",
+    "invoke_multimodal_embedding",
+    "invoke_rerank",
+    "invoke_multimodal_rerank",
+    "invoke_tts",
+    "invoke_speech2text",
+    "invoke_moderation",
+    "validate_provider_credentials",
+    "validate_model_credentials",
+    "invoke_endpoint",
+    "get_tts_model_voices",
+    "get_text_embedding_num_tokens",
+    "get_ai_model_schemas",
+    "get_llm_num_tokens",
+    "invoke_agent_strategy",
+    "get_authorization_url",
+    "get_credentials",
+    "refresh_credentials",
+    "validate_datasource_credentials",
+    "invoke_website_datasource_get_crawl",
+    "invoke_online_document_datasource_get_pages",
+    "invoke_online_document_datasource_get_page_content",
+    "invoke_online_drive_browse_files",
+    "invoke_online_drive_download_file",
+    "fetch_parameter_options",
+    "invoke_trigger_event",
+    "dispatch_trigger_event",
+    "subscribe_trigger",
+    "unsubscribe_trigger",
+    "refresh_trigger",
+    "validate_trigger_credentials",
+];
+
+/// The error types the gateway, the client and the bootstrap report (a plugin's own error
+/// types are counted as `other`).
+pub const ERROR_TYPES: &[&str] = &[
+    "BadRequest",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "FunctionNotFound",
+    "FunctionUnreachable",
+    "FunctionFailed",
+    "FunctionProtocolError",
+    "FunctionStreamBroken",
+    "FunctionStreamTruncated",
+    "PluginNotReady",
+    "PluginProcessExited",
+    "PluginTimeout",
+    "PluginOutputTooLarge",
+    "PluginProtocolError",
+    "Sri.Unauthorized",
+    "NotFound",
+];
+
+/// `value` when it is in `set`, else [`OTHER`].
+fn closed(set: &'static [&'static str], value: &str) -> &'static str {
+    set.iter().find(|v| **v == value).copied().unwrap_or(OTHER)
+}
+
 /// Label: an action.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
-    /// The SRI action.
-    pub action: String,
+    /// One of [`ACTIONS`], or [`OTHER`].
+    pub action: &'static str,
+}
+
+impl ActionLabel {
+    /// The label of a caller's action.
+    pub fn of(action: &str) -> Self {
+        Self {
+            action: closed(ACTIONS, action),
+        }
+    }
 }
 
 /// Label: an error type.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
-    /// `error_type` / `errorType`.
-    pub error_type: String,
+    /// One of [`ERROR_TYPES`], or [`OTHER`].
+    pub error_type: &'static str,
 }
 
 /// Label: a launch result.
@@ -94,12 +175,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts an error.
+    /// Counts an error (types outside [`ERROR_TYPES`] as `other`).
     pub fn error(&self, error_type: &str) {
         self.errors
             .get_or_create(&ErrorLabel {
-                error_type: error_type.to_owned(),
+                error_type: closed(ERROR_TYPES, error_type),
             })
+            .inc();
+    }
+
+    /// Counts an invocation (actions outside [`ACTIONS`] as `other`).
+    pub fn invocation(&self, action: &str) {
+        self.invocations
+            .get_or_create(&ActionLabel::of(action))
             .inc();
     }
 
@@ -108,5 +196,37 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("text encoding");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_only_from_closed_sets() {
+        let m = Metrics::default();
+        for i in 0..1000 {
+            m.invocation(&format!("junk_{i}"));
+            m.error(&format!("Junk{i}"));
+        }
+        m.invocation("invoke_tool");
+        m.error("PluginTimeout");
+        let text = m.render();
+        let series = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert!(series < 100, "{series} series:\n{text}");
+        assert!(
+            text.contains(r#"sri_invocations_total{action="other"} 1000"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sri_invocations_total{action="invoke_tool"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sri_invocation_errors_total{error_type="other"} 1000"#),
+            "{text}"
+        );
+        assert!(!text.contains("junk_") && !text.contains("Junk"), "{text}");
     }
 }

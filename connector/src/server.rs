@@ -28,6 +28,50 @@ use crate::{Error, gateway};
 /// The variable holding the control-plane API key.
 pub const API_KEY_ENV: &str = "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY";
 
+/// The shortest API key `sri serve` starts with: `/v1/launch` runs code on this host.
+pub const MIN_API_KEY_BYTES: usize = 16;
+
+/// Refuses an API key too short to guard the control plane.
+pub fn check_api_key(key: Option<&str>) -> Result<&str, Error> {
+    match key {
+        Some(k) if k.len() >= MIN_API_KEY_BYTES => Ok(k),
+        given => Err(Error::Config(format!(
+            "{API_KEY_ENV} is {}: it guards /v1/launch, which runs code on this host, so it must \
+             have at least {MIN_API_KEY_BYTES} bytes; make one with `openssl rand -hex 32` and \
+             set the same value on the Dify plugin daemon",
+            match given {
+                None => "not set".to_owned(),
+                Some("") => "empty".to_owned(),
+                Some(k) => format!("{} bytes long", k.len()),
+            }
+        ))),
+    }
+}
+
+/// Deadlines and caps of `sri serve`'s listener (every value far above what the daemon needs).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head (and a new connection's first bytes) must arrive within this.
+    pub header_read_timeout: std::time::Duration,
+    /// An invoke body must arrive whole within this.
+    pub body_read_timeout: std::time::Duration,
+    /// A launch upload (the .difypkg) must arrive whole within this.
+    pub upload_timeout: std::time::Duration,
+    /// Connections open at once (every open daemon stream is one).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: std::time::Duration::from_secs(30),
+            body_read_timeout: std::time::Duration::from_secs(60),
+            upload_timeout: std::time::Duration::from_secs(240),
+            max_connections: 25_000,
+        }
+    }
+}
+
 /// Shared state of the server.
 pub struct AppState {
     /// Where functions run.
@@ -48,6 +92,10 @@ pub struct AppState {
     pub max_request_bytes: usize,
     /// How long an invocation waits for a function that is (re)starting.
     pub start_wait: std::time::Duration,
+    /// Deadlines and caps.
+    pub limits: Limits,
+    /// Serve the token-less endpoints of functions launched before capability endpoints.
+    pub legacy_endpoints: bool,
 }
 
 /// The router: control plane (authenticated), gateway, health, metrics.
@@ -66,7 +114,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(control)
-        .route("/v1/functions/{name}/invoke", post(gateway::invoke))
+        .route("/v1/functions/{name}/{token}/invoke", post(gateway::invoke))
+        .route("/v1/functions/{name}/invoke", post(gateway::invoke_legacy))
         .route(
             "/healthz",
             get(|| async {
@@ -116,11 +165,17 @@ pub async fn serve(
         .map_err(|e| Error::Backend(e.to_string()))?;
     tracing::info!(listen = %local, "sri listening");
     let backend = state.backend.clone();
+    let limits = state.limits;
     let app = router(state);
     let mut http = hyper::server::conn::http1::Builder::new();
     // The timer lets hyper drop connections that never finish sending their request head.
-    http.timer(TokioTimer::new());
-    crate::accept::serve_until(listener, shutdown, DRAIN, |io| {
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let accept = crate::accept::Limits {
+        max_connections: limits.max_connections,
+        first_bytes_timeout: limits.header_read_timeout,
+    };
+    crate::accept::serve_until(listener, shutdown, DRAIN, accept, |io| {
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         http.serve_connection(io, service)
     })
@@ -198,42 +253,26 @@ async fn instances(
     axum::Json(json!({"error": "", "Items": items})).into_response()
 }
 
-async fn launch(State(s): State<Arc<AppState>>, mut form: Multipart) -> Response {
-    let mut context: Option<Bytes> = None;
-    let mut filename: Option<String> = None;
-    let mut metadata: Option<String> = None;
-    let mut verified = false;
-    loop {
-        match form.next_field().await {
-            Ok(Some(field)) => {
-                let name = field.name().unwrap_or_default().to_owned();
-                if name == "context" {
-                    filename = field.file_name().map(str::to_owned);
-                }
-                match field.bytes().await {
-                    Ok(b) if name == "context" => context = Some(b),
-                    Ok(b) if name == "verified" => verified = b.as_ref() == b"true",
-                    Ok(b) if name == "metadata" => {
-                        metadata = Some(String::from_utf8_lossy(&b).into_owned())
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return lines(vec![failed(
-                            "healthz",
-                            &format!("cannot read the upload: {e}"),
-                        )]);
-                    }
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                return lines(vec![failed(
-                    "healthz",
-                    &format!("the upload is not valid multipart: {e}"),
-                )]);
-            }
+async fn launch(State(s): State<Arc<AppState>>, form: Multipart) -> Response {
+    let upload = tokio::time::timeout(s.limits.upload_timeout, read_upload(form)).await;
+    let Upload {
+        context,
+        filename,
+        metadata,
+        verified,
+    } = match upload {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(line)) => return lines(vec![line]),
+        Err(_) => {
+            return lines(vec![failed(
+                "healthz",
+                &format!(
+                    "the upload did not arrive within {} s (SRI_UPLOAD_TIMEOUT_SECS)",
+                    s.limits.upload_timeout.as_secs()
+                ),
+            )]);
         }
-    }
+    };
     let Some(bytes) = context else {
         return lines(vec![failed(
             "healthz",
@@ -311,6 +350,52 @@ async fn launch(State(s): State<Arc<AppState>>, mut form: Multipart) -> Response
         .expect("response")
 }
 
+/// The launch form's `context` (the package) and `verified` parts, or the line saying why not.
+/// The parts of a launch upload the connector reads.
+#[derive(Default)]
+struct Upload {
+    /// The `.difypkg`.
+    context: Option<Bytes>,
+    /// The `context` part's filename (`author@name@version@checksum.difypkg`).
+    filename: Option<String>,
+    /// `{"plugin_unique_identifier":…}`.
+    metadata: Option<String>,
+    /// Whether the daemon verified the package's signature.
+    verified: bool,
+}
+
+async fn read_upload(mut form: Multipart) -> Result<Upload, StageLine> {
+    let mut up = Upload::default();
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_owned();
+                if name == "context" {
+                    up.filename = field.file_name().map(str::to_owned);
+                }
+                match field.bytes().await {
+                    Ok(b) if name == "context" => up.context = Some(b),
+                    Ok(b) if name == "verified" => up.verified = b.as_ref() == b"true",
+                    Ok(b) if name == "metadata" => {
+                        up.metadata = Some(String::from_utf8_lossy(&b).into_owned())
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(failed("healthz", &format!("cannot read the upload: {e}")));
+                    }
+                }
+            }
+            Ok(None) => return Ok(up),
+            Err(e) => {
+                return Err(failed(
+                    "healthz",
+                    &format!("the upload is not valid multipart: {e}"),
+                ));
+            }
+        }
+    }
+}
+
 fn failed(stage: &str, message: &str) -> StageLine {
     StageLine::new(stage, "failed", message)
 }
@@ -323,6 +408,13 @@ fn lines(mut v: Vec<StageLine>) -> Response {
 }
 
 async fn remove(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    if let Err(e) = crate::names::check(&name) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response();
+    }
     match s.backend.remove(&name).await {
         Ok(()) => axum::Json(json!({"error": "", "removed": [name]})).into_response(),
         Err(e) => (

@@ -1,4 +1,4 @@
-//! `make bench`, second part: what the connector's gateway (`POST /v1/functions/{name}/invoke`
+//! `make bench`, second part: what the connector's gateway (`POST /v1/functions/{name}/{token}/invoke`
 //! of `sri serve`) costs. Writes its section of `BENCHMARKS.md` at the repository root (the text
 //! between `<!-- bench:connector:begin -->` and `<!-- bench:connector:end -->`) and prints it.
 //!
@@ -240,7 +240,11 @@ fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
     rt.block_on(async move {
         let backend: Arc<dyn Backend> = Arc::new(Fixed(targets));
         let state = Arc::new(AppState {
-            launcher: Arc::new(Launcher::new(backend.clone(), "http://127.0.0.1".into())),
+            launcher: Arc::new(Launcher::new(
+                backend.clone(),
+                "http://127.0.0.1".into(),
+                capabilities(),
+            )),
             backend,
             client: Client::new(
                 signer("k1", SECRET_A),
@@ -258,6 +262,8 @@ fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
             require_verified: false,
             max_request_bytes: 5_242_880,
             start_wait: Duration::from_secs(1),
+            limits: connector::server::Limits::default(),
+            legacy_endpoints: false,
         });
         let listener = connector::server::bind("127.0.0.1:0".parse().unwrap())
             .await
@@ -267,6 +273,16 @@ fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
             .await
             .expect("serve");
     });
+}
+
+/// The gateway's capability tokens, as `sri serve` derives them from its ring.
+fn capabilities() -> connector::capability::Capabilities {
+    connector::capability::Capabilities::from_ring(&signer("k1", SECRET_A))
+}
+
+/// The endpoint the gateway hands the daemon for function `name` (its token included).
+fn gw_endpoint(base: &str, name: &str) -> String {
+    format!("{base}/v1/functions/{name}/{}", capabilities().token(name))
 }
 
 /// The fake function's counters.
@@ -895,8 +911,8 @@ async fn idle_timeout_probe(client: &reqwest::Client, func: &str) -> Option<(Dur
     let read = async {
         let resp = client
             .post(format!(
-                "{}/v1/functions/idle/invoke?action=invoke_tool",
-                gw.url()
+                "{}/invoke?action=invoke_tool",
+                gw_endpoint(&gw.url(), "idle")
             ))
             .header("content-type", "application/json")
             .header("accept", EVENT_STREAM)
@@ -947,7 +963,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
     let gw_rss_start = vm_rss_kib(gw.pid());
     let direct_url = format!("{}/invoke?action=invoke_tool", boot.url());
     let gw_urls = [gw.url(), gw_h2c.url()]
-        .map(|u| format!("{u}/v1/functions/echo/invoke?action=invoke_tool"));
+        .map(|u| format!("{}/invoke?action=invoke_tool", gw_endpoint(&u, "echo")));
     // [direct, gateway, gateway h2c only] × [ttfb, total], and per-round differences.
     let mut lat: [[Vec<f64>; 2]; 3] = Default::default();
     for round in 0..WARMUP + rounds {
@@ -1003,8 +1019,14 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
             &IDLE_STREAMS_TIMEOUT_SECS.to_string(),
         ],
     );
-    let idle_url = format!("{}/v1/functions/idle/invoke?action=invoke_tool", gw.url());
-    let bulk_url = format!("{}/v1/functions/bulk/invoke?action=invoke_tool", gw.url());
+    let idle_url = format!(
+        "{}/invoke?action=invoke_tool",
+        gw_endpoint(&gw.url(), "idle")
+    );
+    let bulk_url = format!(
+        "{}/invoke?action=invoke_tool",
+        gw_endpoint(&gw.url(), "bulk")
+    );
     // Warm-up: a few complete small streams through the same paths.
     for _ in 0..20 {
         let sid = session_id("warm");
@@ -1095,7 +1117,10 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         "gateway",
         &["--gateway-child", &format!("bulk={}", func.url()), "60"],
     );
-    let bulk_url = format!("{}/v1/functions/bulk/invoke?action=invoke_tool", gw.url());
+    let bulk_url = format!(
+        "{}/invoke?action=invoke_tool",
+        gw_endpoint(&gw.url(), "bulk")
+    );
     let direct_url = format!("{}/invoke?action=invoke_tool", func.url());
     // [size][path] runs; size 0 = big chunks, 1 = SDK-sized.
     let mut runs: [[Vec<Bulk>; 2]; 2] = Default::default();
@@ -1222,7 +1247,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
          serve` (the template's sample plugin, tool `echo` with `{{\"text\": \"bench\"}}`: one \
          JSON message, one text message, `end`) from the same reqwest client (keep-alive, \
          TCP_NODELAY). *Direct*: signed SRI v1 (signing is timed), SSE read until `end`. \
-         *Through the gateway*: the daemon's call, unsigned `POST /v1/functions/echo/invoke?\
+         *Through the gateway*: the daemon's call, unsigned `POST /v1/functions/echo/{{token}}/invoke?\
          action=invoke_tool` with `Accept: text/event-stream`, NDJSON read until the `end` \
          object; the gateway signs, calls the function over its pooled connection and \
          rewrites the events: as `sri serve` does by default (`SRI_DEDICATED_STREAMS=64`), one \

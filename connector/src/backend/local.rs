@@ -99,7 +99,10 @@ impl LocalBackend {
         Ok(this)
     }
 
+    /// The directory of function `name`, which callers have checked against the name grammar
+    /// ([`crate::names`]): a name is never joined into a path unchecked.
     fn dir(&self, name: &str) -> PathBuf {
+        debug_assert!(crate::names::check(name).is_ok(), "unchecked name {name:?}");
         self.opts.data_dir.join("functions").join(name)
     }
 
@@ -296,10 +299,14 @@ impl LocalBackend {
         let running = self.running.lock().expect("running lock").remove(name);
         if let Some(r) = running {
             let _ = r.stop.send(true);
-            // Wait (bounded) until the supervisor has stopped the process.
+            // Wait (bounded) until the supervisor has stopped the process: it lets the
+            // bootstrap drain before killing it.
             let mut target = r.target.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(5), target.wait_for(|t| t.is_none()))
-                .await;
+            let _ = tokio::time::timeout(
+                STOP_GRACE + Duration::from_secs(2),
+                target.wait_for(|t| t.is_none()),
+            )
+            .await;
         }
     }
 }
@@ -388,7 +395,7 @@ impl Backend for LocalBackend {
 
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            let dir = self.dir(name);
+            let dir = self.dir(crate::names::check(name)?);
             if !dir.exists() {
                 return Err(Error::Backend(format!("no function named `{name}`")));
             }
@@ -447,9 +454,8 @@ impl Backend for LocalBackend {
                 .keys()
                 .cloned()
                 .collect();
-            for n in names {
-                self.stop_function(&n).await;
-            }
+            // All at once: each may take the bootstrap's whole drain.
+            futures_util::future::join_all(names.iter().map(|n| self.stop_function(n))).await;
         }
         .boxed()
     }
@@ -643,16 +649,17 @@ async fn startup_failure(dir: &Path) -> String {
         })
 }
 
+/// How long a bootstrap is given to stop after SIGTERM: its drain (10 s, `bootstrap serve`'s
+/// `DRAIN`) and the time to stop its plugin. Killing it sooner would orphan the plugin.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
 async fn terminate(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        if tokio::time::timeout(Duration::from_secs(3), child.wait())
-            .await
-            .is_ok()
-        {
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
             return;
         }
     }

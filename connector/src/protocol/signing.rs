@@ -119,6 +119,12 @@ impl Key {
         &self.id
     }
 
+    /// A secret for another purpose derived from this key (HMAC-SHA256 of `label`), so that
+    /// one configured secret can key several things without any of them revealing the key.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        self.mac(label.as_bytes()).finalize().into_bytes().into()
+    }
+
     fn mac(&self, to_sign: &[u8]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret.0).expect("HMAC takes any key size");
         mac.update(to_sign);

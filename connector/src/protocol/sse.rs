@@ -7,6 +7,8 @@
 //! decoder is linear, zero-copy for single-line data, bounded, and reports comments.
 //!
 //! Lines end in `\n` or `\r\n` (what every SRI producer writes; a lone `\r` is not a line end).
+//! Both a line and a whole event (whose `data:` lines are joined) are bounded by the same cap, so
+//! that an endless event of short lines is refused as surely as one endless line.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -54,6 +56,8 @@ pub struct Decoder {
     /// How far `buf` has been searched for a line end.
     scanned: usize,
     max_line: usize,
+    /// Bytes the event being assembled holds so far (field values and the joining newlines).
+    pending: usize,
     event: Option<Bytes>,
     id: Option<Bytes>,
     data: Option<Bytes>,
@@ -61,12 +65,13 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder refusing lines over `max_line` bytes.
+    /// A decoder refusing lines, and events, over `max_line` bytes.
     pub fn new(max_line: usize) -> Self {
         Self {
             buf: BytesMut::new(),
             scanned: 0,
             max_line,
+            pending: 0,
             event: None,
             id: None,
             data: None,
@@ -119,6 +124,13 @@ impl Decoder {
             }
             None => (line.clone(), Bytes::new()),
         };
+        self.pending += value.len() + 1;
+        if self.pending > self.max_line {
+            return Err(Error::Sse(format!(
+                "an event is over {} bytes (its `data:` lines add up past the cap)",
+                self.max_line
+            )));
+        }
         match name.as_ref() {
             b"event" => self.event = Some(value),
             b"id" => self.id = Some(value),
@@ -136,6 +148,7 @@ impl Decoder {
     }
 
     fn dispatch(&mut self) -> Result<Option<Item>, Error> {
+        self.pending = 0;
         let event = self.event.take();
         let id = self.id.take();
         let data = match (self.data.take(), self.extra_data.take()) {
@@ -280,6 +293,32 @@ mod tests {
                 .to_string()
                 .contains("over 10 bytes")
         );
+    }
+
+    #[test]
+    fn an_event_of_many_short_lines_is_bounded_too() {
+        let mut d = Decoder::new(1000);
+        d.push(b"event: chunk\n");
+        let mut err = None;
+        for _ in 0..1000 {
+            d.push(b"data: 0123456789\n");
+            match d.next_item() {
+                Ok(None) => {}
+                Ok(Some(item)) => panic!("no event was complete: {item:?}"),
+                Err(e) => {
+                    err = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let err = err.expect("the event grew past the cap without an error");
+        assert!(err.contains("an event is over 1000 bytes"), "{err}");
+        // Events under the cap, one after another, are fine: the count restarts per event.
+        let mut d = Decoder::new(1000);
+        for _ in 0..100 {
+            d.push(b"event: chunk\ndata: 0123456789\ndata: 0123456789\n\n");
+            assert!(matches!(d.next_item(), Ok(Some(Item::Event(_)))));
+        }
     }
 
     #[test]

@@ -283,11 +283,17 @@ where
                     format!("{message} — {hint}")
                 };
             }
-            Failure::refused(InvokeError::Rejected {
+            let err = InvokeError::Rejected {
                 status,
                 error_type,
                 message,
-            })
+            };
+            // Lambda refused the invocation itself (throttled, not ready, a service error):
+            // the function did not run, so a transient refusal is safe to retry.
+            match status {
+                429 | 502 | 503 | 504 => Failure::Retry(err),
+                _ => Failure::Fatal(err),
+            }
         }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Failure::Retry(InvokeError::Unreachable(format!(
