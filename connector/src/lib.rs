@@ -12,6 +12,7 @@ pub mod aws;
 pub mod backend;
 #[cfg(feature = "server")]
 pub mod capability;
+#[cfg(feature = "server")]
 pub mod child;
 #[cfg(feature = "server")]
 pub mod cli;
