@@ -215,27 +215,40 @@ mod tests {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
-    /// Past the cap, a new connection waits (served by nobody) until an open one closes.
-    #[tokio::test]
-    async fn connections_past_the_cap_wait_for_a_free_slot() {
+    /// Serves `body` to every request on a loopback port under `limits`, over an HTTP/1
+    /// builder `tweak`ed from hyper's defaults; returns the address.
+    async fn start(
+        limits: Limits,
+        body: &'static str,
+        tweak: fn(&mut hyper::server::conn::http1::Builder),
+    ) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let limits = Limits {
-            max_connections: 2,
-            first_bytes_timeout: Duration::from_secs(10),
-        };
         tokio::spawn(serve_until(
             listener,
             std::future::pending(),
             Duration::ZERO,
             limits,
-            |io| {
-                let service = hyper::service::service_fn(|_| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("hi")))
+            move |io| {
+                let service = hyper::service::service_fn(move |_| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from(body)))
                 });
-                hyper::server::conn::http1::Builder::new().serve_connection(io, service)
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                tweak(&mut builder);
+                builder.serve_connection(io, service)
             },
         ));
+        addr
+    }
+
+    /// Past the cap, a new connection waits (served by nobody) until an open one closes.
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_a_free_slot() {
+        let limits = Limits {
+            max_connections: 2,
+            first_bytes_timeout: Duration::from_secs(10),
+        };
+        let addr = start(limits, "hi", |_| {}).await;
         let mut first = TcpStream::connect(addr).await.unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();
         assert!(get(&mut first).await.starts_with("HTTP/1.1 200"));
@@ -258,27 +271,15 @@ mod tests {
     /// A connection that sends nothing is closed at the first-bytes deadline.
     #[tokio::test]
     async fn a_silent_connection_is_closed_at_the_first_bytes_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let limits = Limits {
             max_connections: 10,
             first_bytes_timeout: Duration::from_millis(300),
         };
-        tokio::spawn(serve_until(
-            listener,
-            std::future::pending(),
-            Duration::ZERO,
-            limits,
-            |io| {
-                let service = hyper::service::service_fn(|_| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::new()))
-                });
-                // No header-read timeout here: the first-bytes deadline alone must close it.
-                hyper::server::conn::http1::Builder::new()
-                    .header_read_timeout(None)
-                    .serve_connection(io, service)
-            },
-        ));
+        // No header-read timeout here: the first-bytes deadline alone must close it.
+        let addr = start(limits, "", |b| {
+            b.header_read_timeout(None);
+        })
+        .await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let started = std::time::Instant::now();
         let mut buf = [0u8; 16];

@@ -428,19 +428,23 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        let pid = nix::unistd::Pid::from_raw(pid);
+        wait_gone(pid, |stat| {
+            format!("the grandchild {pid} outlived the timeout: {stat}")
+        })
+        .await;
+    }
+
+    /// Waits up to 10 s for `pid` to be dead (or a zombie about to be reaped by init: kill(0)
+    /// succeeds on one, /proc says `Z`); past that, fails with `outlived(its stat)`.
+    async fn wait_gone(pid: i32, outlived: impl Fn(&str) -> String) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        // Dead (or a zombie about to be reaped by init): /proc says `Z` or nothing.
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
             if stat.is_empty() || state == Some('Z') {
                 break;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the grandchild {pid} outlived the timeout: {stat}"
-            );
+            assert!(std::time::Instant::now() < deadline, "{}", outlived(&stat));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -474,20 +478,7 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            // kill(0) succeeds on a zombie; its state says dead.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
-            if stat.is_empty() || state == Some('Z') {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{pid} outlived the dropped run"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_gone(pid, |_| format!("{pid} outlived the dropped run")).await;
     }
 
     #[tokio::test]

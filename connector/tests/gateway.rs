@@ -225,7 +225,11 @@ async fn start_gateway(target: String) -> String {
 }
 
 async fn start_gateway_with(target: String, tweak: impl FnOnce(&mut AppState)) -> String {
-    let backend: Arc<dyn Backend> = Arc::new(Fixed(target));
+    start_gateway_on(Arc::new(Fixed(target)), tweak).await
+}
+
+/// A gateway over `backend` on a loopback port, `tweak`ed from the tests' defaults.
+async fn start_gateway_on(backend: Arc<dyn Backend>, tweak: impl FnOnce(&mut AppState)) -> String {
     let mut state = AppState {
         launcher: Arc::new(Launcher::new(
             backend.clone(),
@@ -784,29 +788,11 @@ async fn raw_post(base: &str, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn a_call_for_a_restarting_function_waits_bounded_without_its_body() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend: Arc<dyn Backend> = Arc::new(Restarting);
-    let state = Arc::new(AppState {
-        launcher: Arc::new(Launcher::new(
-            backend.clone(),
-            "http://127.0.0.1".into(),
-            caps(),
-        )),
-        backend,
-        client: Client::new(ring(), fast()),
-        metrics: Default::default(),
-        api_key: "key".into(),
-        intake: Arc::new(
-            connector::intake::Intake::new(Default::default(), std::env::temp_dir()).unwrap(),
-        ),
-        require_verified: false,
-        max_request_bytes: 1 << 20,
-        start_wait: Duration::from_millis(300),
-        limits: Limits::default(),
-        legacy_endpoints: false,
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, router(state)).await.unwrap() });
+    let gw = start_gateway_on(Arc::new(Restarting), |s| {
+        s.start_wait = Duration::from_millis(300)
+    })
+    .await;
+    let addr = gw.trim_start_matches("http://");
     // Announce a 1 MB body and send none of it.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(

@@ -999,23 +999,7 @@ async fn dependency_files_are_data_and_the_connectors_environment_stays_home() {
             .as_nanos()
     );
     let spy_dir = harness::sri::TempDir::new("uv-spy");
-    let calls = spy_dir.path().join("calls.log");
-    let spy = spy_dir.path().join("uv");
-    let real = harness::root().join(".venv/tools/bin/uv");
-    std::fs::write(
-        &spy,
-        format!(
-            "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; \
-             printf '\\n'; env; echo '----'; }} >> '{}'\nexec '{}' \"$@\"\n",
-            calls.display(),
-            real.display()
-        ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let (spy, calls) = harness::sri::uv_spy(spy_dir.path());
     let c = Connector::start_with(
         harness::sri::ConnectorOptions::default()
             .env("SRI_UV", spy.display().to_string())

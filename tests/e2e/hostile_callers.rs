@@ -3,6 +3,7 @@
 //! capability endpoint or API key gets nothing, learns nothing, and cannot hold connections,
 //! memory or metrics series; and stopping `sri serve` leaves no process of it behind.
 
+use harness::benchmarks::status_kib;
 use harness::godaemon::GoDaemon;
 use harness::sri::{API_KEY, Connector, ConnectorOptions, TempDir, sri_bin};
 use harness::{
@@ -278,15 +279,6 @@ async fn traversal_names_get_400_and_delete_nothing() {
     );
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[tokio::test]
 async fn junk_actions_keep_the_metrics_bounded_and_rss_flat() {
     let c = Connector::start();
@@ -324,7 +316,7 @@ async fn junk_actions_keep_the_metrics_bounded_and_rss_flat() {
             .await;
         assert!(statuses.iter().all(|s| s.as_u16() != 404), "{statuses:?}");
         if round == 0 {
-            rss_after_warmup = vm_rss_kib(pid);
+            rss_after_warmup = status_kib(pid, "VmRSS:");
         }
     }
     eprintln!(
@@ -346,7 +338,7 @@ async fn junk_actions_keep_the_metrics_bounded_and_rss_flat() {
         text.contains(r#"sri_invocations_total{action="other"} 10000"#),
         "{text}"
     );
-    let grown = vm_rss_kib(pid).saturating_sub(rss_after_warmup);
+    let grown = status_kib(pid, "VmRSS:").saturating_sub(rss_after_warmup);
     eprintln!("sri RSS {rss_after_warmup} KiB after 1,000 calls, +{grown} KiB after 10,000");
     assert!(
         grown < 16 * 1024,

@@ -4,6 +4,7 @@
 //! a canary in the connector's environment never shows up anywhere, and the next good launch
 //! still works.
 
+use harness::benchmarks::status_kib;
 use harness::difypkg::Package;
 use harness::godaemon::GoDaemon;
 use harness::hostile::{self, RawEntry};
@@ -37,21 +38,6 @@ fn rand_u64() -> u64 {
             .as_nanos(),
     );
     h.finish()
-}
-
-/// `VmRSS` or `VmHWM` of a process, in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Every file below `dir` whose bytes contain `needle`.

@@ -14,7 +14,7 @@ use connector::packaging::{Arch, PythonVersion};
 use connector::secret::Secret;
 use connector::transport::Target;
 use harness::difypkg::{Package, collect_dir, sample_as};
-use harness::godaemon::GoDaemon;
+use harness::godaemon::{GoDaemon, LaunchOutcome};
 use harness::moto::Moto;
 use harness::sri::{Connector, ConnectorOptions, TempDir};
 use harness::{plugin_dir, root};
@@ -121,6 +121,40 @@ impl Setup {
             .clone()
             .unwrap_or_else(|| panic!("not installed: {:?}{}", o.install_errors, ctx()));
         name
+    }
+
+    /// Launches a package the connector must refuse; returns the outcome and its failures, one
+    /// a line.
+    async fn launch_failing(&self, pkg: &Package) -> (LaunchOutcome, String) {
+        let o = self
+            .daemon()
+            .launch_package(pkg, false)
+            .await
+            .unwrap_or_else(|e| panic!("launch refused: {e}"));
+        let failures = o.failures().join("\n");
+        (o, failures)
+    }
+
+    /// Makes function `name` behind the connector's back, with `zip` as its code.
+    async fn create_function(&self, name: &str, zip: &[u8], tags: &[(&str, &str)]) {
+        let mut req = self
+            .lambda
+            .create_function()
+            .function_name(name)
+            .runtime(aws_sdk_lambda::types::Runtime::Python312)
+            .role(&self.role)
+            .handler("x")
+            .code(
+                aws_sdk_lambda::types::FunctionCode::builder()
+                    .zip_file(aws_sdk_lambda::primitives::Blob::new(zip))
+                    .build(),
+            );
+        for (k, v) in tags {
+            req = req.tags(*k, *v);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("CreateFunction {name}: {e:?}"));
     }
 
     fn function_name(&self) -> String {
@@ -335,37 +369,18 @@ async fn an_interrupted_deploy_converges_and_gc_spares_what_is_not_ours() {
     let sdk = s.moto.sdk().await;
     let lambda = Lambda::new(&sdk);
     let dummy_zip = harness::difypkg::zip_files(&[("x.txt".into(), b"half-done".to_vec())]);
-    // A function made behind the connector's back, with our ownership tag or without.
-    let create = |name: String, ours: bool| {
-        let mut req = lambda
-            .create_function()
-            .function_name(&name)
-            .runtime(aws_sdk_lambda::types::Runtime::Python312)
-            .role(&s.role)
-            .handler("x")
-            .code(
-                aws_sdk_lambda::types::FunctionCode::builder()
-                    .zip_file(aws_sdk_lambda::primitives::Blob::new(dummy_zip.clone()))
-                    .build(),
-            );
-        if ours {
-            req = req.tags("sri:managed-by", "sri-connector");
-        }
-        async move {
-            req.send()
-                .await
-                .unwrap_or_else(|e| panic!("CreateFunction {name}: {e:?}"));
-        }
-    };
+    // Functions made behind the connector's back, with our ownership tag or without.
+    let ours = [("sri:managed-by", "sri-connector")];
     // What a deploy leaves when the connector dies right after CreateFunction: our function,
     // tagged, with other code, no version, no alias, no URL.
-    create(s.function_name(), true).await;
+    s.create_function(&s.function_name(), &dummy_zip, &ours)
+        .await;
     // A function that is not ours, with our prefix.
     let foreign = format!("{}-someone-else", s.prefix);
-    create(foreign.clone(), false).await;
+    s.create_function(&foreign, &dummy_zip, &[]).await;
     // A leftover of ours that never got a version (a plugin whose first deploy died).
     let leftover = format!("{}-sri-gone", s.prefix);
-    create(leftover.clone(), true).await;
+    s.create_function(&leftover, &dummy_zip, &ours).await;
 
     let v1 = plugin("0.1.0");
     s.launch(&v1).await;
@@ -567,12 +582,7 @@ async fn zips_over_50_mib_go_through_the_artifact_bucket_or_fail_naming_it() {
 
     // No bucket configured: the launch fails and says what to set.
     let s = Setup::start(&size_env).await;
-    let o = s
-        .daemon()
-        .launch_package(&pkg, false)
-        .await
-        .unwrap_or_else(|e| panic!("launch refused: {e}"));
-    let failures = o.failures().join("\n");
+    let (o, failures) = s.launch_failing(&pkg).await;
     assert!(
         failures.contains("SRI_ARTIFACT_BUCKET") && failures.contains("50 MiB"),
         "the failure names the fix: {failures}\n{}",
@@ -763,31 +773,17 @@ async fn plugins_whose_names_clean_alike_get_their_own_functions() {
     }
     // A function whose tag names another plugin is never taken over, whatever its name.
     let taken = lambda_function_name(&s.prefix, "acme", "taken");
-    s.lambda
-        .create_function()
-        .function_name(&taken)
-        .runtime(aws_sdk_lambda::types::Runtime::Python312)
-        .role(&s.role)
-        .handler("x")
-        .code(
-            aws_sdk_lambda::types::FunctionCode::builder()
-                .zip_file(aws_sdk_lambda::primitives::Blob::new(
-                    harness::difypkg::zip_files(&[("x.txt".into(), b"not yours".to_vec())]),
-                ))
-                .build(),
-        )
-        .tags("sri:managed-by", "sri-connector")
-        .tags("sri:plugin", "someone/else")
-        .send()
-        .await
-        .expect("CreateFunction");
+    s.create_function(
+        &taken,
+        &harness::difypkg::zip_files(&[("x.txt".into(), b"not yours".to_vec())]),
+        &[
+            ("sri:managed-by", "sri-connector"),
+            ("sri:plugin", "someone/else"),
+        ],
+    )
+    .await;
     let pkg = Package::from_files(&sample_as("acme", "taken", "0.1.0", false));
-    let o = s
-        .daemon()
-        .launch_package(&pkg, false)
-        .await
-        .unwrap_or_else(|e| panic!("launch refused: {e}"));
-    let failures = o.failures().join("\n");
+    let (o, failures) = s.launch_failing(&pkg).await;
     assert!(
         failures.contains("someone/else") && failures.contains("acme/taken"),
         "the failure names both plugins: {failures}\n{}",

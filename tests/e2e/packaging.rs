@@ -473,22 +473,7 @@ async fn bad_inputs_are_refused_with_the_fix() {
 fn dependency_files_are_parsed_before_uv_and_uv_sees_none_of_the_environment() {
     let dir = TempDir::new("pack-reqs");
     let canary = format!("sri-pack-canary-{}", std::process::id());
-    let calls = dir.path().join("calls.log");
-    let spy = dir.path().join("uv");
-    std::fs::write(
-        &spy,
-        format!(
-            "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; \
-             printf '\\n'; env; echo '----'; }} >> '{}'\nexec '{}' \"$@\"\n",
-            calls.display(),
-            uv().display()
-        ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let (spy, calls) = harness::sri::uv_spy(dir.path());
     let cache = cache_in(&dir);
     let x86 = lambda_bootstrap("x86_64");
     let out = dir.path().join("out.zip");

@@ -12,7 +12,7 @@
 
 use connector::intake::Limits;
 use connector::package::Package;
-use harness::benchmarks::{loadavg, median, run_lines};
+use harness::benchmarks::{loadavg, median, run_lines, status_kib};
 use harness::difypkg::{collect_dir, zip_files};
 use harness::sri::TempDir;
 use harness::{plugin_dir, root};
@@ -98,25 +98,11 @@ fn package(files: usize, size: usize, big: usize) -> Vec<u8> {
     zip_files(&entries)
 }
 
-fn status_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap()
-}
-
 /// Child mode: read the package at `file` with `mode` and print the peak RSS growth in KiB.
 fn rss_child(mode: &str, file: &str) {
     let bytes = std::fs::read(file).unwrap();
     let scratch = TempDir::new("bench-intake-rss");
-    let base = status_kib("VmHWM:").max(status_kib("VmRSS:"));
+    let base = status_kib("self", "VmHWM:").max(status_kib("self", "VmRSS:"));
     match mode {
         "after" => {
             let pkg = Package::read_in(bytes.into(), &Limits::default(), scratch.path()).unwrap();
@@ -126,7 +112,7 @@ fn rss_child(mode: &str, file: &str) {
             std::hint::black_box(before(&bytes));
         }
     }
-    println!("{}", status_kib("VmHWM:").saturating_sub(base));
+    println!("{}", status_kib("self", "VmHWM:").saturating_sub(base));
 }
 
 fn main() {

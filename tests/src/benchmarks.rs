@@ -182,6 +182,22 @@ pub fn start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok() // field 22 of stat: starttime
 }
 
+/// `field` (`"VmRSS:"`, `"VmHWM:"`…) of process `pid` (or `"self"`), in KiB, from
+/// `/proc/PID/status`; panics naming what is missing.
+pub fn status_kib(pid: impl std::fmt::Display, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Shared by the benches.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

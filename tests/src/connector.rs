@@ -76,6 +76,29 @@ impl Drop for TempDir {
     }
 }
 
+/// A `uv` in `dir` that appends each call's argv and environment (ended by a `----` line) to
+/// `dir/calls.log`, then runs the real uv: what `sri` hands its installer, seen from outside.
+/// Returns the spy and its log.
+pub fn uv_spy(dir: &Path) -> (PathBuf, PathBuf) {
+    let calls = dir.join("calls.log");
+    let spy = dir.join("uv");
+    std::fs::write(
+        &spy,
+        format!(
+            "#!/bin/sh\n{{ printf 'argv:'; for a in \"$@\"; do printf ' [%s]' \"$a\"; done; \
+             printf '\\n'; env; echo '----'; }} >> '{}'\nexec '{}' \"$@\"\n",
+            calls.display(),
+            root().join(".venv/tools/bin/uv").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (spy, calls)
+}
+
 /// Options for [`Connector::start_with`].
 #[derive(Clone)]
 pub struct ConnectorOptions {

@@ -103,18 +103,7 @@ impl LambdaBackend {
             Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
             Err(e) => return Err(aws_err(format!("GetAlias {aws_name}:{LIVE_ALIAS}"), &e)),
         };
-        let url = match self
-            .lambda
-            .get_function_url_config()
-            .function_name(aws_name)
-            .qualifier(LIVE_ALIAS)
-            .send()
-            .await
-        {
-            Ok(u) => Some(u.function_url().to_owned()),
-            Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
-            Err(e) => return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e)),
-        };
+        let url = self.alias_url(aws_name).await?;
         let mut deployed = self.deployed.lock().expect("lock");
         // Versions only grow: one numbered above everything listed was published after the
         // listing (by a deploy on this replica meanwhile) and stays.
@@ -308,19 +297,11 @@ impl LambdaBackend {
         // made anew, so it is read once.
         let url = match known_url {
             Some(u) => Some(u),
-            None => match self
-                .lambda
-                .get_function_url_config()
-                .function_name(aws_name)
-                .qualifier(LIVE_ALIAS)
-                .send()
-                .await
-            {
-                Ok(u) => Some(u.function_url().to_owned()),
-                Err(e) if e.as_service_error().is_some_and(is_not_found) => None,
+            None => match self.alias_url(aws_name).await {
+                Ok(url) => url,
                 Err(e) => {
                     self.remember_live(aws_name, unconfirmed(None));
-                    return Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e));
+                    return Err(e);
                 }
             },
         };
@@ -331,6 +312,22 @@ impl LambdaBackend {
         };
         self.remember_live(aws_name, state.clone());
         Ok(state)
+    }
+
+    /// The Function URL of the `live` alias, `None` when it has none.
+    async fn alias_url(&self, aws_name: &str) -> Result<Option<String>, Error> {
+        match self
+            .lambda
+            .get_function_url_config()
+            .function_name(aws_name)
+            .qualifier(LIVE_ALIAS)
+            .send()
+            .await
+        {
+            Ok(u) => Ok(Some(u.function_url().to_owned())),
+            Err(e) if e.as_service_error().is_some_and(is_not_found) => Ok(None),
+            Err(e) => Err(aws_err(format!("GetFunctionUrlConfig {aws_name}"), &e)),
+        }
     }
 
     /// A call named a deployment this replica does not know: another replica may have made
