@@ -25,7 +25,7 @@ pub use error::Error;
 
 use config::Mode;
 use connector::protocol::signing::KeyRing;
-use invocation::{Handler, Limits};
+use invocation::{Auth, Handler, Limits};
 use process::{Shared, Spec};
 use redact::Redactor;
 use supervisor::Supervisor;
@@ -83,6 +83,14 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         Some(s) => s.0.parse()?,
         None => KeyRing::from_env()?,
     };
+    if o.session_buffer_bytes < o.max_line_bytes {
+        return Err(Error::Config(format!(
+            "SRI_SESSION_BUFFER_BYTES ({}) must be at least PLUGIN_RUNTIME_MAX_BUFFER_SIZE ({}): \
+             a session must be able to queue its longest line",
+            o.session_buffer_bytes, o.max_line_bytes
+        )));
+    }
+    let env = plugin_env(&o.plugin_env)?;
     let plugin_dir = o.plugin_dir();
     let manifest = connector::manifest::Manifest::load(&plugin_dir)?;
     let redactor = Arc::new(Redactor::default());
@@ -94,8 +102,9 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
     ));
     let shared = Arc::new(Shared {
         redactor: redactor.clone(),
-        budget: Arc::new(tokio::sync::Semaphore::new(o.max_buffered_bytes)),
+        buffered: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         max_buffered: o.max_buffered_bytes,
+        session_budget: o.session_buffer_bytes,
         max_line: o.max_line_bytes,
         backwards,
     });
@@ -104,6 +113,7 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         entrypoint: manifest.entrypoint.clone(),
         plugin_dir,
         python_path: o.python_path(),
+        env,
     };
     tracing::info!(plugin = %manifest.identity(), dir = %spec.plugin_dir.display(), "starting plugin");
     let supervisor = Supervisor::start(spec, shared, o.ready_timeout())?;
@@ -116,14 +126,92 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         ready_timeout: o.ready_timeout(),
         max_line_bytes: o.max_line_bytes,
     };
+    let auth = Auth {
+        keys,
+        function: o.function_name(),
+        accept_v1: o.accept_v1,
+    };
+    tracing::info!(function = %auth.function, accept_v1 = auth.accept_v1, "SRI v2 verification");
     Ok(Arc::new(Handler::new(
         supervisor,
-        keys,
+        auth,
         redactor,
         limits,
         manifest.identity(),
         started,
     )))
+}
+
+/// Variables the plugin inherits: what a Python program needs to run, reach the network and
+/// know where it is, and nothing that would let it act as the runtime.
+const PLUGIN_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "TMP",
+    "TEMP",
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "LAMBDA_TASK_ROOT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    // The SDK's own settings.
+    "MAX_REQUEST_TIMEOUT",
+    "MAX_INVOCATION_TIMEOUT",
+    "HEARTBEAT_INTERVAL",
+];
+
+/// Prefixes of variables the plugin inherits (locale, the interpreter's settings).
+const PLUGIN_ENV_PREFIXES: &[&str] = &["LC_", "PYTHON"];
+
+/// Never passed to the plugin, even when named in `SRI_PLUGIN_ENV`.
+const NEVER_TO_PLUGIN: &[&str] = &["AWS_LAMBDA_RUNTIME_API", "AWS_CONTAINER_CREDENTIALS_FULL_URI"];
+
+/// The plugin's environment: the allowlist plus `extra` (`SRI_PLUGIN_ENV`), taken from this
+/// process's environment. Naming a secret in `extra` is refused.
+pub fn plugin_env(extra: &[String]) -> Result<Vec<(std::ffi::OsString, std::ffi::OsString)>, Error> {
+    let secret = |name: &str| {
+        connector::harden::SECRET_ENV.contains(&name)
+            || NEVER_TO_PLUGIN.contains(&name)
+            || name.starts_with("AWS_CONTAINER_")
+    };
+    for name in extra.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if secret(name) {
+            return Err(Error::Config(format!(
+                "SRI_PLUGIN_ENV names `{name}`, which the plugin must never see (secrets, AWS \
+                 credentials, AWS_LAMBDA_RUNTIME_API): remove it from SRI_PLUGIN_ENV"
+            )));
+        }
+    }
+    Ok(std::env::vars_os()
+        .filter(|(k, _)| {
+            let Some(k) = k.to_str() else { return false };
+            !secret(k)
+                && (PLUGIN_ENV.contains(&k)
+                    || PLUGIN_ENV_PREFIXES.iter().any(|p| k.starts_with(p))
+                    || extra.iter().any(|e| e.trim() == k))
+        })
+        .collect())
 }
 
 /// Completes on SIGTERM or SIGINT.

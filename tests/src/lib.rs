@@ -183,6 +183,19 @@ pub fn tool_data(provider: &str, tool: &str, params: Value, api_key: Option<&str
            "provider": provider, "tool": tool, "tool_parameters": params, "type": "tool", "user_id": "u-test"})
 }
 
+/// A fresh SRI v2 nonce (128 bits, hex): unique per process, call and instant.
+pub fn nonce() -> String {
+    use sha2::Digest;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        SystemTime::now()
+    );
+    hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..16])
+}
+
 /// A fresh session id.
 pub fn session_id(tag: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -443,7 +456,7 @@ impl Call<'_> {
             .unwrap_or_default();
         let mut headers = http::HeaderMap::new();
         if let Some(ring) = self.ring {
-            ring.sign(now(), &sid, self.action, &self.body)
+            ring.sign_v2(now(), &nonce(), "", &sid, self.action, &self.body)
                 .apply(&mut headers)
                 .unwrap();
         }
