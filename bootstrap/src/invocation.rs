@@ -253,27 +253,53 @@ impl Handler {
         }
         self.redactor.register(envelope.secrets());
         let buffered = wants_json(&req.headers);
-        let process = match self.supervisor.wait_ready(self.limits.ready_timeout).await {
-            Ok(p) => p,
-            Err(e) => return not_ready(&self.redactor.redact(&e.to_string()), rid),
-        };
         let deadline = self.deadline(req.deadline_ms);
-        let session = match process.open_session(envelope.session_id(), deadline) {
-            Ok(s) => s,
-            Err(e @ Error::DuplicateSession(_)) => {
-                return Reply::error(
-                    StatusCode::CONFLICT,
-                    ErrorType::BadRequest.as_str(),
-                    &e.to_string(),
-                    rid,
-                );
+        let line = envelope.to_line();
+        let ready_by = tokio::time::Instant::now() + self.limits.ready_timeout;
+        let mut recorded = false;
+        let session = loop {
+            let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
+            let process = match self.supervisor.wait_ready(left).await {
+                Ok(p) => p,
+                Err(e) => return not_ready(&self.redactor.redact(&e.to_string()), rid),
+            };
+            let session = match process.open_session(envelope.session_id(), deadline) {
+                Ok(s) => s,
+                Err(e @ Error::DuplicateSession(_)) => {
+                    return Reply::error(
+                        StatusCode::CONFLICT,
+                        ErrorType::BadRequest.as_str(),
+                        &e.to_string(),
+                        rid,
+                    );
+                }
+                // It exited just now: its replacement takes the request.
+                Err(_) if process.exited() => continue,
+                Err(e) => return not_ready(&e.to_string(), rid),
+            };
+            if !recorded {
+                if let Err(rejection) = self.replays.record(&verified, now) {
+                    // A concurrent copy of this request was accepted first.
+                    return unauthorized(&rejection.to_string(), rid);
+                }
+                recorded = true;
             }
-            Err(e) => return not_ready(&e.to_string(), rid),
+            match tokio::time::timeout_at(deadline, process.write_line(&line)).await {
+                // A broken pipe: the process is gone and never read the request, so its
+                // replacement may run it.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    tracing::info!(session_id = %envelope.session_id(), pid = process.pid, "the plugin process exited before reading the request; waiting for its replacement");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    // The process is going away; its exit arrives on the session channel.
+                    tracing::warn!(session_id = %envelope.session_id(), error = %e, "could not write the request to the plugin");
+                }
+                // Past the deadline: the session times out at once.
+                Ok(Ok(())) | Err(_) => {}
+            }
+            break session;
         };
-        if let Err(rejection) = self.replays.record(&verified, now) {
-            // A concurrent copy of this request was accepted first.
-            return unauthorized(&rejection.to_string(), rid);
-        }
         self.invocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start = StartInfo {
@@ -288,7 +314,7 @@ impl Handler {
             deadline,
         };
         let (events_tx, events_rx) = mpsc::channel(8);
-        tokio::spawn(run.session(session, envelope, start, events_tx));
+        tokio::spawn(run.session(session, envelope.session_id().to_owned(), start, events_tx));
         if buffered {
             buffer(events_rx).await
         } else {
@@ -431,11 +457,10 @@ impl Run {
     async fn session(
         self,
         mut session: Session,
-        envelope: Envelope,
+        sid: String,
         start: StartInfo,
         tx: mpsc::Sender<Event>,
     ) {
-        let sid = envelope.session_id().to_owned();
         let mut out = Emitter {
             tx,
             seq: 0,
@@ -448,15 +473,6 @@ impl Run {
         let start = serde_json::to_vec(&start).expect("JSON");
         if out.emit(EventKind::Start, start.into()).await.is_err() {
             return;
-        }
-        let written = tokio::time::timeout_at(
-            self.deadline,
-            session.process.write_line(&envelope.to_line()),
-        )
-        .await;
-        if let Ok(Err(e)) = written {
-            // The process is going away; its exit arrives on the session channel.
-            tracing::warn!(session_id = %sid, error = %e, "could not write the request to the plugin");
         }
         let ending = self.relay(&mut session, &mut out).await;
         let memory_used_mb = session.process.peak_rss_mb();

@@ -512,6 +512,16 @@ impl PluginProcess {
                 }
             }
         }
+        // No new session may start on a process whose output has ended: callers wait for its
+        // replacement instead of being handed a process that cannot answer.
+        self.sessions.lock().expect("sessions lock").closed = true;
+        self.state.send_if_modified(|st| {
+            let ready = matches!(st, State::Ready { .. });
+            if ready {
+                *st = State::Exited;
+            }
+            ready
+        });
         let status = child.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
         let exit = Arc::new(Exit {

@@ -353,6 +353,27 @@ impl Bootstrap {
             .expect("pid logged") as u32
     }
 
+    /// The pid of the plugin process of `generation`, from the bootstrap's log.
+    pub async fn plugin_pid_of(&self, generation: u64) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = self.logs().iter().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                (v["message"] == "plugin process started" && v["generation"] == generation)
+                    .then(|| v["pid"].as_u64())
+                    .flatten()
+            });
+            if let Some(pid) = found {
+                return pid as u32;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no plugin process of generation {generation} logged within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the bootstrap to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
