@@ -253,16 +253,17 @@ impl Handler {
         }
         self.redactor.register(envelope.secrets());
         let buffered = wants_json(&req.headers);
-        let deadline = self.deadline(req.deadline_ms);
         let line = envelope.to_line();
         let ready_by = tokio::time::Instant::now() + self.limits.ready_timeout;
         let mut recorded = false;
-        let session = loop {
+        let (session, deadline) = loop {
             let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
             let process = match self.supervisor.wait_ready(left).await {
                 Ok(p) => p,
                 Err(e) => return not_ready(&self.redactor.redact(&e.to_string()), rid),
             };
+            // The execution time starts once a process is ready for it.
+            let deadline = self.deadline(req.deadline_ms);
             let session = match process.open_session(envelope.session_id(), deadline) {
                 Ok(s) => s,
                 Err(e @ Error::DuplicateSession(_)) => {
@@ -298,7 +299,7 @@ impl Handler {
                 // Past the deadline: the session times out at once.
                 Ok(Ok(())) | Err(_) => {}
             }
-            break session;
+            break (session, deadline);
         };
         self.invocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -402,16 +403,19 @@ impl Emitter {
     async fn emit(&mut self, kind: EventKind, data: Bytes) -> Result<(), ()> {
         // Every event is numbered: SSE's last-event-id carries over to events without an
         // `id:`, so numbering only some would make decoders see repeated ids.
-        self.seq += 1;
-        let id = Some(self.seq);
+        // Counted once sent: a send given up (the session cut meanwhile) leaves no gap.
+        let id = self.seq + 1;
+        let bytes = data.len() as u64;
+        self.tx
+            .send(Event::new(kind, Some(id), data))
+            .await
+            .map_err(|_| ())?;
+        self.seq = id;
         if kind == EventKind::Chunk {
             self.usage.chunks += 1;
-            self.usage.bytes += data.len() as u64;
+            self.usage.bytes += bytes;
         }
-        self.tx
-            .send(Event::new(kind, id, data))
-            .await
-            .map_err(|_| ())
+        Ok(())
     }
 
     async fn finish(&mut self, memory_used_mb: u64, end: Bytes) -> Result<(), ()> {

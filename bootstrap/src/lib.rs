@@ -30,6 +30,17 @@ use process::{Shared, Spec};
 use redact::Redactor;
 use supervisor::Supervisor;
 
+/// The variable Lambda hands the runtime its API's address in.
+pub const RUNTIME_API_ENV: &str = "AWS_LAMBDA_RUNTIME_API";
+
+/// The Lambda Runtime API's address: taken out of the environment at start (see
+/// `connector::harden`), or still in it when the library runs without the binary's `main`.
+fn runtime_api() -> Option<String> {
+    connector::harden::secret(RUNTIME_API_ENV)
+        .map(str::to_owned)
+        .or_else(|| std::env::var(RUNTIME_API_ENV).ok())
+}
+
 /// How long the plugin gets to stop after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_millis(300);
 
@@ -50,7 +61,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Ok(())
         }
         Some(Mode::Lambda) | None => {
-            let api = std::env::var("AWS_LAMBDA_RUNTIME_API").map_err(|_| {
+            let api = runtime_api().ok_or_else(|| {
                 Error::RuntimeApi(
                     "AWS_LAMBDA_RUNTIME_API is not set: run inside Lambda (or `cargo lambda watch`), or use `bootstrap serve`".into(),
                 )

@@ -3,7 +3,8 @@
 fn main() {
     // SAFETY: the first statements of `main`: no other thread exists yet, so changing the
     // environment cannot race a reader (the runtime's threads start in `start`).
-    if let Err(e) = unsafe { connector::harden::seal() } {
+    // The Runtime API's address is sealed too: a plugin that knew it could answer invocations.
+    if let Err(e) = unsafe { connector::harden::seal(&[sri_bootstrap::RUNTIME_API_ENV]) } {
         eprintln!("error: cannot protect the runtime's secrets: {e}");
         std::process::exit(1);
     }

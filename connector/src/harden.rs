@@ -27,24 +27,28 @@ pub const SECRET_ENV: &[&str] = &[
 ];
 
 static TAKEN: OnceLock<HashMap<&'static str, String>> = OnceLock::new();
+static EXTRA: OnceLock<&'static [&'static str]> = OnceLock::new();
 
-/// Makes the process non-dumpable and wipes the secret variables' values from the initial
-/// environment block, keeping them in the environment (as fresh copies) until [`forget`], so
-/// that option parsing still finds them.
+/// Makes the process non-dumpable and wipes the values of the secret variables ([`SECRET_ENV`]
+/// and `extra`, e.g. the bootstrap's `AWS_LAMBDA_RUNTIME_API`) from the initial environment
+/// block, keeping them in the environment (as fresh copies) until [`forget`], so that option
+/// parsing still finds them.
 ///
 /// # Safety
 /// Must be called before any other thread exists (first thing in `main`): it changes the
 /// environment, which another thread reading it at the same time could see freed.
-pub unsafe fn seal() -> std::io::Result<()> {
+pub unsafe fn seal(extra: &'static [&'static str]) -> std::io::Result<()> {
     nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)?;
+    let _ = EXTRA.set(extra);
     let mut taken = HashMap::new();
-    for name in SECRET_ENV {
+    for name in SECRET_ENV.iter().chain(extra) {
         if let Some(value) = std::env::var_os(name) {
             taken.insert(*name, value.to_string_lossy().into_owned());
         }
     }
     // SAFETY: single-threaded (the caller's contract); see `wipe_values`.
     unsafe { wipe_values(SECRET_ENV) };
+    unsafe { wipe_values(extra) };
     for (name, value) in &taken {
         // SAFETY: single-threaded (the caller's contract). The new copy lives on the heap,
         // outside the block `/proc/<pid>/environ` shows; non-dumpable keeps the heap private.
@@ -60,7 +64,7 @@ pub unsafe fn seal() -> std::io::Result<()> {
 /// # Safety
 /// Must be called before any other thread exists (see [`seal`]).
 pub unsafe fn forget() {
-    for name in SECRET_ENV {
+    for name in SECRET_ENV.iter().chain(EXTRA.get().copied().unwrap_or_default()) {
         // SAFETY: single-threaded (the caller's contract).
         unsafe { std::env::remove_var(name) };
     }

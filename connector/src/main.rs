@@ -6,7 +6,7 @@ fn main() {
     // SAFETY: the first statements of `main`, before the runtime's threads exist: nothing can
     // read the environment while it changes (`std::env::set_var`/`remove_var` are unsafe for
     // that reason in edition 2024).
-    if let Err(e) = unsafe { connector::harden::seal() } {
+    if let Err(e) = unsafe { connector::harden::seal(&[]) } {
         eprintln!("error: cannot protect the connector's secrets: {e}");
         std::process::exit(1);
     }

@@ -29,7 +29,9 @@ async fn whoami(base: &str) -> (u32, Duration) {
     let ev = invoke_stream(base, faults("whoami", json!({}))).await;
     let took = started.elapsed();
     assert_well_formed(&ev);
-    let text = texts(&ev).pop().expect("whoami answers");
+    let text = texts(&ev)
+        .pop()
+        .unwrap_or_else(|| panic!("whoami did not answer: {:?}", ev.iter().map(|(_, e)| e.json().ok()).collect::<Vec<_>>()));
     let pid = text
         .strip_prefix("pid=")
         .and_then(|p| p.parse().ok())
@@ -279,9 +281,11 @@ fn assert_nothing_found(report: &Value, context: &str) -> usize {
             a["mem"], "denied",
             "{context}: the plugin can read its runtime's memory: {a}"
         );
-        assert_eq!(
-            a["environ"], "denied",
-            "{context}: the plugin can read its runtime's environment: {a}"
+        // The environment may stay readable (some kernels and sandboxes show a non-dumpable
+        // process's initial environment block to its user): then the values must be wiped.
+        assert!(
+            a["environ"] == "denied" || a["environ_canary"] == false,
+            "{context}: {a}"
         );
     }
     ours.len()
