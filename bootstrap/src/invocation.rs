@@ -254,68 +254,54 @@ impl Handler {
         self.redactor.register(envelope.secrets());
         let buffered = wants_json(&req.headers);
         let line = envelope.to_line();
-        let ready_by = tokio::time::Instant::now() + self.limits.ready_timeout;
-        let mut recorded = false;
-        let (session, deadline) = loop {
-            let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
-            let process = match self.supervisor.wait_ready(left).await {
-                Ok(p) => p,
-                Err(e) => return not_ready(&self.redactor.redact(&e.to_string()), rid),
-            };
-            // The execution time starts once a process is ready for it.
-            let deadline = self.deadline(req.deadline_ms);
-            let session = match process.open_session(envelope.session_id(), deadline) {
-                Ok(s) => s,
-                Err(e @ Error::DuplicateSession(_)) => {
-                    return Reply::error(
-                        StatusCode::CONFLICT,
-                        ErrorType::BadRequest.as_str(),
-                        &e.to_string(),
-                        rid,
-                    );
-                }
-                // It exited just now: its replacement takes the request.
-                Err(_) if process.exited() => continue,
-                Err(e) => return not_ready(&e.to_string(), rid),
-            };
-            if !recorded {
-                if let Err(rejection) = self.replays.record(&verified, now) {
-                    // A concurrent copy of this request was accepted first.
-                    return unauthorized(&rejection.to_string(), rid);
-                }
-                recorded = true;
-            }
-            match tokio::time::timeout_at(deadline, process.write_line(&line)).await {
-                // A broken pipe: the process is gone and never read the request, so its
-                // replacement may run it.
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    tracing::info!(session_id = %envelope.session_id(), pid = process.pid, "the plugin process exited before reading the request; waiting for its replacement");
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    // The process is going away; its exit arrives on the session channel.
-                    tracing::warn!(session_id = %envelope.session_id(), error = %e, "could not write the request to the plugin");
-                }
-                // Past the deadline: the session times out at once.
-                Ok(Ok(())) | Err(_) => {}
-            }
-            break (session, deadline);
+        let mut accept = || {
+            // Recorded once the request is about to run; a concurrent copy accepted first
+            // makes this one a replay.
+            self.replays.record(&verified, now)
         };
+        let session = match start_session(
+            &self.supervisor,
+            envelope.session_id(),
+            &line,
+            self.limits.ready_timeout,
+            || self.deadline(req.deadline_ms),
+            &mut accept,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(Refused::Rejected(rejection)) => {
+                return unauthorized(&rejection.to_string(), rid);
+            }
+            Err(Refused::Failed(e @ Error::DuplicateSession(_))) => {
+                return Reply::error(
+                    StatusCode::CONFLICT,
+                    ErrorType::BadRequest.as_str(),
+                    &e.to_string(),
+                    rid,
+                );
+            }
+            Err(Refused::Failed(e)) => {
+                return not_ready(&self.redactor.redact(&e.to_string()), rid);
+            }
+        };
+        let deadline = session.deadline;
         self.invocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start = StartInfo {
             session_id: envelope.session_id().to_owned(),
             request_id: req.request_id.clone(),
-            cold_start: session.cold,
-            init_ms: session.cold.then(|| self.init_ms(&session)),
+            cold_start: session.session.cold,
+            init_ms: session.session.cold.then(|| self.init_ms(&session.session)),
         };
         let run = Run {
             supervisor: self.supervisor.clone(),
             limits: self.limits.clone(),
             deadline,
+            line,
         };
         let (events_tx, events_rx) = mpsc::channel(8);
-        tokio::spawn(run.session(session, envelope.session_id().to_owned(), start, events_tx));
+        tokio::spawn(run.session(session.session, envelope.session_id().to_owned(), start, events_tx));
         if buffered {
             buffer(events_rx).await
         } else {
@@ -361,6 +347,67 @@ impl Handler {
     }
 }
 
+/// Why a session could not be started.
+enum Refused {
+    /// The plugin cannot take it (not ready, duplicate session).
+    Failed(Error),
+    /// The request was refused on acceptance (a replay).
+    Rejected(signing::Rejection),
+}
+
+/// A session started: its request written to the plugin.
+struct Started {
+    session: Session,
+    deadline: tokio::time::Instant,
+}
+
+/// Opens session `sid` on a ready process and writes the request `line` to it. A process found
+/// gone before it read the request is waited out, and its replacement takes the request.
+/// `deadline` gives the session's deadline once a process is ready; `accept` runs once, right
+/// before the request is first written.
+async fn start_session(
+    supervisor: &Supervisor,
+    sid: &str,
+    line: &[u8],
+    ready_timeout: Duration,
+    deadline: impl Fn() -> tokio::time::Instant,
+    accept: &mut (dyn FnMut() -> Result<(), signing::Rejection> + Send),
+) -> Result<Started, Refused> {
+    let ready_by = tokio::time::Instant::now() + ready_timeout;
+    let mut accepted = false;
+    loop {
+        let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
+        let process = supervisor.wait_ready(left).await.map_err(Refused::Failed)?;
+        // The execution time starts once a process is ready for it.
+        let deadline = deadline();
+        let mut session = match process.open_session(sid, deadline) {
+            Ok(s) => s,
+            // It exited just now: its replacement takes the request.
+            Err(_) if process.exited() => continue,
+            Err(e) => return Err(Refused::Failed(e)),
+        };
+        if !accepted {
+            accept().map_err(Refused::Rejected)?;
+            accepted = true;
+        }
+        match tokio::time::timeout_at(deadline, process.write_line(line)).await {
+            Ok(Ok(at)) => session.request_at = Some(at),
+            // A broken pipe: the process is gone and never read the request.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                tracing::info!(session_id = sid, pid = process.pid, "the plugin process exited before reading the request; waiting for its replacement");
+                continue;
+            }
+            // The process is going away; its exit arrives on the session channel.
+            Ok(Err(e)) => {
+                tracing::warn!(session_id = sid, error = %e, "could not write the request to the plugin")
+            }
+            // Past the deadline: the session times out at once.
+            Err(_) => {}
+        }
+        return Ok(Started { session, deadline });
+    }
+}
+
 fn unauthorized(message: &str, rid: &str) -> Reply {
     Reply::error(StatusCode::UNAUTHORIZED, "Sri.Unauthorized", message, rid)
 }
@@ -389,6 +436,8 @@ struct Run {
     supervisor: Arc<Supervisor>,
     limits: Limits,
     deadline: tokio::time::Instant,
+    /// The request, for a replacement process when the first died before reading it.
+    line: Bytes,
 }
 
 /// Numbers events and counts what was relayed.
@@ -439,6 +488,8 @@ enum Ending {
     },
     /// The caller went away: nothing more to say.
     CallerGone,
+    /// The process died before reading the request (nothing ran): run it on the replacement.
+    NeverRead(Arc<crate::process::Exit>),
 }
 
 impl Ending {
@@ -478,7 +529,45 @@ impl Run {
         if out.emit(EventKind::Start, start.into()).await.is_err() {
             return;
         }
-        let ending = self.relay(&mut session, &mut out).await;
+        let mut ending = self.relay(&mut session, &mut out).await;
+        while let Ending::NeverRead(exit) = &ending {
+            tracing::info!(session_id = %sid, status = %exit.status, "the plugin process died before reading the request; running it on its replacement");
+            let left = self
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            let deadline = self.deadline;
+            match start_session(
+                &self.supervisor,
+                &sid,
+                &self.line,
+                left.min(self.limits.ready_timeout),
+                || deadline,
+                &mut || Ok(()),
+            )
+            .await
+            {
+                Ok(started) => {
+                    session = started.session;
+                    ending = self.relay(&mut session, &mut out).await;
+                }
+                Err(why) => {
+                    let why = match why {
+                        Refused::Failed(e) => e.to_string(),
+                        Refused::Rejected(r) => r.to_string(),
+                    };
+                    let mut args = Map::new();
+                    args.insert("exit_status".into(), json!(exit.status));
+                    ending = Ending::failed(
+                        ErrorType::PluginNotReady,
+                        format!(
+                            "the plugin process exited ({}) before reading the request, and its replacement could not take it: {why}",
+                            exit.status
+                        ),
+                        args,
+                    );
+                }
+            }
+        }
         let memory_used_mb = session.process.peak_rss_mb();
         // The process is given back before the caller is waited on: a replaced process is
         // killed once its last session is done, whether or not its caller still reads.
@@ -486,7 +575,7 @@ impl Run {
         drop(session);
         let finish = async {
             match ending {
-                Ending::CallerGone => Ok(()),
+                Ending::CallerGone | Ending::NeverRead(_) => Ok(()),
                 Ending::Finished(end) => out.finish(memory_used_mb, end).await,
                 Ending::Failed {
                     kind,
@@ -609,6 +698,10 @@ impl Run {
                          (print to stderr or use the SDK's logger, never to stdout)"), args);
                 }
                 Some(PluginMsg::Exited(exit)) => {
+                    // Nothing ran: the caller has had only `start`.
+                    if out.seq == 1 && session.never_read(&exit) {
+                        return Ending::NeverRead(exit);
+                    }
                     let mut args = Map::new();
                     args.insert("exit_status".into(), json!(exit.status));
                     args.insert("stderr_tail".into(), json!(exit.stderr_tail));

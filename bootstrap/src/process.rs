@@ -87,6 +87,9 @@ pub struct Exit {
     pub status: String,
     /// The last lines of stderr, credentials redacted.
     pub stderr_tail: String,
+    /// How many bytes of its stdin the process had read when it died (what it wrote to the
+    /// pipe minus what was still in it); `None` when unknown.
+    pub stdin_consumed: Option<u64>,
 }
 
 /// Which kind of session line.
@@ -200,6 +203,8 @@ pub struct PluginProcess {
     /// When it was spawned.
     pub spawned_at: Instant,
     stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    /// Bytes written to stdin by [`PluginProcess::write_line`] so far.
+    written: AtomicU64,
     sessions: Mutex<Sessions>,
     state: watch::Sender<State>,
     started_sessions: AtomicU64,
@@ -228,7 +233,17 @@ pub struct Session {
     pub cold: bool,
     /// What the stdout reader tells it besides lines (cut, plugin finished).
     pub state: Arc<SessionState>,
+    /// Where its request starts in the process's stdin (see [`Exit::stdin_consumed`]).
+    pub request_at: Option<u64>,
     id: String,
+}
+
+impl Session {
+    /// Whether the process died before reading a byte of this session's request: it did not
+    /// start, so its process's replacement may run it.
+    pub fn never_read(&self, exit: &Exit) -> bool {
+        matches!((self.request_at, exit.stdin_consumed), (Some(at), Some(read)) if read <= at)
+    }
 }
 
 impl Session {
@@ -331,6 +346,7 @@ impl PluginProcess {
             pid,
             spawned_at: Instant::now(),
             stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            written: AtomicU64::new(0),
             sessions: Mutex::new(Sessions::default()),
             state,
             started_sessions: AtomicU64::new(0),
@@ -405,15 +421,32 @@ impl PluginProcess {
             process: self.clone(),
             cold,
             state,
+            request_at: None,
             id: id.to_owned(),
         })
     }
 
-    /// Writes one line (ending in `\n`) to the plugin's stdin.
-    pub async fn write_line(&self, line: &[u8]) -> std::io::Result<()> {
+    /// Writes one line (ending in `\n`) to the plugin's stdin; returns where it starts in
+    /// the stream of everything written to it.
+    pub async fn write_line(&self, line: &[u8]) -> std::io::Result<u64> {
         let mut stdin = self.stdin.lock().await;
+        let at = self.written.load(Ordering::Acquire);
+        // Counted before the write: bytes of a failed write may have reached the pipe.
+        self.written.fetch_add(line.len() as u64, Ordering::AcqRel);
         stdin.write_all(line).await?;
-        stdin.flush().await
+        stdin.flush().await?;
+        Ok(at)
+    }
+
+    /// Bytes written to stdin and not read by the process (the pipe's `FIONREAD`).
+    fn stdin_unread(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let stdin = self.stdin.try_lock().ok()?;
+        let mut unread: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer; the descriptor is the pipe's
+        // write end, kept open by the locked `ChildStdin`.
+        let rc = unsafe { nix::libc::ioctl(stdin.as_raw_fd(), nix::libc::FIONREAD, &mut unread) };
+        (rc == 0 && unread >= 0).then_some(unread as u64)
     }
 
     /// Sessions in flight.
@@ -524,9 +557,13 @@ impl PluginProcess {
         });
         let status = child.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
+        let stdin_consumed = self
+            .stdin_unread()
+            .map(|unread| self.written.load(Ordering::Acquire).saturating_sub(unread));
         let exit = Arc::new(Exit {
             status: describe(status),
             stderr_tail: self.tail.lock().expect("tail lock").text(),
+            stdin_consumed,
         });
         tracing::warn!(pid = self.pid, generation = self.generation, status = %exit.status, "plugin process exited");
         let waiting = {
