@@ -301,7 +301,12 @@ impl Handler {
             line,
         };
         let (events_tx, events_rx) = mpsc::channel(8);
-        tokio::spawn(run.session(session.session, envelope.session_id().to_owned(), start, events_tx));
+        tokio::spawn(run.session(
+            session.session,
+            envelope.session_id().to_owned(),
+            start,
+            events_tx,
+        ));
         if buffered {
             buffer(events_rx).await
         } else {
@@ -394,7 +399,11 @@ async fn start_session(
             Ok(Ok(at)) => session.request_at = Some(at),
             // A broken pipe: the process is gone and never read the request.
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                tracing::info!(session_id = sid, pid = process.pid, "the plugin process exited before reading the request; waiting for its replacement");
+                tracing::info!(
+                    session_id = sid,
+                    pid = process.pid,
+                    "the plugin process exited before reading the request; waiting for its replacement"
+                );
                 continue;
             }
             // The process is going away; its exit arrives on the session channel.
@@ -685,17 +694,27 @@ impl Run {
                     let mut args = Map::new();
                     args.insert("line_bytes".into(), json!(len));
                     args.insert("limit_bytes".into(), json!(self.limits.max_line_bytes));
-                    return Ending::failed(ErrorType::PluginOutputTooLarge, format!(
-                        "the plugin wrote a line of {len} bytes; the limit is {} (PLUGIN_RUNTIME_MAX_BUFFER_SIZE). \
+                    return Ending::failed(
+                        ErrorType::PluginOutputTooLarge,
+                        format!(
+                            "the plugin wrote a line of {len} bytes; the limit is {} (PLUGIN_RUNTIME_MAX_BUFFER_SIZE). \
                          Send large results in smaller messages (blobs are chunked by the SDK)",
-                        self.limits.max_line_bytes), args);
+                            self.limits.max_line_bytes
+                        ),
+                        args,
+                    );
                 }
                 Some(PluginMsg::Protocol(text)) => {
                     let mut args = Map::new();
                     args.insert("output".into(), json!(text));
-                    return Ending::failed(ErrorType::PluginProtocolError, format!(
-                        "the plugin wrote output that is not the Dify stdio protocol: {text:?} \
-                         (print to stderr or use the SDK's logger, never to stdout)"), args);
+                    return Ending::failed(
+                        ErrorType::PluginProtocolError,
+                        format!(
+                            "the plugin wrote output that is not the Dify stdio protocol: {text:?} \
+                         (print to stderr or use the SDK's logger, never to stdout)"
+                        ),
+                        args,
+                    );
                 }
                 Some(PluginMsg::Exited(exit)) => {
                     // Nothing ran: the caller has had only `start`.

@@ -196,11 +196,16 @@ const PLUGIN_ENV: &[&str] = &[
 const PLUGIN_ENV_PREFIXES: &[&str] = &["LC_", "PYTHON"];
 
 /// Never passed to the plugin, even when named in `SRI_PLUGIN_ENV`.
-const NEVER_TO_PLUGIN: &[&str] = &["AWS_LAMBDA_RUNTIME_API", "AWS_CONTAINER_CREDENTIALS_FULL_URI"];
+const NEVER_TO_PLUGIN: &[&str] = &[
+    "AWS_LAMBDA_RUNTIME_API",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+];
 
 /// The plugin's environment: the allowlist plus `extra` (`SRI_PLUGIN_ENV`), taken from this
 /// process's environment. Naming a secret in `extra` is refused.
-pub fn plugin_env(extra: &[String]) -> Result<Vec<(std::ffi::OsString, std::ffi::OsString)>, Error> {
+pub fn plugin_env(
+    extra: &[String],
+) -> Result<Vec<(std::ffi::OsString, std::ffi::OsString)>, Error> {
     let secret = |name: &str| {
         connector::harden::SECRET_ENV.contains(&name)
             || NEVER_TO_PLUGIN.contains(&name)
@@ -233,5 +238,37 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
         _ = int.recv() => tracing::info!("SIGINT received; stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_env_refuses_secrets_and_keeps_to_the_allowlist() {
+        for name in [
+            "SRI_SIGNING_KEYS",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_LAMBDA_RUNTIME_API",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        ] {
+            let err = plugin_env(&[name.to_owned()]).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains("SRI_PLUGIN_ENV"),
+                "{err}"
+            );
+        }
+        let env = plugin_env(&["HOSTNAME".to_owned()]).unwrap();
+        for (k, _) in &env {
+            let k = k.to_str().unwrap();
+            assert!(
+                PLUGIN_ENV.contains(&k)
+                    || PLUGIN_ENV_PREFIXES.iter().any(|p| k.starts_with(p))
+                    || k == "HOSTNAME",
+                "{k} passed to the plugin"
+            );
+            assert!(!connector::harden::SECRET_ENV.contains(&k));
+        }
     }
 }

@@ -116,7 +116,9 @@ pub struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.session.buffered.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.session
+            .buffered
+            .fetch_sub(self.bytes, Ordering::AcqRel);
         self.total.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
@@ -259,8 +261,7 @@ impl Drop for Session {
         let now_idle = {
             let mut s = self.process.sessions.lock().expect("sessions lock");
             // Only this session's entry: after a cut, the id may be running again.
-            if s
-                .map
+            if s.map
                 .get(&self.id)
                 .is_some_and(|slot| Arc::ptr_eq(&slot.state, &self.state))
             {
@@ -322,13 +323,7 @@ impl PluginProcess {
                 // the non-dumpable bootstrap's memory and environment all the same. Dropped
                 // from the bounding set, exec cannot grant it; without the right to drop it
                 // (not root) there is nothing to drop.
-                let _ = nix::libc::prctl(
-                    nix::libc::PR_CAPBSET_DROP,
-                    CAP_SYS_PTRACE,
-                    0,
-                    0,
-                    0,
-                );
+                let _ = nix::libc::prctl(nix::libc::PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0);
                 Ok(())
             });
         }
@@ -484,7 +479,11 @@ impl PluginProcess {
                 tokio::spawn(async move {
                     tokio::time::sleep_until(at).await;
                     if let Some(p) = process.upgrade() {
-                        tracing::warn!(pid = p.pid, generation = p.generation, "killing the replaced plugin process at its last session's deadline");
+                        tracing::warn!(
+                            pid = p.pid,
+                            generation = p.generation,
+                            "killing the replaced plugin process at its last session's deadline"
+                        );
                         p.kill();
                     }
                 });
@@ -519,7 +518,10 @@ impl PluginProcess {
         )
         .await;
         if gone.is_err() {
-            tracing::warn!(pid = self.pid, "the plugin did not stop after SIGTERM; killing it");
+            tracing::warn!(
+                pid = self.pid,
+                "the plugin did not stop after SIGTERM; killing it"
+            );
         }
         // Whatever else is left of its process group goes too.
         self.kill();

@@ -64,7 +64,10 @@ pub unsafe fn seal(extra: &'static [&'static str]) -> std::io::Result<()> {
 /// # Safety
 /// Must be called before any other thread exists (see [`seal`]).
 pub unsafe fn forget() {
-    for name in SECRET_ENV.iter().chain(EXTRA.get().copied().unwrap_or_default()) {
+    for name in SECRET_ENV
+        .iter()
+        .chain(EXTRA.get().copied().unwrap_or_default())
+    {
         // SAFETY: single-threaded (the caller's contract).
         unsafe { std::env::remove_var(name) };
     }

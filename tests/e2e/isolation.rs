@@ -29,9 +29,12 @@ async fn whoami(base: &str) -> (u32, Duration) {
     let ev = invoke_stream(base, faults("whoami", json!({}))).await;
     let took = started.elapsed();
     assert_well_formed(&ev);
-    let text = texts(&ev)
-        .pop()
-        .unwrap_or_else(|| panic!("whoami did not answer: {:?}", ev.iter().map(|(_, e)| e.json().ok()).collect::<Vec<_>>()));
+    let text = texts(&ev).pop().unwrap_or_else(|| {
+        panic!(
+            "whoami did not answer: {:?}",
+            ev.iter().map(|(_, e)| e.json().ok()).collect::<Vec<_>>()
+        )
+    });
     let pid = text
         .strip_prefix("pid=")
         .and_then(|p| p.parse().ok())
@@ -121,7 +124,11 @@ async fn a_caller_that_stops_reading_is_cut_at_its_budget_while_other_sessions_s
     assert_eq!(h["generation"], 1, "the plugin did nothing wrong: {h}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while health(&base).await["active_sessions"] != 0 {
-        assert!(Instant::now() < deadline, "sessions left: {}", health(&base).await);
+        assert!(
+            Instant::now() < deadline,
+            "sessions left: {}",
+            health(&base).await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -140,7 +147,13 @@ async fn a_replaced_process_dies_at_its_last_sessions_deadline_though_its_caller
     let (old, _) = whoami(&base).await;
 
     // A hang (its timeout replaces the process) and, opened after it, a flood nobody reads.
-    let hang = signed_call(&base, "invoke_tool", faults("hang", json!({})), EVENT_STREAM).await;
+    let hang = signed_call(
+        &base,
+        "invoke_tool",
+        faults("hang", json!({})),
+        EVENT_STREAM,
+    )
+    .await;
     assert_eq!(hang.status(), 200);
     let stuck = signed_call(
         &base,

@@ -522,7 +522,10 @@ async fn a_request_signed_for_another_function_is_refused() {
     assert_eq!(refused.status(), 401);
     let v: Value = refused.json().await.unwrap();
     assert!(
-        v["errorMessage"].as_str().unwrap().contains("SRI_ACCEPT_V1"),
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("SRI_ACCEPT_V1"),
         "{v}"
     );
     assert_eq!(health(&base).await["invocations"], 0);
@@ -534,7 +537,10 @@ async fn a_request_signed_for_another_function_is_refused() {
     let replay = call.send_with(ok).await;
     assert_eq!(replay.status(), 401);
     let v: Value = replay.json().await.unwrap();
-    assert!(v["errorMessage"].as_str().unwrap().contains("replayed"), "{v}");
+    assert!(
+        v["errorMessage"].as_str().unwrap().contains("replayed"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -585,8 +591,16 @@ async fn killing_the_plugin_then_retrying_at_once_is_never_unauthorized() {
         )
         .expect("kill the plugin");
         let sid = session_id("killed");
-        let body = envelope(&sid, tool_data("sample", "echo", json!({"round": round}), None));
-        match bounded("the call after a kill", client.invoke_target(&target, "invoke_tool", body, None)).await {
+        let body = envelope(
+            &sid,
+            tool_data("sample", "echo", json!({"round": round}), None),
+        );
+        match bounded(
+            "the call after a kill",
+            client.invoke_target(&target, "invoke_tool", body, None),
+        )
+        .await
+        {
             Ok(stream) => {
                 use futures_util::StreamExt;
                 let events: Vec<_> = bounded("the stream", stream.collect::<Vec<_>>()).await;
@@ -609,7 +623,9 @@ async fn killing_the_plugin_then_retrying_at_once_is_never_unauthorized() {
     let rerun = b
         .logs()
         .iter()
-        .filter(|l| l.contains("running it on its replacement") || l.contains("waiting for its replacement"))
+        .filter(|l| {
+            l.contains("running it on its replacement") || l.contains("waiting for its replacement")
+        })
         .count();
     eprintln!("{rerun} of 3 calls reached a killed process before it was noticed and were rerun");
 }

@@ -560,7 +560,12 @@ mod tests {
         assert_eq!(s.key_id, "k1");
         assert!(s.signature.starts_with("v2="));
         let v = r
-            .verify(&headers(&s), &expect("fn-a", "invoke_tool", b"{}"), 1100, 300)
+            .verify(
+                &headers(&s),
+                &expect("fn-a", "invoke_tool", b"{}"),
+                1100,
+                300,
+            )
             .unwrap();
         assert_eq!((v.session_id.as_str(), v.key_id.as_str()), ("sess", "k1"));
         assert_eq!(v.version, 2);
@@ -576,7 +581,10 @@ mod tests {
             Err(Rejection::BadSignature)
         );
         let mut h2 = h.clone();
-        h2.insert(HEADER_NONCE, HeaderValue::from_static("ffffffffffffffffffffffff"));
+        h2.insert(
+            HEADER_NONCE,
+            HeaderValue::from_static("ffffffffffffffffffffffff"),
+        );
         assert_eq!(
             r.verify(&h2, &expect("fn-a", "invoke_tool", b"{}"), 1000, 300),
             Err(Rejection::BadSignature)
@@ -733,12 +741,16 @@ mod tests {
         assert_eq!(g.check(&v), Err(Rejection::Replay));
         assert_eq!(g.record(&v, 1001), Err(Rejection::Replay));
         // A retry in the same second carries a new nonce: never a replay.
-        assert_eq!(g.record(&verify("abcdefabcdefabcdefabcdef", 1000), 1000), Ok(()));
+        assert_eq!(
+            g.record(&verify("abcdefabcdefabcdefabcdef", 1000), 1000),
+            Ok(())
+        );
         // After the window the timestamp check refuses it anyway; the guard forgets it.
         assert_eq!(g.record(&v, 1400), Ok(()));
         let g = ReplayGuard::new(300, 2);
         for n in 0..5u8 {
-            g.record(&verify(&hex::encode([n; 12]), 1000), 1000).unwrap();
+            g.record(&verify(&hex::encode([n; 12]), 1000), 1000)
+                .unwrap();
         }
         assert!(g.seen.lock().unwrap().order.len() <= 2);
     }
