@@ -478,7 +478,7 @@ impl PluginProcess {
                 let process = Arc::downgrade(self);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(at).await;
-                    if let Some(p) = process.upgrade() {
+                    if let Some(p) = process.upgrade().filter(|p| !p.exited()) {
                         tracing::warn!(
                             pid = p.pid,
                             generation = p.generation,

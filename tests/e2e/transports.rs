@@ -322,6 +322,7 @@ async fn function_url_sigv4_matches_botocore() {
             "x-amz-date",
             "x-dify-plugin-key-id",
             "x-dify-plugin-session",
+            "x-dify-plugin-nonce",
             "x-dify-plugin-signature",
             "x-dify-plugin-timestamp",
         ];
@@ -836,7 +837,12 @@ async fn a_silent_invoke_stream_times_out() {
 /// its prelude + SSE come back through event-stream frames, incrementally.
 #[tokio::test]
 async fn invoke_stream_reaches_a_real_bootstrap() {
-    let lambda = harness::emulator::Lambda::start(Options::new("sample"));
+    // Lambda tells a function its name; SRI v2 signatures bind it.
+    let lambda = harness::emulator::Lambda::start(
+        Options::new("sample")
+            .env("AWS_LAMBDA_FUNCTION_NAME", FUNCTION)
+            .env("SRI_ACCEPT_V1", "false"),
+    );
     let fake = FakeLambda::start(vec![
         Script::Relay {
             invoke_url: lambda.invoke_url(),
