@@ -1,5 +1,5 @@
 //! The bootstrap: a custom AWS Lambda runtime (and plain HTTP server) that runs a Dify plugin's
-//! Python process behind SRI v1.
+//! Python process behind SRI (v2; v1 while `SRI_ACCEPT_V1` allows).
 //!
 //! [`supervisor`] keeps the plugin process running, [`process`] speaks its stdio protocol,
 //! [`invocation`] turns SRI requests into plugin sessions, and [`lambda`] / [`serve`] are the
