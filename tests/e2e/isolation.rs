@@ -65,7 +65,14 @@ async fn wait_gone(pid: u32, within: Duration, what: &str) {
 
 #[tokio::test]
 async fn a_caller_that_stops_reading_is_cut_at_its_budget_while_other_sessions_stay_fast() {
-    let b = Bootstrap::start(Options::new("faults"));
+    let daemon = harness::daemon::FakeDaemon::start().await;
+    daemon
+        .state
+        .storage
+        .lock()
+        .unwrap()
+        .insert("greeting".into(), b"hello from dify".to_vec());
+    let b = Bootstrap::start(Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", daemon.url()));
     b.wait_ready().await;
     let base = b.url();
     let (pid, _) = whoami(&base).await;
@@ -100,6 +107,10 @@ async fn a_caller_that_stops_reading_is_cut_at_its_budget_while_other_sessions_s
         p99 < Duration::from_millis(50),
         "p99 {p99:?} (sorted: {took:?})"
     );
+    // Backwards calls and heartbeats do not wait on the stuck caller either.
+    let ev = invoke_stream(&base, faults("callback", json!({"key": "greeting"}))).await;
+    assert_eq!(texts(&ev), ["hello from dify"]);
+    assert_eq!(health(&base).await["ready"], true);
 
     // The stuck caller, reading at last, finds what was relayed, then the session error.
     let ev = read_events(stuck).await;
