@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +28,9 @@ use crate::Error;
 use crate::backwards::Backwards;
 use crate::lines::{Line, LineReader};
 use crate::redact::Redactor;
+
+/// Cut sessions remembered per process while their plugin still writes for them.
+const MAX_CUT_REMEMBERED: usize = 4096;
 
 /// `CAP_SYS_PTRACE` (linux/capability.h); the libc crate does not define the capabilities.
 const CAP_SYS_PTRACE: nix::libc::c_ulong = 19;
@@ -191,8 +194,9 @@ struct Slot {
 #[derive(Default)]
 struct Sessions {
     map: HashMap<String, Slot>,
-    /// Sessions cut while their plugin still writes: their output is dropped quietly.
-    cut: HashSet<String>,
+    /// Sessions cut while their plugin still writes: their output is dropped quietly (and
+    /// counted, bytes).
+    cut: HashMap<String, u64>,
     closed: bool,
 }
 
@@ -260,15 +264,14 @@ impl Drop for Session {
     fn drop(&mut self) {
         let now_idle = {
             let mut s = self.process.sessions.lock().expect("sessions lock");
-            // Only this session's entry: after a cut, the id may be running again.
+            // Only this session's entry: after a cut, the id may be running again. A cut
+            // session stays known as cut until its plugin finishes it, so that what the plugin
+            // still writes for it is dropped quietly.
             if s.map
                 .get(&self.id)
                 .is_some_and(|slot| Arc::ptr_eq(&slot.state, &self.state))
             {
                 s.map.remove(&self.id);
-                s.cut.remove(&self.id);
-            } else if self.state.cut.lock().expect("cut lock").is_some() {
-                s.cut.remove(&self.id);
             }
             s.map.is_empty()
         };
@@ -688,6 +691,19 @@ impl PluginProcess {
         let n = line.len().max(1);
         let mut s = self.sessions.lock().expect("sessions lock");
         let Some(slot) = s.map.get(sid) else {
+            if let Some(dropped) = s.cut.get_mut(sid) {
+                *dropped += n as u64;
+                if matches!(kind, LineKind::End | LineKind::Error) {
+                    let dropped = s.cut.remove(sid).unwrap_or_default();
+                    tracing::info!(
+                        pid = self.pid,
+                        session_id = sid,
+                        dropped_bytes = dropped,
+                        "the plugin finished a session cut at its buffer budget; its output after the cut was dropped"
+                    );
+                }
+                return;
+            }
             return self.undeliverable(&s, sid);
         };
         if matches!(kind, LineKind::End | LineKind::Error) {
@@ -751,11 +767,16 @@ impl PluginProcess {
         );
         *slot.state.cut.lock().expect("cut lock") = Some(why);
         slot.state.cut_notify.notify_one();
-        s.cut.insert(sid.to_owned());
+        // Bounded: a plugin that never finishes its cut sessions cannot grow this for ever
+        // (forgetting them only makes their late output logged as unexpected).
+        if s.cut.len() >= MAX_CUT_REMEMBERED {
+            s.cut.clear();
+        }
+        s.cut.insert(sid.to_owned(), 0);
     }
 
     fn undeliverable(&self, s: &Sessions, sid: &str) {
-        if !s.cut.contains(sid) {
+        if !s.cut.contains_key(sid) {
             tracing::warn!(
                 pid = self.pid,
                 session_id = sid,
