@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Runs a Dify plugin behind SRI v1: as an AWS Lambda custom runtime (when
+/// Runs a Dify plugin behind SRI (v2, and v1 while `SRI_ACCEPT_V1` allows): as an AWS Lambda custom runtime (when
 /// `AWS_LAMBDA_RUNTIME_API` is set) or as a plain HTTP server (`bootstrap serve`).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bootstrap", version, about)]
@@ -23,7 +23,7 @@ pub struct Config {
 /// The run modes.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Mode {
-    /// Serve SRI v1 over plain HTTP (`POST /invoke`, `GET /health`).
+    /// Serve SRI over plain HTTP (`POST /invoke`, `GET /health`).
     Serve {
         /// Address to listen on.
         #[arg(long, env = "SRI_LISTEN", default_value = "127.0.0.1:8080")]
@@ -84,6 +84,25 @@ pub struct PluginOptions {
     /// Plugin output held in memory at once across all sessions, in bytes.
     #[arg(long, env = "SRI_MAX_BUFFERED_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
+    /// Plugin output one session may have queued for a caller that does not read, in bytes;
+    /// past it the session is cut with an error, and the plugin's other sessions never wait.
+    /// At least the longest line (`PLUGIN_RUNTIME_MAX_BUFFER_SIZE`).
+    #[arg(long, env = "SRI_SESSION_BUFFER_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub session_buffer_bytes: usize,
+    /// This function's name, bound by SRI v2 signatures (a request signed for another function
+    /// is refused). Default: `AWS_LAMBDA_FUNCTION_NAME` on Lambda, else empty.
+    #[arg(long, env = "SRI_FUNCTION_NAME")]
+    pub function_name: Option<String>,
+    /// Whether SRI v1 signatures (no nonce, not bound to the function) are still accepted;
+    /// set `false` once every caller signs SRI v2.
+    #[arg(long, env = "SRI_ACCEPT_V1", default_value_t = true, action = clap::ArgAction::Set)]
+    pub accept_v1: bool,
+    /// Extra environment variables passed to the plugin (comma-separated names), beyond the
+    /// allowlist (`PATH`, `HOME`, locale, proxies, CA bundles, `PYTHON*`, `LAMBDA_TASK_ROOT`,
+    /// `AWS_REGION`, …). Secrets (signing keys, API keys, AWS credentials) and
+    /// `AWS_LAMBDA_RUNTIME_API` are refused.
+    #[arg(long, env = "SRI_PLUGIN_ENV", value_delimiter = ',')]
+    pub plugin_env: Vec<String>,
     /// Largest request body, in bytes (Dify's `MAX_SERVERLESS_REQUEST_BYTES`).
     #[arg(long, env = "MAX_SERVERLESS_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -99,7 +118,7 @@ pub struct PluginOptions {
     /// Seconds a backwards invocation may take (the SDK's `MAX_INVOCATION_TIMEOUT`).
     #[arg(long, env = "SRI_BACKWARDS_TIMEOUT_SECS", default_value_t = 250)]
     pub backwards_timeout_secs: u64,
-    /// The SRI v1 key ring, `kid:base64secret[,kid:base64secret…]` (secrets ≥ 32 bytes; the first
+    /// The SRI key ring, `kid:base64secret[,kid:base64secret…]` (secrets ≥ 32 bytes; the first
     /// signs, all verify). Set it in the environment, not on the command line.
     #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
     pub signing_keys: Option<Secret>,
@@ -142,6 +161,14 @@ impl PluginOptions {
         let root = std::env::var_os("LAMBDA_TASK_ROOT")?;
         let vendor = PathBuf::from(root).join("vendor");
         vendor.is_dir().then(|| vendor.display().to_string())
+    }
+
+    /// The function name SRI v2 signatures must bind.
+    pub fn function_name(&self) -> String {
+        self.function_name
+            .clone()
+            .or_else(|| std::env::var("AWS_LAMBDA_FUNCTION_NAME").ok())
+            .unwrap_or_default()
     }
 
     /// The ready timeout.

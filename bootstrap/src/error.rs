@@ -32,6 +32,9 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The configuration is inconsistent.
+    #[error("{0}")]
+    Config(String),
     /// The Lambda Runtime API failed.
     #[error("Lambda Runtime API: {0}")]
     RuntimeApi(String),

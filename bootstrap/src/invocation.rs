@@ -1,12 +1,16 @@
-//! The handler core shared by every mode: authenticate an SRI v1 request, run it as a session
-//! of the plugin, and turn what the plugin writes into SRI events (streamed or buffered).
+//! The handler core shared by every mode: authenticate an SRI request, run it as a session of
+//! the plugin, and turn what the plugin writes into SRI events (streamed or buffered).
+//!
+//! A session never holds up anything but itself: its relay races every wait on its caller
+//! against its deadline and its buffer budget, and gives its process back (so a replaced
+//! process can be killed) before it waits to deliver its final error.
 
 use bytes::Bytes;
 use connector::protocol::envelope::Envelope;
 use connector::protocol::events::{
     self, ErrorType, Event, EventKind, SessionError, StartInfo, Usage,
 };
-use connector::protocol::signing::{self, KeyRing, ReplayGuard};
+use connector::protocol::signing::{self, Expected, KeyRing, ReplayGuard};
 use connector::protocol::{EVENT_STREAM, JSON, sse};
 use http::{HeaderMap, StatusCode};
 use serde_json::{Map, Value, json};
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use crate::Error;
-use crate::process::{LineKind, PluginMsg, Session};
+use crate::process::{Cut, LineKind, PluginMsg, Session};
 use crate::redact::Redactor;
 use crate::supervisor::Supervisor;
 
@@ -97,10 +101,24 @@ pub struct Limits {
     pub max_line_bytes: usize,
 }
 
+/// How long a session that ended at its deadline may still take to hand its caller the error.
+const FINAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Who may invoke this function.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The key ring.
+    pub keys: KeyRing,
+    /// This function's name, bound by SRI v2 signatures (`SRI_FUNCTION_NAME`).
+    pub function: String,
+    /// Whether SRI v1 signatures are still accepted (`SRI_ACCEPT_V1`).
+    pub accept_v1: bool,
+}
+
 /// Runs invocations against the supervised plugin.
 pub struct Handler {
     supervisor: Arc<Supervisor>,
-    keys: KeyRing,
+    auth: Auth,
     replays: ReplayGuard,
     redactor: Arc<Redactor>,
     limits: Limits,
@@ -113,7 +131,7 @@ impl Handler {
     /// A handler for the plugin `identity` (`author/name:version`).
     pub fn new(
         supervisor: Arc<Supervisor>,
-        keys: KeyRing,
+        auth: Auth,
         redactor: Arc<Redactor>,
         limits: Limits,
         identity: String,
@@ -122,7 +140,7 @@ impl Handler {
         let replays = ReplayGuard::new(limits.max_clock_skew_secs * 2, 100_000);
         Self {
             supervisor,
-            keys,
+            auth,
             replays,
             redactor,
             limits,
@@ -189,10 +207,15 @@ impl Handler {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let verified = match self.keys.verify(
-            &req.headers,
+        let expected = Expected {
+            function: &self.auth.function,
             action,
-            &req.body,
+            body: &req.body,
+            accept_v1: self.auth.accept_v1,
+        };
+        let verified = match self.auth.keys.verify(
+            &req.headers,
+            &expected,
             now,
             self.limits.max_clock_skew_secs,
         ) {
@@ -213,7 +236,9 @@ impl Handler {
         if let Err(rejection) = signing::check_session(&verified, envelope.session_id()) {
             return unauthorized(&rejection.to_string(), rid);
         }
-        if let Err(rejection) = self.replays.check(&verified, now) {
+        // Checked here, recorded only once the request is accepted below: a refused attempt
+        // (plugin not ready) does not make the caller's retry a replay.
+        if let Err(rejection) = self.replays.check(&verified) {
             return unauthorized(&rejection.to_string(), rid);
         }
         if let Some(inner) = envelope.action().filter(|a| *a != action) {
@@ -228,13 +253,27 @@ impl Handler {
         }
         self.redactor.register(envelope.secrets());
         let buffered = wants_json(&req.headers);
-        let process = match self.supervisor.wait_ready(self.limits.ready_timeout).await {
-            Ok(p) => p,
-            Err(e) => return not_ready(&self.redactor.redact(&e.to_string()), rid),
+        let line = envelope.to_line();
+        let mut accept = || {
+            // Recorded once the request is about to run; a concurrent copy accepted first
+            // makes this one a replay.
+            self.replays.record(&verified, now)
         };
-        let session = match process.open_session(envelope.session_id()) {
+        let session = match start_session(
+            &self.supervisor,
+            envelope.session_id(),
+            &line,
+            self.limits.ready_timeout,
+            || self.deadline(req.deadline_ms),
+            &mut accept,
+        )
+        .await
+        {
             Ok(s) => s,
-            Err(e @ Error::DuplicateSession(_)) => {
+            Err(Refused::Rejected(rejection)) => {
+                return unauthorized(&rejection.to_string(), rid);
+            }
+            Err(Refused::Failed(e @ Error::DuplicateSession(_))) => {
                 return Reply::error(
                     StatusCode::CONFLICT,
                     ErrorType::BadRequest.as_str(),
@@ -242,23 +281,32 @@ impl Handler {
                     rid,
                 );
             }
-            Err(e) => return not_ready(&e.to_string(), rid),
+            Err(Refused::Failed(e)) => {
+                return not_ready(&self.redactor.redact(&e.to_string()), rid);
+            }
         };
+        let deadline = session.deadline;
         self.invocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start = StartInfo {
             session_id: envelope.session_id().to_owned(),
             request_id: req.request_id.clone(),
-            cold_start: session.cold,
-            init_ms: session.cold.then(|| self.init_ms(&session)),
+            cold_start: session.session.cold,
+            init_ms: session.session.cold.then(|| self.init_ms(&session.session)),
         };
         let run = Run {
             supervisor: self.supervisor.clone(),
             limits: self.limits.clone(),
-            deadline: self.deadline(req.deadline_ms),
+            deadline,
+            line,
         };
         let (events_tx, events_rx) = mpsc::channel(8);
-        tokio::spawn(run.session(session, envelope, start, events_tx));
+        tokio::spawn(run.session(
+            session.session,
+            envelope.session_id().to_owned(),
+            start,
+            events_tx,
+        ));
         if buffered {
             buffer(events_rx).await
         } else {
@@ -304,6 +352,71 @@ impl Handler {
     }
 }
 
+/// Why a session could not be started.
+enum Refused {
+    /// The plugin cannot take it (not ready, duplicate session).
+    Failed(Error),
+    /// The request was refused on acceptance (a replay).
+    Rejected(signing::Rejection),
+}
+
+/// A session started: its request written to the plugin.
+struct Started {
+    session: Session,
+    deadline: tokio::time::Instant,
+}
+
+/// Opens session `sid` on a ready process and writes the request `line` to it. A process found
+/// gone before it read the request is waited out, and its replacement takes the request.
+/// `deadline` gives the session's deadline once a process is ready; `accept` runs once, right
+/// before the request is first written.
+async fn start_session(
+    supervisor: &Supervisor,
+    sid: &str,
+    line: &[u8],
+    ready_timeout: Duration,
+    deadline: impl Fn() -> tokio::time::Instant,
+    accept: &mut (dyn FnMut() -> Result<(), signing::Rejection> + Send),
+) -> Result<Started, Refused> {
+    let ready_by = tokio::time::Instant::now() + ready_timeout;
+    let mut accepted = false;
+    loop {
+        let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
+        let process = supervisor.wait_ready(left).await.map_err(Refused::Failed)?;
+        // The execution time starts once a process is ready for it.
+        let deadline = deadline();
+        let mut session = match process.open_session(sid, deadline) {
+            Ok(s) => s,
+            // It exited just now: its replacement takes the request.
+            Err(_) if process.exited() => continue,
+            Err(e) => return Err(Refused::Failed(e)),
+        };
+        if !accepted {
+            accept().map_err(Refused::Rejected)?;
+            accepted = true;
+        }
+        match tokio::time::timeout_at(deadline, process.write_line(line)).await {
+            Ok(Ok(at)) => session.request_at = Some(at),
+            // A broken pipe: the process is gone and never read the request.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                tracing::info!(
+                    session_id = sid,
+                    pid = process.pid,
+                    "the plugin process exited before reading the request; waiting for its replacement"
+                );
+                continue;
+            }
+            // The process is going away; its exit arrives on the session channel.
+            Ok(Err(e)) => {
+                tracing::warn!(session_id = sid, error = %e, "could not write the request to the plugin")
+            }
+            // Past the deadline: the session times out at once.
+            Err(_) => {}
+        }
+        return Ok(Started { session, deadline });
+    }
+}
+
 fn unauthorized(message: &str, rid: &str) -> Reply {
     Reply::error(StatusCode::UNAUTHORIZED, "Sri.Unauthorized", message, rid)
 }
@@ -332,6 +445,8 @@ struct Run {
     supervisor: Arc<Supervisor>,
     limits: Limits,
     deadline: tokio::time::Instant,
+    /// The request, for a replacement process when the first died before reading it.
+    line: Bytes,
 }
 
 /// Numbers events and counts what was relayed.
@@ -346,50 +461,70 @@ impl Emitter {
     async fn emit(&mut self, kind: EventKind, data: Bytes) -> Result<(), ()> {
         // Every event is numbered: SSE's last-event-id carries over to events without an
         // `id:`, so numbering only some would make decoders see repeated ids.
-        self.seq += 1;
-        let id = Some(self.seq);
+        // Counted once sent: a send given up (the session cut meanwhile) leaves no gap.
+        let id = self.seq + 1;
+        let bytes = data.len() as u64;
+        self.tx
+            .send(Event::new(kind, Some(id), data))
+            .await
+            .map_err(|_| ())?;
+        self.seq = id;
         if kind == EventKind::Chunk {
             self.usage.chunks += 1;
-            self.usage.bytes += data.len() as u64;
+            self.usage.bytes += bytes;
         }
-        self.tx
-            .send(Event::new(kind, id, data))
-            .await
-            .map_err(|_| ())
+        Ok(())
     }
 
-    async fn finish(&mut self, session: &Session, end: Bytes) -> Result<(), ()> {
+    async fn finish(&mut self, memory_used_mb: u64, end: Bytes) -> Result<(), ()> {
         self.usage.execution_time_ms = self.started.elapsed().as_millis() as u64;
-        self.usage.memory_used_mb = session.process.peak_rss_mb();
+        self.usage.memory_used_mb = memory_used_mb;
         let usage = serde_json::to_vec(&self.usage).expect("JSON");
         self.emit(EventKind::Usage, usage.into()).await?;
         self.emit(EventKind::End, end).await
     }
+}
 
-    /// Ends the session with an error made by the runtime.
-    async fn fail(
-        &mut self,
-        session: &Session,
-        sid: &str,
+/// How a session's relay ended.
+enum Ending {
+    /// The plugin ended it with this `end` line.
+    Finished(Bytes),
+    /// The runtime ends it with an error.
+    Failed {
         kind: ErrorType,
         message: String,
         args: Map<String, Value>,
-    ) -> Result<(), ()> {
-        let error = events::session_error(sid, kind.as_str(), &message, args);
-        self.emit(EventKind::Error, error).await?;
-        self.finish(session, events::session_end(sid)).await
+    },
+    /// The caller went away: nothing more to say.
+    CallerGone,
+    /// The process died before reading the request (nothing ran): run it on the replacement.
+    NeverRead(Arc<crate::process::Exit>),
+}
+
+impl Ending {
+    fn failed(kind: ErrorType, message: String, args: Map<String, Value>) -> Self {
+        Self::Failed {
+            kind,
+            message,
+            args,
+        }
     }
+}
+
+/// What interrupted a wait on the caller.
+enum Interrupt {
+    Cut(Cut),
+    Deadline,
 }
 
 impl Run {
     async fn session(
         self,
         mut session: Session,
-        envelope: Envelope,
+        sid: String,
         start: StartInfo,
         tx: mpsc::Sender<Event>,
     ) {
-        let sid = envelope.session_id().to_owned();
         let mut out = Emitter {
             tx,
             seq: 0,
@@ -403,62 +538,189 @@ impl Run {
         if out.emit(EventKind::Start, start.into()).await.is_err() {
             return;
         }
-        let written = tokio::time::timeout_at(
-            self.deadline,
-            session.process.write_line(&envelope.to_line()),
-        )
-        .await;
-        if let Ok(Err(e)) = written {
-            // The process is going away; its exit arrives on the session channel.
-            tracing::warn!(session_id = %sid, error = %e, "could not write the request to the plugin");
+        let mut ending = self.relay(&mut session, &mut out).await;
+        while let Ending::NeverRead(exit) = &ending {
+            tracing::info!(session_id = %sid, status = %exit.status, "the plugin process died before reading the request; running it on its replacement");
+            let left = self
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            let deadline = self.deadline;
+            match start_session(
+                &self.supervisor,
+                &sid,
+                &self.line,
+                left.min(self.limits.ready_timeout),
+                || deadline,
+                &mut || Ok(()),
+            )
+            .await
+            {
+                Ok(started) => {
+                    session = started.session;
+                    ending = self.relay(&mut session, &mut out).await;
+                }
+                Err(why) => {
+                    let why = match why {
+                        Refused::Failed(e) => e.to_string(),
+                        Refused::Rejected(r) => r.to_string(),
+                    };
+                    let mut args = Map::new();
+                    args.insert("exit_status".into(), json!(exit.status));
+                    ending = Ending::failed(
+                        ErrorType::PluginNotReady,
+                        format!(
+                            "the plugin process exited ({}) before reading the request, and its replacement could not take it: {why}",
+                            exit.status
+                        ),
+                        args,
+                    );
+                }
+            }
         }
-        let _ = self.relay(&mut session, &sid, &mut out).await;
+        let memory_used_mb = session.process.peak_rss_mb();
+        // The process is given back before the caller is waited on: a replaced process is
+        // killed once its last session is done, whether or not its caller still reads.
+        session.discard_queued();
+        drop(session);
+        let finish = async {
+            match ending {
+                Ending::CallerGone | Ending::NeverRead(_) => Ok(()),
+                Ending::Finished(end) => out.finish(memory_used_mb, end).await,
+                Ending::Failed {
+                    kind,
+                    message,
+                    args,
+                } => {
+                    let error = events::session_error(&sid, kind.as_str(), &message, args);
+                    out.emit(EventKind::Error, error).await?;
+                    out.finish(memory_used_mb, events::session_end(&sid)).await
+                }
+            }
+        };
+        // A caller that does not read gets until its deadline (plus a grace after it) to take
+        // the last events; then the stream is dropped, which callers read as a failure.
+        let until = self.deadline.max(tokio::time::Instant::now()) + FINAL_GRACE;
+        if tokio::time::timeout_at(until, finish).await.is_err() {
+            tracing::warn!(session_id = %sid, "the caller did not read the end of the stream; dropped");
+        }
     }
 
-    async fn relay(&self, session: &mut Session, sid: &str, out: &mut Emitter) -> Result<(), ()> {
-        loop {
-            let msg = tokio::select! {
-                msg = session.rx.recv() => msg,
-                _ = tokio::time::sleep_until(self.deadline) => {
-                    let ms = out.started.elapsed().as_millis();
-                    self.supervisor.recycle(&session.process, "an invocation timed out");
-                    let mut args = Map::new();
-                    args.insert("timeout_ms".into(), json!(ms as u64));
-                    return out.fail(session, sid, ErrorType::PluginTimeout,
-                        format!("the plugin did not finish within {ms} ms; the plugin process was replaced"), args).await;
+    fn interrupted(&self, session: &Session, out: &Emitter, why: Interrupt) -> Ending {
+        match why {
+            Interrupt::Cut(cut) => {
+                let mut args = Map::new();
+                args.insert("buffered_bytes".into(), json!(cut.buffered));
+                args.insert("limit_bytes".into(), json!(cut.limit));
+                let (variable, scope) = if cut.total {
+                    ("SRI_MAX_BUFFERED_BYTES", "all sessions of this function")
+                } else {
+                    ("SRI_SESSION_BUFFER_BYTES", "one session")
+                };
+                Ending::failed(
+                    ErrorType::PluginOutputTooLarge,
+                    format!(
+                        "the caller stopped reading this stream and {} bytes of plugin output queued up; \
+                         {scope} may queue at most {} ({variable}). Read the stream as it arrives, or raise {variable}",
+                        cut.buffered, cut.limit
+                    ),
+                    args,
+                )
+            }
+            Interrupt::Deadline => {
+                let ms = out.started.elapsed().as_millis() as u64;
+                let mut args = Map::new();
+                args.insert("timeout_ms".into(), json!(ms));
+                if session.state.plugin_ended() {
+                    // The plugin was done; its caller did not read in time.
+                    Ending::failed(
+                        ErrorType::PluginTimeout,
+                        format!(
+                            "the caller did not read the stream within {ms} ms (the invocation deadline)"
+                        ),
+                        args,
+                    )
+                } else {
+                    self.supervisor
+                        .recycle(&session.process, "an invocation timed out");
+                    Ending::failed(
+                        ErrorType::PluginTimeout,
+                        format!(
+                            "the plugin did not finish within {ms} ms; the plugin process was replaced"
+                        ),
+                        args,
+                    )
                 }
+            }
+        }
+    }
+
+    async fn relay(&self, session: &mut Session, out: &mut Emitter) -> Ending {
+        loop {
+            let state = session.state.clone();
+            let msg = tokio::select! {
+                biased;
+                cut = state.cut() => return self.interrupted(session, out, Interrupt::Cut(cut)),
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    return self.interrupted(session, out, Interrupt::Deadline);
+                }
+                msg = session.rx.recv() => msg,
             };
             match msg {
-                Some(PluginMsg::Line { kind, line, permit }) => {
+                Some(PluginMsg::Line { kind, line, held }) => {
                     let ev = match kind {
                         LineKind::Stream => EventKind::Chunk,
                         LineKind::Log => EventKind::Log,
                         LineKind::Error => EventKind::Error,
                         LineKind::End => {
-                            drop(permit);
-                            return out.finish(session, line).await;
+                            drop(held);
+                            return Ending::Finished(line);
                         }
                     };
-                    out.emit(ev, line).await?;
-                    drop(permit);
+                    // The wait on the caller is raced against the session's own limits only.
+                    let sent = tokio::select! {
+                        biased;
+                        cut = state.cut() => Err(Interrupt::Cut(cut)),
+                        _ = tokio::time::sleep_until(self.deadline) => Err(Interrupt::Deadline),
+                        v = out.emit(ev, line) => Ok(v),
+                    };
+                    drop(held);
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(())) => return Ending::CallerGone,
+                        Err(why) => return self.interrupted(session, out, why),
+                    }
                 }
                 Some(PluginMsg::TooLarge(len)) => {
                     let mut args = Map::new();
                     args.insert("line_bytes".into(), json!(len));
                     args.insert("limit_bytes".into(), json!(self.limits.max_line_bytes));
-                    return out.fail(session, sid, ErrorType::PluginOutputTooLarge, format!(
-                        "the plugin wrote a line of {len} bytes; the limit is {} (PLUGIN_RUNTIME_MAX_BUFFER_SIZE). \
+                    return Ending::failed(
+                        ErrorType::PluginOutputTooLarge,
+                        format!(
+                            "the plugin wrote a line of {len} bytes; the limit is {} (PLUGIN_RUNTIME_MAX_BUFFER_SIZE). \
                          Send large results in smaller messages (blobs are chunked by the SDK)",
-                        self.limits.max_line_bytes), args).await;
+                            self.limits.max_line_bytes
+                        ),
+                        args,
+                    );
                 }
                 Some(PluginMsg::Protocol(text)) => {
                     let mut args = Map::new();
                     args.insert("output".into(), json!(text));
-                    return out.fail(session, sid, ErrorType::PluginProtocolError, format!(
-                        "the plugin wrote output that is not the Dify stdio protocol: {text:?} \
-                         (print to stderr or use the SDK's logger, never to stdout)"), args).await;
+                    return Ending::failed(
+                        ErrorType::PluginProtocolError,
+                        format!(
+                            "the plugin wrote output that is not the Dify stdio protocol: {text:?} \
+                         (print to stderr or use the SDK's logger, never to stdout)"
+                        ),
+                        args,
+                    );
                 }
                 Some(PluginMsg::Exited(exit)) => {
+                    // Nothing ran: the caller has had only `start`.
+                    if out.seq == 1 && session.never_read(&exit) {
+                        return Ending::NeverRead(exit);
+                    }
                     let mut args = Map::new();
                     args.insert("exit_status".into(), json!(exit.status));
                     args.insert("stderr_tail".into(), json!(exit.stderr_tail));
@@ -467,29 +729,21 @@ impl Run {
                     } else {
                         format!("stderr ends with: {}", exit.stderr_tail)
                     };
-                    return out
-                        .fail(
-                            session,
-                            sid,
-                            ErrorType::PluginProcessExited,
-                            format!(
-                                "the plugin process exited during the invocation ({}); {tail}",
-                                exit.status
-                            ),
-                            args,
-                        )
-                        .await;
+                    return Ending::failed(
+                        ErrorType::PluginProcessExited,
+                        format!(
+                            "the plugin process exited during the invocation ({}); {tail}",
+                            exit.status
+                        ),
+                        args,
+                    );
                 }
                 None => {
-                    return out
-                        .fail(
-                            session,
-                            sid,
-                            ErrorType::PluginProcessExited,
-                            "the plugin process went away during the invocation".into(),
-                            Map::new(),
-                        )
-                        .await;
+                    return Ending::failed(
+                        ErrorType::PluginProcessExited,
+                        "the plugin process went away during the invocation".into(),
+                        Map::new(),
+                    );
                 }
             }
         }

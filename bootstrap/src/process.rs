@@ -4,6 +4,11 @@
 //! The SDK multiplexes sessions over one stdout by `session_id`. Heartbeats mark readiness,
 //! `session`/`invoke` lines are backwards invocations (answered on stdin, never streamed), and
 //! everything the protocol does not expect is attributed where possible and logged otherwise.
+//!
+//! The one stdout reader never waits on a session: each session's lines queue on their own,
+//! counted against the session's buffer budget (`SRI_SESSION_BUFFER_BYTES`) and the process-
+//! wide one (`SRI_MAX_BUFFERED_BYTES`). A session whose caller stops reading is cut when its
+//! queue reaches its budget, while the other sessions, heartbeats and backwards calls go on.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -12,17 +17,23 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::Error;
 use crate::backwards::Backwards;
 use crate::lines::{Line, LineReader};
 use crate::redact::Redactor;
+
+/// Cut sessions remembered per process while their plugin still writes for them.
+const MAX_CUT_REMEMBERED: usize = 4096;
+
+/// `CAP_SYS_PTRACE` (linux/capability.h); the libc crate does not define the capabilities.
+const CAP_SYS_PTRACE: nix::libc::c_ulong = 19;
 
 /// How to start the plugin.
 #[derive(Debug, Clone)]
@@ -35,6 +46,8 @@ pub struct Spec {
     pub plugin_dir: PathBuf,
     /// Prepended to `PYTHONPATH`.
     pub python_path: Option<String>,
+    /// The plugin's whole environment (see [`crate::plugin_env`]): nothing else is inherited.
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 /// What every plugin process of a runtime shares.
@@ -42,10 +55,12 @@ pub struct Spec {
 pub struct Shared {
     /// Secrets to keep out of logs.
     pub redactor: Arc<Redactor>,
+    /// Bytes of plugin output held in memory now, across sessions and processes.
+    pub buffered: Arc<AtomicUsize>,
     /// Bytes of plugin output that may be held in memory at once.
-    pub budget: Arc<Semaphore>,
-    /// The budget's size.
     pub max_buffered: usize,
+    /// Bytes of plugin output one session may have queued for its caller.
+    pub session_budget: usize,
     /// Longest output line.
     pub max_line: usize,
     /// Where `session`/`invoke` lines go.
@@ -75,6 +90,9 @@ pub struct Exit {
     pub status: String,
     /// The last lines of stderr, credentials redacted.
     pub stderr_tail: String,
+    /// How many bytes of its stdin the process had read when it died (what it wrote to the
+    /// pipe minus what was still in it); `None` when unknown.
+    pub stdin_consumed: Option<u64>,
 }
 
 /// Which kind of session line.
@@ -90,17 +108,74 @@ pub enum LineKind {
     End,
 }
 
+/// Bytes of a queued line, counted against its session's and the process-wide budget until
+/// dropped.
+#[derive(Debug)]
+pub struct Held {
+    bytes: usize,
+    session: Arc<SessionState>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.session
+            .buffered
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Why a session was cut before its plugin finished it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// Bytes the session had queued for its caller.
+    pub buffered: usize,
+    /// The budget it reached.
+    pub limit: usize,
+    /// Whether the process-wide budget (`SRI_MAX_BUFFERED_BYTES`) was the one reached, rather
+    /// than the session's own (`SRI_SESSION_BUFFER_BYTES`).
+    pub total: bool,
+}
+
+/// What a session and the stdout reader share about it.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    buffered: AtomicUsize,
+    cut: Mutex<Option<Cut>>,
+    cut_notify: Notify,
+    ended: AtomicBool,
+}
+
+impl SessionState {
+    /// Whether the plugin has written the session's `end` (or `error`).
+    pub fn plugin_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Completes when the session is cut, with why.
+    pub async fn cut(&self) -> Cut {
+        loop {
+            let notified = self.cut_notify.notified();
+            if let Some(c) = self.cut.lock().expect("cut lock").clone() {
+                return c;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// What a session receives from its process.
 #[derive(Debug)]
 pub enum PluginMsg {
-    /// A line of the session, verbatim; its permit returns the bytes to the budget when dropped.
+    /// A line of the session, verbatim; `held` returns its bytes to the budgets when dropped.
     Line {
         /// The line's kind.
         kind: LineKind,
         /// The JSON line.
         line: Bytes,
-        /// Budget held while the line is buffered.
-        permit: OwnedSemaphorePermit,
+        /// Budget held while the line is queued.
+        held: Held,
     },
     /// The plugin wrote a line for this session over the limit (its length).
     TooLarge(usize),
@@ -110,9 +185,18 @@ pub enum PluginMsg {
     Exited(Arc<Exit>),
 }
 
+struct Slot {
+    tx: mpsc::UnboundedSender<PluginMsg>,
+    state: Arc<SessionState>,
+    deadline: tokio::time::Instant,
+}
+
 #[derive(Default)]
 struct Sessions {
-    map: HashMap<String, mpsc::Sender<PluginMsg>>,
+    map: HashMap<String, Slot>,
+    /// Sessions cut while their plugin still writes: their output is dropped quietly (and
+    /// counted, bytes).
+    cut: HashMap<String, u64>,
     closed: bool,
 }
 
@@ -125,6 +209,8 @@ pub struct PluginProcess {
     /// When it was spawned.
     pub spawned_at: Instant,
     stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    /// Bytes written to stdin by [`PluginProcess::write_line`] so far.
+    written: AtomicU64,
     sessions: Mutex<Sessions>,
     state: watch::Sender<State>,
     started_sessions: AtomicU64,
@@ -146,19 +232,47 @@ impl std::fmt::Debug for PluginProcess {
 /// A session registered with a process; unregisters itself when dropped.
 pub struct Session {
     /// Messages for this session.
-    pub rx: mpsc::Receiver<PluginMsg>,
+    pub rx: mpsc::UnboundedReceiver<PluginMsg>,
     /// The process it runs on.
     pub process: Arc<PluginProcess>,
     /// Whether it is the first session of its process.
     pub cold: bool,
+    /// What the stdout reader tells it besides lines (cut, plugin finished).
+    pub state: Arc<SessionState>,
+    /// Where its request starts in the process's stdin (see [`Exit::stdin_consumed`]).
+    pub request_at: Option<u64>,
     id: String,
+}
+
+impl Session {
+    /// Whether the process died before reading a byte of this session's request: it did not
+    /// start, so its process's replacement may run it.
+    pub fn never_read(&self, exit: &Exit) -> bool {
+        matches!((self.request_at, exit.stdin_consumed), (Some(at), Some(read)) if read <= at)
+    }
+}
+
+impl Session {
+    /// Drops whatever is queued, returning its bytes to the budgets at once.
+    pub fn discard_queued(&mut self) {
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+    }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         let now_idle = {
             let mut s = self.process.sessions.lock().expect("sessions lock");
-            s.map.remove(&self.id);
+            // Only this session's entry: after a cut, the id may be running again. A cut
+            // session stays known as cut until its plugin finishes it, so that what the plugin
+            // still writes for it is dropped quietly.
+            if s.map
+                .get(&self.id)
+                .is_some_and(|slot| Arc::ptr_eq(&slot.state, &self.state))
+            {
+                s.map.remove(&self.id);
+            }
             s.map.is_empty()
         };
         if now_idle && self.process.retired.load(Ordering::Acquire) {
@@ -179,9 +293,10 @@ impl PluginProcess {
         cmd.arg("-m")
             .arg(&spec.entrypoint)
             .current_dir(&spec.plugin_dir)
-            // The plugin must not be able to sign requests to other functions.
-            .env_remove(connector::protocol::signing::KEYS_ENV)
-            .env_remove("DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY")
+            // An allowlist: the plugin never inherits the signing keys, API keys, AWS
+            // credentials or `AWS_LAMBDA_RUNTIME_API` (with which it could answer invocations).
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env("INSTALL_METHOD", "local")
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::piped())
@@ -191,11 +306,29 @@ impl PluginProcess {
             // Its own process group, so that recycling also ends whatever it started.
             .process_group(0);
         if let Some(extra) = &spec.python_path {
-            let path = match std::env::var("PYTHONPATH") {
-                Ok(old) if !old.is_empty() => format!("{extra}:{old}"),
+            let path = match spec.env.iter().find(|(k, _)| k == "PYTHONPATH") {
+                Some((_, old)) if !old.is_empty() => format!("{extra}:{}", old.to_string_lossy()),
                 _ => extra.clone(),
             };
             cmd.env("PYTHONPATH", path);
+        }
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (prctl, getppid); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The plugin dies with the bootstrap, even a SIGKILLed one.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::other("the bootstrap exited during spawn"));
+                }
+                // Run as root (a container), the plugin would keep CAP_SYS_PTRACE, which reads
+                // the non-dumpable bootstrap's memory and environment all the same. Dropped
+                // from the bounding set, exec cannot grant it; without the right to drop it
+                // (not root) there is nothing to drop.
+                let _ = nix::libc::prctl(nix::libc::PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0);
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().map_err(|e| Error::Spawn {
             python: spec.python.clone(),
@@ -211,6 +344,7 @@ impl PluginProcess {
             pid,
             spawned_at: Instant::now(),
             stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            written: AtomicU64::new(0),
             sessions: Mutex::new(Sessions::default()),
             state,
             started_sessions: AtomicU64::new(0),
@@ -252,9 +386,15 @@ impl PluginProcess {
         self.kill();
     }
 
-    /// Registers a session. Fails when the process is gone or the id is already running.
-    pub fn open_session(self: &Arc<Self>, id: &str) -> Result<Session, Error> {
-        let (tx, rx) = mpsc::channel(16);
+    /// Registers a session that must be done by `deadline`. Fails when the process is gone or
+    /// the id is already running.
+    pub fn open_session(
+        self: &Arc<Self>,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Session, Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(SessionState::default());
         let mut s = self.sessions.lock().expect("sessions lock");
         if s.closed {
             return Err(Error::NotReady("the plugin process has exited".into()));
@@ -262,7 +402,15 @@ impl PluginProcess {
         if s.map.contains_key(id) {
             return Err(Error::DuplicateSession(id.to_owned()));
         }
-        s.map.insert(id.to_owned(), tx);
+        s.cut.remove(id);
+        s.map.insert(
+            id.to_owned(),
+            Slot {
+                tx,
+                state: state.clone(),
+                deadline,
+            },
+        );
         let cold = self.started_sessions.fetch_add(1, Ordering::Relaxed) == 0;
         // Sampled now too, so a process that dies mid-session still has a figure.
         self.peak_rss_mb();
@@ -270,15 +418,33 @@ impl PluginProcess {
             rx,
             process: self.clone(),
             cold,
+            state,
+            request_at: None,
             id: id.to_owned(),
         })
     }
 
-    /// Writes one line (ending in `\n`) to the plugin's stdin.
-    pub async fn write_line(&self, line: &[u8]) -> std::io::Result<()> {
+    /// Writes one line (ending in `\n`) to the plugin's stdin; returns where it starts in
+    /// the stream of everything written to it.
+    pub async fn write_line(&self, line: &[u8]) -> std::io::Result<u64> {
         let mut stdin = self.stdin.lock().await;
+        let at = self.written.load(Ordering::Acquire);
+        // Counted before the write: bytes of a failed write may have reached the pipe.
+        self.written.fetch_add(line.len() as u64, Ordering::AcqRel);
         stdin.write_all(line).await?;
-        stdin.flush().await
+        stdin.flush().await?;
+        Ok(at)
+    }
+
+    /// Bytes written to stdin and not read by the process (the pipe's `FIONREAD`).
+    fn stdin_unread(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let stdin = self.stdin.try_lock().ok()?;
+        let mut unread: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer; the descriptor is the pipe's
+        // write end, kept open by the locked `ChildStdin`.
+        let rc = unsafe { nix::libc::ioctl(stdin.as_raw_fd(), nix::libc::FIONREAD, &mut unread) };
+        (rc == 0 && unread >= 0).then_some(unread as u64)
     }
 
     /// Sessions in flight.
@@ -301,12 +467,36 @@ impl PluginProcess {
         kb.div_ceil(1024)
     }
 
-    /// Takes the process out of service: it is killed once its last session is done.
-    pub fn retire(&self) {
+    /// Takes the process out of service: it is killed once its last session is done, or when
+    /// the last of their deadlines passes, whichever is first.
+    pub fn retire(self: &Arc<Self>) {
         self.retired.store(true, Ordering::Release);
-        if self.active_sessions() == 0 {
-            self.kill();
+        let last_deadline = {
+            let s = self.sessions.lock().expect("sessions lock");
+            s.map.values().map(|slot| slot.deadline).max()
+        };
+        match last_deadline {
+            None => self.kill(),
+            Some(at) => {
+                let process = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    if let Some(p) = process.upgrade().filter(|p| !p.exited()) {
+                        tracing::warn!(
+                            pid = p.pid,
+                            generation = p.generation,
+                            "killing the replaced plugin process at its last session's deadline"
+                        );
+                        p.kill();
+                    }
+                });
+            }
         }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&self) -> bool {
+        self.sessions.lock().expect("sessions lock").closed
     }
 
     /// Kills the process group at once.
@@ -331,8 +521,13 @@ impl PluginProcess {
         )
         .await;
         if gone.is_err() {
-            self.kill();
+            tracing::warn!(
+                pid = self.pid,
+                "the plugin did not stop after SIGTERM; killing it"
+            );
         }
+        // Whatever else is left of its process group goes too.
+        self.kill();
     }
 
     async fn read_stdout(
@@ -345,8 +540,8 @@ impl PluginProcess {
         let mut lines = LineReader::new(stdout, self.shared.max_line);
         loop {
             match lines.next_line().await {
-                Ok(Some(Line::Full(line))) => self.route(line).await,
-                Ok(Some(Line::TooLong { prefix, len })) => self.route_too_long(&prefix, len).await,
+                Ok(Some(Line::Full(line))) => self.route(line),
+                Ok(Some(Line::TooLong { prefix, len })) => self.route_too_long(&prefix, len),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(pid = self.pid, error = %e, "reading plugin stdout failed");
@@ -355,11 +550,25 @@ impl PluginProcess {
                 }
             }
         }
+        // No new session may start on a process whose output has ended: callers wait for its
+        // replacement instead of being handed a process that cannot answer.
+        self.sessions.lock().expect("sessions lock").closed = true;
+        self.state.send_if_modified(|st| {
+            let ready = matches!(st, State::Ready { .. });
+            if ready {
+                *st = State::Exited;
+            }
+            ready
+        });
         let status = child.wait().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
+        let stdin_consumed = self
+            .stdin_unread()
+            .map(|unread| self.written.load(Ordering::Acquire).saturating_sub(unread));
         let exit = Arc::new(Exit {
             status: describe(status),
             stderr_tail: self.tail.lock().expect("tail lock").text(),
+            stdin_consumed,
         });
         tracing::warn!(pid = self.pid, generation = self.generation, status = %exit.status, "plugin process exited");
         let waiting = {
@@ -380,21 +589,19 @@ impl PluginProcess {
                     _ => State::Exited,
                 }
             });
-            s.map.drain().map(|(_, tx)| tx).collect::<Vec<_>>()
+            s.cut.clear();
+            s.map.drain().map(|(_, slot)| slot.tx).collect::<Vec<_>>()
         };
         if let State::Failed(why) = &*self.state.borrow() {
             tracing::error!(pid = self.pid, reason = %why, "the plugin failed to start");
         }
         for tx in waiting {
-            let exit = exit.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(PluginMsg::Exited(exit)).await;
-            });
+            let _ = tx.send(PluginMsg::Exited(exit.clone()));
         }
         let _ = exited.send(self.generation);
     }
 
-    async fn route(&self, mut line: Bytes) {
+    fn route(&self, mut line: Bytes) {
         if line.ends_with(b"\r") {
             line.truncate(line.len() - 1);
         }
@@ -403,7 +610,7 @@ impl PluginProcess {
         }
         let head: Head<'_> = match serde_json::from_slice(&line) {
             Ok(h) => h,
-            Err(_) => return self.protocol_error(None, &line).await,
+            Err(_) => return self.protocol_error(None, &line),
         };
         match head.event.as_deref() {
             Some("heartbeat") => {
@@ -424,7 +631,7 @@ impl PluginProcess {
                     .and_then(|d| serde_json::from_str::<SessionHead<'_>>(d.get()).ok())
                     .map(|d| d.kind);
                 let Some(sid) = head.session_id.as_deref() else {
-                    return self.protocol_error(None, &line).await;
+                    return self.protocol_error(None, &line);
                 };
                 let kind = match kind.as_deref() {
                     Some("stream") => LineKind::Stream,
@@ -436,17 +643,17 @@ impl PluginProcess {
                         self.shared.backwards.spawn(sid, line, self.stdin.clone());
                         return;
                     }
-                    _ => return self.protocol_error(Some(sid), &line).await,
+                    _ => return self.protocol_error(Some(sid), &line),
                 };
                 let sid = sid.to_owned();
                 drop(head);
-                self.deliver_line(&sid, kind, line).await;
+                self.deliver_line(&sid, kind, line);
             }
             Some("log") => {
                 if let Some(sid) = head.session_id.as_deref().filter(|s| self.has_session(s)) {
                     let sid = sid.to_owned();
                     drop(head);
-                    self.deliver_line(&sid, LineKind::Log, line).await;
+                    self.deliver_line(&sid, LineKind::Log, line);
                 } else {
                     self.log_plugin_message(head.data);
                 }
@@ -457,7 +664,7 @@ impl PluginProcess {
                 match head.session_id.as_deref().filter(|s| self.has_session(s)) {
                     Some(sid) => {
                         let sid = sid.to_owned();
-                        self.deliver(&sid, PluginMsg::Protocol(text)).await;
+                        self.deliver(&sid, PluginMsg::Protocol(text));
                     }
                     None => {
                         tracing::warn!(pid = self.pid, plugin_error = %text, "plugin reported an error")
@@ -478,44 +685,121 @@ impl PluginProcess {
             .contains_key(sid)
     }
 
-    async fn deliver_line(&self, sid: &str, kind: LineKind, line: Bytes) {
-        let n = line.len().clamp(1, self.shared.max_buffered) as u32;
-        let permit = self
-            .shared
-            .budget
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("budget semaphore is never closed");
-        self.deliver(sid, PluginMsg::Line { kind, line, permit })
-            .await;
-    }
-
-    async fn deliver(&self, sid: &str, msg: PluginMsg) {
-        let tx = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .map
-            .get(sid)
-            .cloned();
-        match tx {
-            Some(tx) => {
-                if tx.send(msg).await.is_err() {
-                    tracing::debug!(session_id = sid, "session gone; output dropped");
+    /// Queues a session line within the budgets, never waiting: over its session's budget the
+    /// session is cut; over the process-wide budget the session holding the most is.
+    fn deliver_line(&self, sid: &str, kind: LineKind, line: Bytes) {
+        let n = line.len().max(1);
+        let mut s = self.sessions.lock().expect("sessions lock");
+        let Some(slot) = s.map.get(sid) else {
+            if let Some(dropped) = s.cut.get_mut(sid) {
+                *dropped += n as u64;
+                if matches!(kind, LineKind::End | LineKind::Error) {
+                    let dropped = s.cut.remove(sid).unwrap_or_default();
+                    tracing::info!(
+                        pid = self.pid,
+                        session_id = sid,
+                        dropped_bytes = dropped,
+                        "the plugin finished a session cut at its buffer budget; its output after the cut was dropped"
+                    );
+                }
+                return;
+            }
+            return self.undeliverable(&s, sid);
+        };
+        if matches!(kind, LineKind::End | LineKind::Error) {
+            slot.state.ended.store(true, Ordering::Release);
+        }
+        let queued = slot.state.buffered.load(Ordering::Acquire);
+        if queued + n > self.shared.session_budget {
+            let cut = Cut {
+                buffered: queued + n,
+                limit: self.shared.session_budget,
+                total: false,
+            };
+            return self.cut(&mut s, sid, cut);
+        }
+        let total = self.shared.buffered.load(Ordering::Acquire);
+        if total + n > self.shared.max_buffered {
+            // The cut session's bytes return as soon as its relay discards them; the line
+            // that found the budget full is let through meanwhile, unless it is the cut one's.
+            let largest = s
+                .map
+                .iter()
+                .max_by_key(|(_, slot)| slot.state.buffered.load(Ordering::Acquire))
+                .map(|(id, slot)| (id.clone(), slot.state.buffered.load(Ordering::Acquire)));
+            if let Some((victim, bytes)) = largest {
+                let cut = Cut {
+                    buffered: bytes,
+                    limit: self.shared.max_buffered,
+                    total: true,
+                };
+                self.cut(&mut s, &victim, cut);
+                if victim == sid {
+                    return;
                 }
             }
-            None => tracing::warn!(
+        }
+        let Some(slot) = s.map.get(sid) else { return };
+        slot.state.buffered.fetch_add(n, Ordering::AcqRel);
+        self.shared.buffered.fetch_add(n, Ordering::AcqRel);
+        let held = Held {
+            bytes: n,
+            session: slot.state.clone(),
+            total: self.shared.buffered.clone(),
+        };
+        if slot.tx.send(PluginMsg::Line { kind, line, held }).is_err() {
+            tracing::debug!(session_id = sid, "session gone; output dropped");
+        }
+    }
+
+    /// Ends `sid`'s relay with `why`; its further output is dropped.
+    fn cut(&self, s: &mut Sessions, sid: &str, why: Cut) {
+        let Some(slot) = s.map.remove(sid) else {
+            return;
+        };
+        tracing::warn!(
+            pid = self.pid,
+            session_id = sid,
+            buffered = why.buffered,
+            limit = why.limit,
+            process_wide = why.total,
+            "the session's caller is not reading: session cut at its buffer budget"
+        );
+        *slot.state.cut.lock().expect("cut lock") = Some(why);
+        slot.state.cut_notify.notify_one();
+        // Bounded: a plugin that never finishes its cut sessions cannot grow this for ever
+        // (forgetting them only makes their late output logged as unexpected).
+        if s.cut.len() >= MAX_CUT_REMEMBERED {
+            s.cut.clear();
+        }
+        s.cut.insert(sid.to_owned(), 0);
+    }
+
+    fn undeliverable(&self, s: &Sessions, sid: &str) {
+        if !s.cut.contains_key(sid) {
+            tracing::warn!(
                 pid = self.pid,
                 session_id = sid,
                 "output for a session not in flight dropped"
-            ),
+            );
+        }
+    }
+
+    fn deliver(&self, sid: &str, msg: PluginMsg) {
+        let s = self.sessions.lock().expect("sessions lock");
+        match s.map.get(sid) {
+            Some(slot) => {
+                if slot.tx.send(msg).is_err() {
+                    tracing::debug!(session_id = sid, "session gone; output dropped");
+                }
+            }
+            None => self.undeliverable(&s, sid),
         }
     }
 
     /// Attributes a line that breaks the protocol: to `sid` when known, else to the only
     /// session in flight; with several in flight it cannot be attributed and is logged.
-    async fn protocol_error(&self, sid: Option<&str>, line: &[u8]) {
+    fn protocol_error(&self, sid: Option<&str>, line: &[u8]) {
         let snippet = self.shared.redactor.redact(&snippet(line));
         let target = sid.map(str::to_owned).or_else(|| {
             let s = self.sessions.lock().expect("sessions lock");
@@ -526,7 +810,7 @@ impl PluginProcess {
         match target {
             Some(sid) => {
                 tracing::warn!(pid = self.pid, session_id = %sid, output = %snippet, "plugin broke the stdio protocol");
-                self.deliver(&sid, PluginMsg::Protocol(snippet)).await;
+                self.deliver(&sid, PluginMsg::Protocol(snippet));
             }
             None => {
                 tracing::warn!(pid = self.pid, output = %snippet, "plugin wrote a line that is not the Dify protocol")
@@ -534,7 +818,7 @@ impl PluginProcess {
         }
     }
 
-    async fn route_too_long(&self, prefix: &[u8], len: usize) {
+    fn route_too_long(&self, prefix: &[u8], len: usize) {
         let target = find_session_id(prefix)
             .filter(|s| self.has_session(s))
             .or_else(|| {
@@ -545,7 +829,7 @@ impl PluginProcess {
             });
         tracing::warn!(pid = self.pid, bytes = len, limit = self.shared.max_line, session_id = ?target, "plugin output line over the limit dropped");
         if let Some(sid) = target {
-            self.deliver(&sid, PluginMsg::TooLarge(len)).await;
+            self.deliver(&sid, PluginMsg::TooLarge(len));
         }
     }
 

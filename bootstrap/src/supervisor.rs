@@ -2,7 +2,8 @@
 //! dies (with backoff when it keeps dying), and replaces it when an invocation hangs.
 //!
 //! A replaced process is retired rather than killed outright, so sessions still running on it
-//! finish; it is killed when the last one ends.
+//! finish; it is killed when the last one ends or the last of their deadlines passes. Stopping
+//! ends every process it started, retired ones included, with their process groups.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,8 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     ready_timeout: Duration,
     current: Mutex<Arc<PluginProcess>>,
+    /// Every process started and not yet reaped (retired ones too), for shutdown.
+    all: Mutex<Vec<std::sync::Weak<PluginProcess>>>,
     changed: watch::Sender<u64>,
     generation: AtomicU64,
     exits: mpsc::UnboundedSender<u64>,
@@ -58,6 +61,7 @@ impl Supervisor {
             shared,
             ready_timeout,
             current: Mutex::new(first.clone()),
+            all: Mutex::new(vec![Arc::downgrade(&first)]),
             changed,
             generation: AtomicU64::new(1),
             exits,
@@ -162,10 +166,18 @@ impl Supervisor {
         process.retire();
     }
 
-    /// Stops the plugin: SIGTERM, then SIGKILL after `grace`.
+    /// Stops every plugin process it started (retired ones too): SIGTERM to each process
+    /// group, then SIGKILL after `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         self.stopping.store(true, Ordering::Release);
-        self.current().terminate(grace).await;
+        let all: Vec<Arc<PluginProcess>> = self
+            .all
+            .lock()
+            .expect("all lock")
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        futures_util::future::join_all(all.iter().map(|p| p.terminate(grace))).await;
     }
 
     fn respawn(&self) -> Result<Arc<PluginProcess>, Error> {
@@ -177,6 +189,11 @@ impl Supervisor {
             self.exits.clone(),
         )?;
         *self.current.lock().expect("current lock") = process.clone();
+        {
+            let mut all = self.all.lock().expect("all lock");
+            all.retain(|p| p.upgrade().is_some_and(|p| !p.exited()));
+            all.push(Arc::downgrade(&process));
+        }
         self.changed.send_replace(generation);
         self.watch_start(&process);
         Ok(process)

@@ -14,6 +14,23 @@ pub async fn sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> Sdk
     if let Some(url) = endpoint_url {
         loader = loader.endpoint_url(url);
     }
+    // Credentials given in the environment were taken out of it at start (see
+    // `crate::harden`), so that no child inherits them: they are handed over here.
+    if let (Some(id), Some(key)) = (
+        crate::harden::secret("AWS_ACCESS_KEY_ID"),
+        crate::harden::secret("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        let token = crate::harden::secret("AWS_SESSION_TOKEN")
+            .or_else(|| crate::harden::secret("AWS_SECURITY_TOKEN"))
+            .map(str::to_owned);
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            id,
+            key,
+            token,
+            None,
+            "environment",
+        ));
+    }
     loader.load().await
 }
 

@@ -218,9 +218,27 @@ impl Client {
         self
     }
 
-    /// Invokes `action` on `target` with the envelope bytes, by the target's transport.
+    /// Invokes `action` on `target` with the envelope bytes, by the target's transport, signed
+    /// for the function name the target itself carries (a Lambda function's name; empty for a
+    /// `bootstrap serve` run without `SRI_FUNCTION_NAME`). See [`Client::invoke_function`].
     pub async fn invoke_target(
         &self,
+        target: &Target,
+        action: &str,
+        envelope: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<EventStream, InvokeError> {
+        self.invoke_function("", target, action, envelope, traceparent)
+            .await
+    }
+
+    /// Invokes `action` on the function `function` (its name at the gateway) at `target`. The
+    /// SRI v2 signature binds the name the function knows itself by: the Lambda function name
+    /// for Lambda targets, `function` for a `bootstrap serve` (the local backend passes it as
+    /// `SRI_FUNCTION_NAME`).
+    pub async fn invoke_function(
+        &self,
+        function: &str,
         target: &Target,
         action: &str,
         envelope: Bytes,
@@ -229,6 +247,7 @@ impl Client {
         let parsed = Envelope::parse(envelope.clone())
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         let call = Call {
+            function: target.signed_name().unwrap_or(function),
             session_id: parsed.session_id(),
             action,
             envelope: &envelope,
@@ -240,7 +259,7 @@ impl Client {
                     .await
             }
             #[cfg(feature = "lambda")]
-            Target::FunctionUrl { url, region } => {
+            Target::FunctionUrl { url, region, .. } => {
                 let auth = PlatformAuth::SigV4 {
                     signer: self.aws(target)?.signer.clone(),
                     region: region.clone(),
@@ -360,15 +379,24 @@ impl Client {
         .await
     }
 
-    /// The headers of an SRI v1 request, signed now.
+    /// The headers of an SRI v2 request, signed now with a fresh nonce (one per attempt, so a
+    /// retry is never taken for a replay).
     fn headers(&self, call: &Call<'_>) -> Result<HeaderMap, InvokeError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
         let mut headers = HeaderMap::new();
         self.keys
-            .sign(now, call.session_id, call.action, call.envelope)
+            .sign_v2(
+                now,
+                &nonce,
+                call.function,
+                call.session_id,
+                call.action,
+                call.envelope,
+            )
             .apply(&mut headers)
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(JSON));
@@ -531,6 +559,8 @@ impl Lanes {
 
 /// One invocation's inputs, shared by its attempts.
 struct Call<'a> {
+    /// The function name the SRI v2 signature binds.
+    function: &'a str,
     session_id: &'a str,
     action: &'a str,
     envelope: &'a Bytes,

@@ -192,7 +192,7 @@ async fn call(
     let started = Instant::now();
     let stream = match state
         .client
-        .invoke_target(&target, &action, body, traceparent)
+        .invoke_function(&name, &target, &action, body, traceparent)
         .await
     {
         Ok(s) => s,

@@ -21,6 +21,8 @@ pub mod client;
 pub mod error;
 #[cfg(feature = "server")]
 pub mod gateway;
+#[cfg(feature = "harden")]
+pub mod harden;
 #[cfg(feature = "server")]
 pub mod intake;
 #[cfg(feature = "server")]

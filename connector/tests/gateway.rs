@@ -327,8 +327,9 @@ async fn plugin_objects_pass_through_byte_for_byte_as_ndjson() {
         h["x-dify-plugin-signature"]
             .to_str()
             .unwrap()
-            .starts_with("v1=")
+            .starts_with("v2=")
     );
+    assert!(h["x-dify-plugin-nonce"].len() >= 24, "a nonce of ≥ 96 bits");
     assert_eq!(h["x-dify-plugin-session"], "s1");
     assert_eq!(
         h["traceparent"],

@@ -701,6 +701,7 @@ async fn expected(lambda: &Lambda, aws_name: &str, checksum: &str) -> Target {
         Target::FunctionUrl {
             url: url.function_url().to_owned(),
             region: harness::moto::REGION.into(),
+            function: aws_name.to_owned(),
         }
     } else {
         Target::InvokeStream {

@@ -472,3 +472,160 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("{what}: no result within 60 s"))
 }
+
+/// An SRI v2 request signed now for `function`, with a fresh nonce.
+fn signed_v2(function: &str, sid: &str, body: &[u8]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    signer("k1", SECRET_A)
+        .sign_v2(now(), &nonce(), function, sid, "invoke_tool", body)
+        .apply(&mut h)
+        .unwrap();
+    h
+}
+
+#[tokio::test]
+async fn a_request_signed_for_another_function_is_refused() {
+    let b = Bootstrap::start(
+        Options::new("sample")
+            .env("SRI_FUNCTION_NAME", "sri-fn-b")
+            .env("SRI_ACCEPT_V1", "false"),
+    );
+    b.wait_ready().await;
+    let base = b.url();
+    let sid = session_id("bound");
+    let body = envelope(&sid, tool_data("sample", "echo", json!({"q": 1}), None));
+    let call = Call {
+        base: &base,
+        action: "invoke_tool",
+        body: body.clone(),
+        ring: None,
+        accept: "text/event-stream",
+    };
+    let refused = call.send_with(signed_v2("sri-fn-a", &sid, &body)).await;
+    assert_eq!(refused.status(), 401);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["errorType"], "Sri.Unauthorized");
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("signed for this function"),
+        "{v}"
+    );
+    // v1 is refused when SRI_ACCEPT_V1=false, naming the fix.
+    let mut v1 = HeaderMap::new();
+    signer("k1", SECRET_A)
+        .sign(now(), &sid, "invoke_tool", &body)
+        .apply(&mut v1)
+        .unwrap();
+    let refused = call.send_with(v1).await;
+    assert_eq!(refused.status(), 401);
+    let v: Value = refused.json().await.unwrap();
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("SRI_ACCEPT_V1"),
+        "{v}"
+    );
+    assert_eq!(health(&base).await["invocations"], 0);
+    // Signed for this function: served; the same nonce again is a replay.
+    let ok = signed_v2("sri-fn-b", &sid, &body);
+    let resp = call.send_with(ok.clone()).await;
+    assert_eq!(resp.status(), 200);
+    assert_well_formed(&read_events(resp).await);
+    let replay = call.send_with(ok).await;
+    assert_eq!(replay.status(), 401);
+    let v: Value = replay.json().await.unwrap();
+    assert!(
+        v["errorMessage"].as_str().unwrap().contains("replayed"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_attempt_is_not_recorded_so_its_retry_is_not_a_replay() {
+    // A plugin that cannot start: every attempt gets 503 PluginNotReady.
+    let b = Bootstrap::start(Options::new("import_error").env("SRI_READY_TIMEOUT_SECS", "5"));
+    let base = b.url();
+    let sid = session_id("retry");
+    let body = envelope(&sid, tool_data("sample", "echo", json!({}), None));
+    let call = Call {
+        base: &base,
+        action: "invoke_tool",
+        body: body.clone(),
+        ring: None,
+        accept: "text/event-stream",
+    };
+    // The same headers twice within a second (a v1 client's retry is byte-identical), then a
+    // v2 retry: all are told the plugin is not ready, none is taken for a replay.
+    let mut v1 = HeaderMap::new();
+    signer("k1", SECRET_A)
+        .sign(now(), &sid, "invoke_tool", &body)
+        .apply(&mut v1)
+        .unwrap();
+    for headers in [v1.clone(), v1, signed_v2("", &sid, &body)] {
+        let resp = call.send_with(headers).await;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["errorType"], "PluginNotReady", "{v}");
+    }
+}
+
+#[tokio::test]
+async fn killing_the_plugin_then_retrying_at_once_is_never_unauthorized() {
+    let b = Bootstrap::start(Options::new("sample"));
+    b.wait_ready().await;
+    let client = connector::client::Client::new(
+        signer("k1", SECRET_A),
+        connector::client::ClientOptions::default(),
+    );
+    let target = connector::transport::Target::http(b.url());
+    for round in 0..3 {
+        let generation = b.wait_ready().await["generation"].as_u64().unwrap();
+        let pid = b.plugin_pid_of(generation).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the plugin");
+        let sid = session_id("killed");
+        let body = envelope(
+            &sid,
+            tool_data("sample", "echo", json!({"round": round}), None),
+        );
+        match bounded(
+            "the call after a kill",
+            client.invoke_target(&target, "invoke_tool", body, None),
+        )
+        .await
+        {
+            Ok(stream) => {
+                use futures_util::StreamExt;
+                let events: Vec<_> = bounded("the stream", stream.collect::<Vec<_>>()).await;
+                let events: Vec<_> = events
+                    .into_iter()
+                    .map(|e| e.unwrap_or_else(|e| panic!("round {round}: stream error {e}")))
+                    .collect();
+                let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+                assert_eq!(kinds.last(), Some(&EventKind::End), "{kinds:?}");
+                assert!(
+                    !kinds.contains(&EventKind::Error),
+                    "round {round}: the call after a kill failed: {events:?}"
+                );
+            }
+            Err(connector::client::InvokeError::Rejected { error_type, .. })
+                if error_type == "PluginNotReady" => {}
+            Err(e) => panic!("round {round}: neither success nor PluginNotReady: {e}"),
+        }
+    }
+    let rerun = b
+        .logs()
+        .iter()
+        .filter(|l| {
+            l.contains("running it on its replacement") || l.contains("waiting for its replacement")
+        })
+        .count();
+    eprintln!("{rerun} of 3 calls reached a killed process before it was noticed and were rerun");
+}

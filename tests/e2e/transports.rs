@@ -287,6 +287,7 @@ async fn function_url_sigv4_matches_botocore() {
         let target = Target::FunctionUrl {
             url: base.clone(),
             region: region.into(),
+            function: "sri-test".into(),
         };
         let sid = session_id("sigv4");
         let body = envelope(&sid, data);
@@ -303,8 +304,14 @@ async fn function_url_sigv4_matches_botocore() {
         assert_eq!(req.uri.path(), "/invoke");
         // The SRI v1 signature is intact under SigV4.
         assert_eq!(action_of(req.uri.query().unwrap()), action, "{case}");
+        let expected = signing::Expected {
+            function: "sri-test",
+            action,
+            body: &req.body,
+            accept_v1: false,
+        };
         signer("k1", SECRET_A)
-            .verify(&req.headers, action, &req.body, now(), 300)
+            .verify(&req.headers, &expected, now(), 300)
             .unwrap_or_else(|e| panic!("{case}: {e}"));
 
         let auth = req.headers["authorization"].to_str().unwrap();
@@ -315,6 +322,7 @@ async fn function_url_sigv4_matches_botocore() {
             "x-amz-date",
             "x-dify-plugin-key-id",
             "x-dify-plugin-session",
+            "x-dify-plugin-nonce",
             "x-dify-plugin-signature",
             "x-dify-plugin-timestamp",
         ];
@@ -379,6 +387,7 @@ async fn function_url_refusals_say_what_to_fix_and_retries_are_signed_anew() {
     let target = Target::FunctionUrl {
         url: base.clone(),
         region: "us-west-2".into(),
+        function: "sri-test".into(),
     };
     let sid = session_id("deny");
     let err = match client
@@ -488,9 +497,15 @@ fn accept_like_the_bootstrap(payload: &[u8], ring: &KeyRing) -> (String, Bytes) 
     let action = action_of(&ev.raw_query_string.unwrap_or_default());
     assert_eq!(headers["accept"], "text/event-stream");
     assert_eq!(headers["content-type"], "application/json");
+    let expected = signing::Expected {
+        function: FUNCTION,
+        action: &action,
+        body: &body,
+        accept_v1: false,
+    };
     let verified = ring
-        .verify(&headers, &action, &body, now(), 300)
-        .expect("a valid SRI v1 signature");
+        .verify(&headers, &expected, now(), 300)
+        .expect("a valid SRI v2 signature for the target function");
     let sid = serde_json::from_slice::<Value>(&body).unwrap()["session_id"]
         .as_str()
         .unwrap()
@@ -822,7 +837,12 @@ async fn a_silent_invoke_stream_times_out() {
 /// its prelude + SSE come back through event-stream frames, incrementally.
 #[tokio::test]
 async fn invoke_stream_reaches_a_real_bootstrap() {
-    let lambda = harness::emulator::Lambda::start(Options::new("sample"));
+    // Lambda tells a function its name; SRI v2 signatures bind it.
+    let lambda = harness::emulator::Lambda::start(
+        Options::new("sample")
+            .env("AWS_LAMBDA_FUNCTION_NAME", FUNCTION)
+            .env("SRI_ACCEPT_V1", "false"),
+    );
     let fake = FakeLambda::start(vec![
         Script::Relay {
             invoke_url: lambda.invoke_url(),

@@ -184,6 +184,19 @@ pub fn tool_data(provider: &str, tool: &str, params: Value, api_key: Option<&str
            "provider": provider, "tool": tool, "tool_parameters": params, "type": "tool", "user_id": "u-test"})
 }
 
+/// A fresh SRI v2 nonce (128 bits, hex): unique per process, call and instant.
+pub fn nonce() -> String {
+    use sha2::Digest;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        SystemTime::now()
+    );
+    hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..16])
+}
+
 /// A fresh session id.
 pub fn session_id(tag: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -341,6 +354,27 @@ impl Bootstrap {
             .expect("pid logged") as u32
     }
 
+    /// The pid of the plugin process of `generation`, from the bootstrap's log.
+    pub async fn plugin_pid_of(&self, generation: u64) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = self.logs().iter().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                (v["message"] == "plugin process started" && v["generation"] == generation)
+                    .then(|| v["pid"].as_u64())
+                    .flatten()
+            });
+            if let Some(pid) = found {
+                return pid as u32;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no plugin process of generation {generation} logged within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the bootstrap to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -444,7 +478,7 @@ impl Call<'_> {
             .unwrap_or_default();
         let mut headers = http::HeaderMap::new();
         if let Some(ring) = self.ring {
-            ring.sign(now(), &sid, self.action, &self.body)
+            ring.sign_v2(now(), &nonce(), "", &sid, self.action, &self.body)
                 .apply(&mut headers)
                 .unwrap();
         }

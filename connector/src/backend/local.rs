@@ -504,6 +504,8 @@ async fn supervise(
             .env("SRI_PLUGIN_DIR", dir.join("plugin"))
             .env("SRI_PYTHON", dir.join("venv").join("bin").join("python"))
             .env("SRI_SIGNING_KEYS", &opts.signing_keys)
+            // What SRI v2 signatures for this function bind.
+            .env("SRI_FUNCTION_NAME", &name)
             .env("AWS_LAMBDA_LOG_FORMAT", "json")
             .env_remove("AWS_LAMBDA_RUNTIME_API")
             .stdin(Stdio::null())

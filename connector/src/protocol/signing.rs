@@ -1,9 +1,17 @@
-//! SRI v1 request signing: the key ring, HMAC-SHA256 signatures, and replay protection.
+//! SRI request signing: the key ring, HMAC-SHA256 signatures, and replay protection.
 //!
-//! String to sign: `"v1\n" + timestamp + "\n" + session_id + "\n" + action + "\n" +
-//! hex(sha256(body))`. Keys come from `SRI_SIGNING_KEYS` (`kid:base64secret,…`); the first
-//! signs and all verify, so keys rotate without downtime. Rejections say which check failed,
-//! never the expected value.
+//! SRI v2 (what the connector sends): `X-Dify-Plugin-Signature: v2=<hex>` with
+//! `X-Dify-Plugin-Nonce: <≥ 96 random bits, hex>`; string to sign `"v2\n" + timestamp + "\n" +
+//! nonce + "\n" + function_name + "\n" + session_id + "\n" + action + "\n" +
+//! hex(sha256(body))`. The nonce makes every attempt unique, so a retry within the same second
+//! is never a replay; the function name binds the request to the function it was made for.
+//!
+//! SRI v1 (still verified while `SRI_ACCEPT_V1` allows it, for a rolling upgrade): `v1=<hex>`
+//! over `"v1\n" + timestamp + "\n" + session_id + "\n" + action + "\n" + hex(sha256(body))`.
+//!
+//! Keys come from `SRI_SIGNING_KEYS` (`kid:base64secret,…`); the first signs and all verify,
+//! so keys rotate without downtime. Rejections say which check failed, never the expected
+//! value.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -24,6 +32,12 @@ pub const HEADER_SESSION: &str = "x-dify-plugin-session";
 pub const HEADER_TIMESTAMP: &str = "x-dify-plugin-timestamp";
 /// Header carrying `v1=<hex HMAC>`.
 pub const HEADER_SIGNATURE: &str = "x-dify-plugin-signature";
+/// Header carrying the per-attempt nonce of an SRI v2 request (hex).
+pub const HEADER_NONCE: &str = "x-dify-plugin-nonce";
+/// Fewest hex digits in a nonce (96 bits).
+pub const MIN_NONCE_HEX: usize = 24;
+/// Most hex digits in a nonce.
+pub const MAX_NONCE_HEX: usize = 128;
 /// Optional header naming the key that signed.
 pub const HEADER_KEY_ID: &str = "x-dify-plugin-key-id";
 /// The environment variable holding the key ring.
@@ -37,7 +51,7 @@ pub const DEFAULT_MAX_SKEW_SECS: u64 = 300;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     /// A required header is absent.
-    #[error("missing header `{0}`: sign the request with SRI v1")]
+    #[error("missing header `{0}`: sign the request with SRI v2")]
     MissingHeader(&'static str),
     /// A header is present but unusable.
     #[error("malformed header `{0}`: {1}")]
@@ -57,12 +71,19 @@ pub enum Rejection {
     },
     /// No configured key produced the signature.
     #[error(
-        "bad signature: no key in the function's SRI_SIGNING_KEYS matches; check that both sides share the key ring"
+        "bad signature: no key in the function's SRI_SIGNING_KEYS matches; check that both sides share the key ring and that the request was signed for this function"
     )]
     BadSignature,
-    /// The signature was already used within the window.
-    #[error("replayed request: this signature was already used; sign every request anew")]
+    /// The nonce (v2) or signature (v1) was already accepted within the window.
+    #[error(
+        "replayed request: this nonce was already accepted; sign every attempt anew with a fresh nonce"
+    )]
     Replay,
+    /// An SRI v1 signature while the function accepts only v2.
+    #[error(
+        "SRI v1 signatures are no longer accepted by this function (SRI_ACCEPT_V1=false): upgrade the caller to SRI v2"
+    )]
+    V1Refused,
     /// The signed session differs from the envelope's.
     #[error(
         "session mismatch: header `x-dify-plugin-session` differs from the envelope's session_id"
@@ -132,7 +153,20 @@ impl Key {
     }
 }
 
-/// The string to sign for a request.
+/// The SRI v2 string to sign for a request.
+pub fn string_to_sign_v2(
+    timestamp: u64,
+    nonce: &str,
+    function: &str,
+    session_id: &str,
+    action: &str,
+    body: &[u8],
+) -> String {
+    let digest = hex::encode(Sha256::digest(body));
+    format!("v2\n{timestamp}\n{nonce}\n{function}\n{session_id}\n{action}\n{digest}")
+}
+
+/// The SRI v1 string to sign for a request.
 pub fn string_to_sign(timestamp: u64, session_id: &str, action: &str, body: &[u8]) -> String {
     let digest = hex::encode(Sha256::digest(body));
     format!("v1\n{timestamp}\n{session_id}\n{action}\n{digest}")
@@ -145,10 +179,12 @@ pub struct SignedHeaders {
     pub session_id: String,
     /// Unix seconds.
     pub timestamp: u64,
-    /// `v1=<hex>`.
+    /// `v2=<hex>` (or `v1=<hex>`).
     pub signature: String,
     /// The signing key's id.
     pub key_id: String,
+    /// The nonce (SRI v2 only).
+    pub nonce: Option<String>,
 }
 
 impl SignedHeaders {
@@ -167,6 +203,10 @@ impl SignedHeaders {
         headers.insert(HEADER_TIMESTAMP, value(&self.timestamp.to_string()));
         headers.insert(HEADER_SIGNATURE, value(&self.signature));
         headers.insert(HEADER_KEY_ID, value(&self.key_id));
+        match &self.nonce {
+            Some(n) => headers.insert(HEADER_NONCE, value(n)),
+            None => headers.remove(HEADER_NONCE),
+        };
         Ok(())
     }
 }
@@ -180,7 +220,10 @@ pub struct Verified {
     pub timestamp: u64,
     /// The id of the key that matched.
     pub key_id: String,
-    signature: [u8; 32],
+    /// The protocol version that verified (1 or 2).
+    pub version: u8,
+    /// What the replay guard remembers: the nonce's digest (v2) or the signature (v1).
+    replay_key: [u8; 32],
 }
 
 /// The keys a side signs and verifies with. The first key signs.
@@ -240,17 +283,41 @@ impl KeyRing {
             timestamp,
             signature: format!("v1={}", hex::encode(sig)),
             key_id: key.id.clone(),
+            nonce: None,
         }
     }
 
-    /// Verifies a request's signature headers against `action`, `body` and the clock `now`
-    /// (Unix seconds). Does not check replays or the envelope: see [`ReplayGuard`] and
+    /// Signs an SRI v2 request for `function` with the first key. `nonce` must be fresh for
+    /// every attempt (at least [`MIN_NONCE_HEX`] hex digits of randomness).
+    pub fn sign_v2(
+        &self,
+        timestamp: u64,
+        nonce: &str,
+        function: &str,
+        session_id: &str,
+        action: &str,
+        body: &[u8],
+    ) -> SignedHeaders {
+        let key = &self.keys[0];
+        let to_sign = string_to_sign_v2(timestamp, nonce, function, session_id, action, body);
+        let sig = key.mac(to_sign.as_bytes()).finalize().into_bytes();
+        SignedHeaders {
+            session_id: session_id.to_owned(),
+            timestamp,
+            signature: format!("v2={}", hex::encode(sig)),
+            key_id: key.id.clone(),
+            nonce: Some(nonce.to_owned()),
+        }
+    }
+
+    /// Verifies a request's signature headers against this function's `function` name,
+    /// `action`, `body` and the clock `now` (Unix seconds). SRI v2 always; v1 only when
+    /// `accept_v1`. Does not check replays or the envelope: see [`ReplayGuard`] and
     /// [`check_session`].
     pub fn verify(
         &self,
         headers: &HeaderMap,
-        action: &str,
-        body: &[u8],
+        request: &Expected<'_>,
         now: u64,
         max_skew_secs: u64,
     ) -> Result<Verified, Rejection> {
@@ -262,16 +329,37 @@ impl KeyRing {
             .parse()
             .map_err(|_| Rejection::MalformedHeader(HEADER_TIMESTAMP, "expected Unix seconds"))?;
         let signature = header(headers, HEADER_SIGNATURE)?;
-        let signature = signature
-            .strip_prefix("v1=")
-            .ok_or(Rejection::MalformedHeader(
+        let (version, hex_sig) = if let Some(rest) = signature.strip_prefix("v2=") {
+            (2, rest)
+        } else if let Some(rest) = signature.strip_prefix("v1=") {
+            (1, rest)
+        } else {
+            return Err(Rejection::MalformedHeader(
                 HEADER_SIGNATURE,
-                "expected `v1=<hex>`",
-            ))?;
+                "expected `v2=<hex>`",
+            ));
+        };
         let mut sig = [0u8; 32];
-        hex::decode_to_slice(signature, &mut sig).map_err(|_| {
-            Rejection::MalformedHeader(HEADER_SIGNATURE, "expected 64 hex digits after `v1=`")
+        hex::decode_to_slice(hex_sig, &mut sig).map_err(|_| {
+            Rejection::MalformedHeader(HEADER_SIGNATURE, "expected 64 hex digits after `v2=`")
         })?;
+        if version == 1 && !request.accept_v1 {
+            return Err(Rejection::V1Refused);
+        }
+        let nonce = if version == 2 {
+            let nonce = header(headers, HEADER_NONCE)?;
+            if !(MIN_NONCE_HEX..=MAX_NONCE_HEX).contains(&nonce.len())
+                || !nonce.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(Rejection::MalformedHeader(
+                    HEADER_NONCE,
+                    "expected 24 to 128 hex digits (at least 96 random bits), fresh for every attempt",
+                ));
+            }
+            Some(nonce)
+        } else {
+            None
+        };
         let skew = now.abs_diff(timestamp);
         if skew > max_skew_secs {
             return Err(Rejection::StaleTimestamp {
@@ -293,18 +381,47 @@ impl KeyRing {
             }
             None => self.keys.iter().collect(),
         };
-        let to_sign = string_to_sign(timestamp, session_id, action, body);
+        let to_sign = match nonce {
+            Some(nonce) => string_to_sign_v2(
+                timestamp,
+                nonce,
+                request.function,
+                session_id,
+                request.action,
+                request.body,
+            ),
+            None => string_to_sign(timestamp, session_id, request.action, request.body),
+        };
         let key = candidates
             .into_iter()
             .find(|k| k.mac(to_sign.as_bytes()).verify_slice(&sig).is_ok())
             .ok_or(Rejection::BadSignature)?;
+        let replay_key = match nonce {
+            // Keyed by the nonce alone: a nonce is accepted once, whatever it was sent with.
+            Some(nonce) => Sha256::digest(nonce.to_ascii_lowercase().as_bytes()).into(),
+            None => sig,
+        };
         Ok(Verified {
             session_id: session_id.to_owned(),
             timestamp,
             key_id: key.id.clone(),
-            signature: sig,
+            version,
+            replay_key,
         })
     }
+}
+
+/// What a function expects of a request it verifies.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    /// This function's own name (bound by SRI v2 signatures).
+    pub function: &'a str,
+    /// The request's `action` query parameter.
+    pub action: &'a str,
+    /// The request body.
+    pub body: &'a [u8],
+    /// Whether SRI v1 signatures (no nonce, no function name) are still accepted.
+    pub accept_v1: bool,
 }
 
 /// Checks that the signed session is the envelope's.
@@ -355,7 +472,9 @@ impl FromStr for KeyRing {
     }
 }
 
-/// Remembers signatures seen within the clock window so that each is accepted once.
+/// Remembers the nonces (v1: signatures) of accepted requests within the clock window, so that
+/// each is accepted once. Only requests the function accepted are recorded: a refused attempt
+/// (plugin not ready, bad envelope) never makes its retry a "replay".
 ///
 /// Memory is bounded: entries expire with the window, and at most `capacity` are kept (the
 /// oldest are forgotten first; a forgotten one is by then far older than most traffic).
@@ -382,8 +501,19 @@ impl ReplayGuard {
         }
     }
 
-    /// Records `verified`'s signature; refuses one already recorded.
-    pub fn check(&self, verified: &Verified, now: u64) -> Result<(), Rejection> {
+    /// Whether `verified` was already accepted (without recording it).
+    pub fn check(&self, verified: &Verified) -> Result<(), Rejection> {
+        let seen = self.seen.lock().expect("replay guard lock");
+        if seen.set.contains(&verified.replay_key) {
+            Err(Rejection::Replay)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records `verified` as accepted; refuses one already recorded (atomically, so two
+    /// concurrent copies of a request cannot both be accepted).
+    pub fn record(&self, verified: &Verified, now: u64) -> Result<(), Rejection> {
         let mut seen = self.seen.lock().expect("replay guard lock");
         // A signature is acceptable until timestamp + window; forget it after that.
         while let Some(&(expiry, sig)) = seen.order.front() {
@@ -393,11 +523,11 @@ impl ReplayGuard {
             seen.order.pop_front();
             seen.set.remove(&sig);
         }
-        if !seen.set.insert(verified.signature) {
+        if !seen.set.insert(verified.replay_key) {
             return Err(Rejection::Replay);
         }
         let expiry = verified.timestamp.saturating_add(self.window_secs);
-        seen.order.push_back((expiry, verified.signature));
+        seen.order.push_back((expiry, verified.replay_key));
         Ok(())
     }
 }
@@ -405,6 +535,8 @@ impl ReplayGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NONCE: &str = "0123456789abcdef01234567";
 
     fn ring() -> KeyRing {
         let a = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
@@ -418,63 +550,127 @@ mod tests {
         h
     }
 
+    fn expect<'a>(function: &'a str, action: &'a str, body: &'a [u8]) -> Expected<'a> {
+        Expected {
+            function,
+            action,
+            body,
+            accept_v1: true,
+        }
+    }
+
     #[test]
     fn sign_then_verify() {
         let r = ring();
-        let s = r.sign(1000, "sess", "invoke_tool", b"{}");
+        let s = r.sign_v2(1000, NONCE, "fn-a", "sess", "invoke_tool", b"{}");
         assert_eq!(s.key_id, "k1");
+        assert!(s.signature.starts_with("v2="));
         let v = r
-            .verify(&headers(&s), "invoke_tool", b"{}", 1100, 300)
+            .verify(
+                &headers(&s),
+                &expect("fn-a", "invoke_tool", b"{}"),
+                1100,
+                300,
+            )
             .unwrap();
         assert_eq!((v.session_id.as_str(), v.key_id.as_str()), ("sess", "k1"));
+        assert_eq!(v.version, 2);
+    }
+
+    #[test]
+    fn a_v2_signature_is_bound_to_its_function_and_nonce() {
+        let r = ring();
+        let s = r.sign_v2(1000, NONCE, "fn-a", "sess", "invoke_tool", b"{}");
+        let h = headers(&s);
+        assert_eq!(
+            r.verify(&h, &expect("fn-b", "invoke_tool", b"{}"), 1000, 300),
+            Err(Rejection::BadSignature)
+        );
+        let mut h2 = h.clone();
+        h2.insert(
+            HEADER_NONCE,
+            HeaderValue::from_static("ffffffffffffffffffffffff"),
+        );
+        assert_eq!(
+            r.verify(&h2, &expect("fn-a", "invoke_tool", b"{}"), 1000, 300),
+            Err(Rejection::BadSignature)
+        );
+        for bad in ["", "abc", "zzzzzzzzzzzzzzzzzzzzzzzzzz"] {
+            let mut h2 = h.clone();
+            h2.insert(HEADER_NONCE, HeaderValue::from_str(bad).unwrap());
+            assert!(matches!(
+                r.verify(&h2, &expect("fn-a", "invoke_tool", b"{}"), 1000, 300),
+                Err(Rejection::MalformedHeader(HEADER_NONCE, _))
+            ));
+        }
+        let mut h2 = h.clone();
+        h2.remove(HEADER_NONCE);
+        assert_eq!(
+            r.verify(&h2, &expect("fn-a", "invoke_tool", b"{}"), 1000, 300),
+            Err(Rejection::MissingHeader(HEADER_NONCE))
+        );
+    }
+
+    #[test]
+    fn v1_is_accepted_only_while_allowed() {
+        let r = ring();
+        let h = headers(&r.sign(1000, "sess", "invoke_tool", b"{}"));
+        let mut e = expect("fn-a", "invoke_tool", b"{}");
+        let v = r.verify(&h, &e, 1000, 300).unwrap();
+        assert_eq!(v.version, 1);
+        e.accept_v1 = false;
+        assert_eq!(r.verify(&h, &e, 1000, 300), Err(Rejection::V1Refused));
     }
 
     #[test]
     fn rejections_name_the_check() {
         let r = ring();
-        let s = r.sign(1000, "sess", "invoke_tool", b"{}");
+        let s = r.sign_v2(1000, NONCE, "f", "sess", "invoke_tool", b"{}");
         let h = headers(&s);
         assert_eq!(
-            r.verify(&h, "invoke_tool", b"{x}", 1000, 300),
+            r.verify(&h, &expect("f", "invoke_tool", b"{x}"), 1000, 300),
             Err(Rejection::BadSignature)
         );
         assert_eq!(
-            r.verify(&h, "other", b"{}", 1000, 300),
+            r.verify(&h, &expect("f", "other", b"{}"), 1000, 300),
             Err(Rejection::BadSignature)
         );
         assert!(matches!(
-            r.verify(&h, "invoke_tool", b"{}", 1301, 300),
+            r.verify(&h, &expect("f", "invoke_tool", b"{}"), 1301, 300),
             Err(Rejection::StaleTimestamp { skew_secs: 301, .. })
         ));
         for name in [HEADER_SESSION, HEADER_TIMESTAMP, HEADER_SIGNATURE] {
             let mut h2 = h.clone();
             h2.remove(name);
             assert_eq!(
-                r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+                r.verify(&h2, &expect("f", "invoke_tool", b"{}"), 1000, 300),
                 Err(Rejection::MissingHeader(name))
             );
         }
         let mut h2 = h.clone();
-        h2.insert(HEADER_SIGNATURE, HeaderValue::from_static("v2=00"));
+        h2.insert(HEADER_SIGNATURE, HeaderValue::from_static("v3=00"));
         assert!(matches!(
-            r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+            r.verify(&h2, &expect("f", "invoke_tool", b"{}"), 1000, 300),
             Err(Rejection::MalformedHeader(HEADER_SIGNATURE, _))
         ));
         let mut h2 = h.clone();
         h2.insert(HEADER_KEY_ID, HeaderValue::from_static("nope"));
         assert_eq!(
-            r.verify(&h2, "invoke_tool", b"{}", 1000, 300),
+            r.verify(&h2, &expect("f", "invoke_tool", b"{}"), 1000, 300),
             Err(Rejection::UnknownKeyId("nope".into()))
         );
         // Without a key id every key is tried.
         let mut h2 = h.clone();
         h2.remove(HEADER_KEY_ID);
-        assert!(r.verify(&h2, "invoke_tool", b"{}", 1000, 300).is_ok());
+        assert!(
+            r.verify(&h2, &expect("f", "invoke_tool", b"{}"), 1000, 300)
+                .is_ok()
+        );
     }
 
     #[test]
     fn non_ascii_sessions_cannot_be_sent() {
-        let s = ring().sign(1, "sess-\u{fc}", "a", b"");
+        let s = ring().sign_v2(1, NONCE, "f", "sess-\u{fc}", "a", b"");
         assert!(s.apply(&mut HeaderMap::new()).is_err());
     }
 
@@ -482,9 +678,11 @@ mod tests {
     fn second_key_verifies_after_rotation() {
         let r = ring();
         let rotated = KeyRing::new(vec![r.keys()[1].clone()]).unwrap();
-        let s = rotated.sign(5, "s", "a", b"b");
+        let s = rotated.sign_v2(5, NONCE, "f", "s", "a", b"b");
         assert_eq!(
-            r.verify(&headers(&s), "a", b"b", 5, 300).unwrap().key_id,
+            r.verify(&headers(&s), &expect("f", "a", b"b"), 5, 300)
+                .unwrap()
+                .key_id,
             "k2"
         );
     }
@@ -529,28 +727,36 @@ mod tests {
     }
 
     #[test]
-    fn replay_guard_accepts_once_and_forgets_after_window() {
+    fn replay_guard_records_only_what_was_accepted() {
         let r = ring();
         let g = ReplayGuard::new(300, 1000);
-        let v = r
-            .verify(&headers(&r.sign(1000, "s", "a", b"")), "a", b"", 1000, 300)
-            .unwrap();
-        assert_eq!(g.check(&v, 1000), Ok(()));
-        assert_eq!(g.check(&v, 1001), Err(Rejection::Replay));
+        let verify = |nonce: &str, ts: u64| {
+            r.verify(
+                &headers(&r.sign_v2(ts, nonce, "f", "s", "a", b"")),
+                &expect("f", "a", b""),
+                1000,
+                300,
+            )
+            .unwrap()
+        };
+        let v = verify(NONCE, 1000);
+        // Checked but not accepted (e.g. the plugin was not ready): the retry still passes.
+        assert_eq!(g.check(&v), Ok(()));
+        assert_eq!(g.check(&v), Ok(()));
+        assert_eq!(g.record(&v, 1000), Ok(()));
+        assert_eq!(g.check(&v), Err(Rejection::Replay));
+        assert_eq!(g.record(&v, 1001), Err(Rejection::Replay));
+        // A retry in the same second carries a new nonce: never a replay.
+        assert_eq!(
+            g.record(&verify("abcdefabcdefabcdefabcdef", 1000), 1000),
+            Ok(())
+        );
         // After the window the timestamp check refuses it anyway; the guard forgets it.
-        assert_eq!(g.check(&v, 1400), Ok(()));
+        assert_eq!(g.record(&v, 1400), Ok(()));
         let g = ReplayGuard::new(300, 2);
-        for ts in 0..5 {
-            let v = r
-                .verify(
-                    &headers(&r.sign(1000 + ts, "s", "a", b"")),
-                    "a",
-                    b"",
-                    1000,
-                    300,
-                )
+        for n in 0..5u8 {
+            g.record(&verify(&hex::encode([n; 12]), 1000), 1000)
                 .unwrap();
-            g.check(&v, 1000).unwrap();
         }
         assert!(g.seen.lock().unwrap().order.len() <= 2);
     }

@@ -42,6 +42,8 @@ pub enum Target {
         url: String,
         /// The function's region (part of the SigV4 scope).
         region: String,
+        /// The Lambda function's name (what its `AWS_LAMBDA_FUNCTION_NAME` says; SRI v2 binds it).
+        function: String,
     },
     /// `InvokeWithResponseStream` on a function version or alias.
     InvokeStream {
@@ -61,6 +63,22 @@ impl Target {
     /// An h2c target (see [`Target::H2c`]).
     pub fn h2c(url: impl Into<String>) -> Self {
         Self::H2c { url: url.into() }
+    }
+
+    /// The function name an SRI v2 signature for this target binds, when the target carries
+    /// it (Lambda targets: the function's own name); `None` for `bootstrap serve` targets,
+    /// whose name is the caller's to give.
+    pub fn signed_name(&self) -> Option<&str> {
+        match self {
+            Self::Http { .. } | Self::H2c { .. } => None,
+            Self::FunctionUrl { function, .. } => Some(function),
+            // `InvokeWithResponseStream` takes a name or an ARN; the function knows its name.
+            Self::InvokeStream { function, .. } => Some(match function.strip_prefix("arn:") {
+                // arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]
+                Some(rest) => rest.split(':').nth(5).unwrap_or(function),
+                None => function,
+            }),
+        }
     }
 }
 
@@ -143,10 +161,25 @@ mod tests {
     }
 
     #[test]
+    fn lambda_targets_sign_for_the_function_name() {
+        let by = |function: &str| Target::InvokeStream {
+            function: function.into(),
+            qualifier: "3".into(),
+        };
+        assert_eq!(by("sri-a-b").signed_name(), Some("sri-a-b"));
+        assert_eq!(
+            by("arn:aws:lambda:eu-west-1:123456789012:function:sri-a-b:live").signed_name(),
+            Some("sri-a-b")
+        );
+        assert_eq!(Target::http("http://h").signed_name(), None);
+    }
+
+    #[test]
     fn hints_name_the_permissions_to_grant() {
         let url = Target::FunctionUrl {
             url: "https://x.lambda-url.eu-west-1.on.aws/".into(),
             region: "eu-west-1".into(),
+            function: "sri-a-b".into(),
         };
         let hint = aws_hint(403, &url).unwrap();
         assert!(

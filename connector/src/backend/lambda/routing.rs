@@ -418,6 +418,7 @@ pub(super) fn route(
         ) if *v == d.version => Target::FunctionUrl {
             url: url.clone(),
             region: region.to_owned(),
+            function: d.aws_name.clone(),
         },
         _ => Target::InvokeStream {
             function: d.aws_name.clone(),
@@ -449,6 +450,7 @@ mod tests {
         let url = Target::FunctionUrl {
             url: "https://u.lambda-url.eu-west-1.on.aws/".into(),
             region: "eu-west-1".into(),
+            function: "sri-a-b".into(),
         };
         let by_version = |v: &str| Target::InvokeStream {
             function: "sri-a-b".into(),
