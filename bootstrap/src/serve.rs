@@ -1,4 +1,4 @@
-//! `bootstrap serve`: SRI v1 over plain HTTP (the local backend, tests, and platforms such as
+//! `bootstrap serve`: SRI over plain HTTP (the local backend, tests, and platforms such as
 //! Cloud Run or Azure Functions custom handlers).
 //!
 //! Two routes on hyper directly (a router framework would only add weight to the function's

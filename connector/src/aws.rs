@@ -34,7 +34,7 @@ pub async fn sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> Sdk
     loader.load().await
 }
 
-/// Reads the SRI v1 key ring from a Secrets Manager secret, in one of three shapes:
+/// Reads the SRI key ring from a Secrets Manager secret, in one of three shapes:
 /// - JSON `{"kid":"k1","secret":"<base64>","verify":"k0:<base64>,…"}` — what infra/'s stack
 ///   generates (`GenerateSecretString` makes 64 letters and digits: valid base64 of 48 bytes);
 ///   `verify` optionally lists keys that still verify during a rotation;

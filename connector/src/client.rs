@@ -1,4 +1,4 @@
-//! The SRI v1 client: `invoke(endpoint, envelope) -> Stream<Event>`, usable inside any Rust
+//! The SRI client (signs v2): `invoke(endpoint, envelope) -> Stream<Event>`, usable inside any Rust
 //! daemon.
 //!
 //! It signs each attempt, pools connections, and bounds every wait (connect, first byte, idle
@@ -117,7 +117,7 @@ impl Failure {
     }
 }
 
-/// An SRI v1 client.
+/// An SRI client.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,

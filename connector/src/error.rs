@@ -11,7 +11,7 @@ pub enum Error {
     /// A request body is not a Dify request envelope.
     #[error("invalid request envelope: {0}")]
     Envelope(String),
-    /// A request failed SRI v1 authentication.
+    /// A request failed SRI authentication.
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] Rejection),
     /// A plugin manifest is unusable.

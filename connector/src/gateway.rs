@@ -1,5 +1,5 @@
 //! The gateway: the endpoint the daemon is given. It takes the daemon's unsigned invoke, signs
-//! it (SRI v1), calls the function, and rewrites its SSE events as the daemon's NDJSON
+//! it (SRI v2), calls the function, and rewrites its SSE events as the daemon's NDJSON
 //! (`{…}\n\n`, no `data:`), passing plugin objects through byte for byte.
 //!
 //! Only capability endpoints are served (`/v1/functions/{name}/{token}`, see

@@ -960,29 +960,6 @@ fn sample_with_dependencies(name: &str, file: &str, text: &str) -> Package {
     Package::from_files(&files)
 }
 
-/// Every file below `dir` that contains `needle` (links not followed).
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file()
-                && let Ok(bytes) = std::fs::read(e.path())
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                found.push(e.path());
-            }
-        }
-    }
-    found
-}
-
 /// Dependency files are data, never options: `-r /proc/self/environ`, a `file://` reference and
 /// a pyproject `--index-url` fail the launch with the file, the line and the rule before any
 /// installer runs. A canary in the connector's environment reaches no launch line, no log line,
@@ -1098,7 +1075,7 @@ async fn dependency_files_are_data_and_the_connectors_environment_stays_home() {
         !logs.contains(&canary),
         "the canary reached the connector's logs"
     );
-    let leaked = files_containing(&c.data_dir().join("functions"), canary.as_bytes());
+    let leaked = harness::files_containing(&c.data_dir().join("functions"), canary.as_bytes());
     assert!(
         leaked.is_empty(),
         "the canary reached the function: {leaked:?}"

@@ -654,7 +654,10 @@ async fn stopping_sri_serve_waits_for_a_bootstraps_drain() {
     // 12 chunks 500 ms apart: ~5.5 s, past the 3 s after which a bootstrap used to be killed.
     let data = tool_data("sample", "stream", json!({"n": 12, "delay_ms": 500}), None);
     let url = format!("http://{boot}");
-    let stream = tokio::spawn(async move { invoke_stream(&url, envelope(&sid, data)).await });
+    let function = name.clone();
+    let stream = tokio::spawn(async move {
+        harness::invoke_stream_as(&url, &function, envelope(&sid, data)).await
+    });
     // Stop once the session runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -40,29 +40,6 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// Every file below `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(ty) = e.file_type() else { continue };
-            if ty.is_dir() {
-                stack.push(e.path());
-            } else if ty.is_file()
-                && let Ok(b) = std::fs::read(e.path())
-                && b.windows(needle.len()).any(|w| w == needle)
-            {
-                hits.push(e.path().display().to_string());
-            }
-        }
-    }
-    hits
-}
-
 /// What is left in a directory (names), if it exists.
 fn listing(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -212,7 +189,7 @@ async fn every_hostile_package_is_refused_and_leaves_nothing() {
         !c.logs().iter().any(|l| l.contains(&canary)),
         "canary in the connector's logs"
     );
-    let hits = files_containing(c.data_dir(), canary.as_bytes());
+    let hits = harness::files_containing(c.data_dir(), canary.as_bytes());
     assert!(hits.is_empty(), "canary in {hits:?}");
 }
 

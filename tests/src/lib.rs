@@ -524,6 +524,30 @@ pub async fn signed_call(base: &str, action: &str, body: Bytes, accept: &str) ->
     .await
 }
 
+/// Signs (SRI v2, for the function named `function`) and streams a tool call to a
+/// `bootstrap serve` that knows its name (the local backend's), returning the decoded events.
+pub async fn invoke_stream_as(base: &str, function: &str, body: Bytes) -> Vec<(Duration, Event)> {
+    let sid = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["session_id"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut headers = http::HeaderMap::new();
+    signer("k1", SECRET_A)
+        .sign_v2(now(), &nonce(), function, &sid, "invoke_tool", &body)
+        .apply(&mut headers)
+        .unwrap();
+    let call = Call {
+        base,
+        action: "invoke_tool",
+        body,
+        ring: None,
+        accept: connector::protocol::EVENT_STREAM,
+    };
+    let resp = call.send_with(headers).await;
+    assert_eq!(resp.status(), 200, "invoke_tool answered {}", resp.status());
+    read_events(resp).await
+}
+
 /// Signs and invokes a tool, returning the decoded events with their arrival times.
 pub async fn invoke_stream(base: &str, body: Bytes) -> Vec<(Duration, Event)> {
     invoke_stream_action(base, "invoke_tool", body).await
@@ -602,4 +626,27 @@ pub fn assert_well_formed(events: &[(Duration, Event)]) {
     let ids: Vec<Option<u64>> = events.iter().map(|(_, e)| e.id).collect();
     let want: Vec<Option<u64>> = (1..=events.len() as u64).map(Some).collect();
     assert_eq!(ids, want, "event ids");
+}
+
+/// Every file below `dir` that contains `needle` (links not followed).
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file()
+                && let Ok(bytes) = std::fs::read(e.path())
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(e.path());
+            }
+        }
+    }
+    found
 }

@@ -38,7 +38,7 @@ pub trait Backend: Send + Sync + 'static {
     fn find(&self, checksum: &str) -> Option<Function>;
     /// Every function.
     fn list(&self) -> Vec<Function>;
-    /// Where the gateway sends calls for `name` (SRI v1), if it is running.
+    /// Where the gateway sends calls for `name` (SRI), if it is running.
     fn target(&self, name: &str) -> Option<Target>;
     /// Like [`Backend::target`], but waits up to `within` for a known function that is
     /// (re)starting, so that a call right after a restart is served rather than refused.

@@ -55,7 +55,7 @@ pub struct ServeOptions {
     /// The largest SSE line, and event, accepted from a function, in bytes.
     #[arg(long, env = "SRI_MAX_EVENT_BYTES", default_value_t = crate::client::MAX_EVENT_BYTES)]
     pub max_event_bytes: usize,
-    /// SRI v1 key ring shared with the functions (`kid:base64secret,…`).
+    /// SRI key ring shared with the functions (`kid:base64secret,…`).
     #[arg(long, env = "SRI_SIGNING_KEYS", hide_env_values = true, value_parser = secret::parse)]
     pub signing_keys: Option<Secret>,
     /// A Secrets Manager secret holding the key ring instead (infra/'s SigningSecretArn output).
@@ -155,7 +155,7 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
             crate::aws::signing_keys_from_secret(sdk, id).await?
         }
         (None, None) => anyhow::bail!(
-            "no SRI v1 signing keys: set SRI_SIGNING_KEYS (`kid:base64secret,…`, secrets ≥ 32 \
+            "no SRI signing keys: set SRI_SIGNING_KEYS (`kid:base64secret,…`, secrets ≥ 32 \
              bytes) or SRI_SIGNING_KEYS_SECRET_ID (a Secrets Manager secret holding them)"
         ),
     };

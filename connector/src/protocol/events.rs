@@ -1,4 +1,4 @@
-//! The SRI v1 event vocabulary and the Dify objects the runtime itself creates.
+//! The SRI event vocabulary and the Dify objects the runtime itself creates.
 //!
 //! Plugin objects travel verbatim (as the bytes of one JSON line); only `start`, `usage` and
 //! errors made by the runtime are built here.

@@ -1,4 +1,4 @@
-//! SRI v1, the connector ↔ function protocol (see `architecture.md`).
+//! SRI (v2, and v1 while upgrades need it), the connector ↔ function protocol (see `architecture.md`).
 //!
 //! One implementation used by both ends: the wire types ([`envelope`], [`events`]), the SSE
 //! codec ([`sse`]) and request signing ([`signing`]).

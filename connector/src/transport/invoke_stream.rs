@@ -1,6 +1,6 @@
 //! `InvokeWithResponseStream`: the transport for functions that expose no Function URL.
 //!
-//! The bootstrap understands Function URL (API Gateway v2) events only, so the SRI v1 request —
+//! The bootstrap understands Function URL (API Gateway v2) events only, so the SRI request —
 //! signature headers included — travels as one, and the bootstrap cannot tell the two paths
 //! apart. What comes back differs from a Function URL in two ways this module absorbs:
 //!
