@@ -610,8 +610,16 @@ async fn killing_the_plugin_then_retrying_at_once_is_never_unauthorized() {
                     .collect();
                 let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
                 assert_eq!(kinds.last(), Some(&EventKind::End), "{kinds:?}");
+                // A request written while the killed process is still being torn down (its
+                // stdin not yet closed) is lost with it: the one clean failure allowed here is
+                // then that exit, reported as such. Never an authentication error.
+                let errors: Vec<String> = events
+                    .iter()
+                    .filter(|e| e.kind == EventKind::Error)
+                    .map(|e| String::from_utf8_lossy(&e.data).into_owned())
+                    .collect();
                 assert!(
-                    !kinds.contains(&EventKind::Error),
+                    errors.iter().all(|e| e.contains("PluginProcessExited")),
                     "round {round}: the call after a kill failed: {events:?}"
                 );
             }
