@@ -670,7 +670,8 @@ async fn call(
         .header("accept", EVENT_STREAM);
     if let Some(ring) = ring {
         let mut headers = http::HeaderMap::new();
-        ring.sign(now(), sid, "invoke_tool", &body)
+        // SRI v2 for the function the gateway routes `echo` to, as the gateway signs it.
+        ring.sign_v2(now(), &harness::nonce(), "echo", sid, "invoke_tool", &body)
             .apply(&mut headers)
             .expect("sign");
         req = req.headers(headers);
@@ -942,7 +943,10 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
 
     // ----- 1. Added latency: direct vs through the gateway, interleaved.
     println!("bench_connector: added latency ({rounds} rounds)…");
-    let boot = tokio::task::block_in_place(|| Bootstrap::start(Options::new("sample")));
+    // The function knows its name, as the local backend's do (SRI v2 binds it).
+    let boot = tokio::task::block_in_place(|| {
+        Bootstrap::start(Options::new("sample").env("SRI_FUNCTION_NAME", "echo"))
+    });
     track(boot.pid());
     track(boot.plugin_pid().await);
     boot.wait_ready().await;
@@ -1246,7 +1250,7 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
          each kind, one at a time, in rotating order. All calls go to the same `bootstrap \
          serve` (the template's sample plugin, tool `echo` with `{{\"text\": \"bench\"}}`: one \
          JSON message, one text message, `end`) from the same reqwest client (keep-alive, \
-         TCP_NODELAY). *Direct*: signed SRI v1 (signing is timed), SSE read until `end`. \
+         TCP_NODELAY). *Direct*: signed SRI v2 (signing is timed), SSE read until `end`. \
          *Through the gateway*: the daemon's call, unsigned `POST /v1/functions/echo/{{token}}/invoke?\
          action=invoke_tool` with `Accept: text/event-stream`, NDJSON read until the `end` \
          object; the gateway signs, calls the function over its pooled connection and \
