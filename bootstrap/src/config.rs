@@ -52,6 +52,11 @@ pub struct ServeLimits {
     /// streams past its dedicated connections on one).
     #[arg(long, env = "SRI_MAX_H2C_STREAMS", default_value_t = 16_384)]
     pub max_h2c_streams: u32,
+    /// Bytes of request bodies read at once across every connection and stream, before their
+    /// signatures are checked; a request past it gets a retryable 503 (each body is at most
+    /// `MAX_SERVERLESS_REQUEST_BYTES`).
+    #[arg(long, env = "SRI_MAX_PENDING_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_pending_body_bytes: usize,
 }
 
 /// How the plugin is run and bounded.

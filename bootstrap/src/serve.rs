@@ -45,6 +45,15 @@ const H2_MAX_FRAME: u32 = 256 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// How request bodies are read: their size, their deadline, and a budget (in KiB) of body bytes
+/// held across every connection and stream before a signature is checked, so that callers
+/// without a key cannot pile up bodies (16,384 streams × 5 MiB would be 80 GiB).
+struct BodyRules {
+    max_bytes: usize,
+    timeout: Duration,
+    unverified_kib: Arc<tokio::sync::Semaphore>,
+}
+
 /// Serves `handler` on `listen` until `shutdown` completes; in-flight streams are let finish.
 pub async fn serve(
     handler: Arc<Handler>,
@@ -54,7 +63,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let header_timeout = Duration::from_secs(limits.header_read_timeout_secs);
-    let body_timeout = Duration::from_secs(limits.body_read_timeout_secs);
+    let rules = Arc::new(BodyRules {
+        max_bytes: max_request_bytes,
+        timeout: Duration::from_secs(limits.body_read_timeout_secs),
+        unverified_kib: Arc::new(tokio::sync::Semaphore::new(
+            (limits.max_pending_body_bytes / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Io {
@@ -97,8 +112,8 @@ pub async fn serve(
     };
     connector::accept::serve_until(listener, shutdown, DRAIN, accept, |io| {
         let handler = handler.clone();
-        let service =
-            service_fn(move |req| route(handler.clone(), max_request_bytes, body_timeout, req));
+        let rules = rules.clone();
+        let service = service_fn(move |req| route(handler.clone(), rules.clone(), req));
         // The h2c-or-HTTP/1.1 connection borrows its builder unless made owned.
         #[cfg(feature = "h2c")]
         let conn = http.serve_connection(io, service).into_owned();
@@ -112,8 +127,7 @@ pub async fn serve(
 
 async fn route(
     handler: Arc<Handler>,
-    max_request_bytes: usize,
-    body_timeout: Duration,
+    rules: Arc<BodyRules>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
@@ -125,7 +139,7 @@ async fn route(
                 body: ReplyBody::Full(body),
             })
         }
-        (&Method::POST, "/invoke") => invoke(&handler, max_request_bytes, body_timeout, req).await,
+        (&Method::POST, "/invoke") => invoke(&handler, &rules, req).await,
         _ => respond(Reply::error(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -135,12 +149,8 @@ async fn route(
     })
 }
 
-async fn invoke(
-    handler: &Handler,
-    max_request_bytes: usize,
-    body_timeout: Duration,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn invoke(handler: &Handler, rules: &BodyRules, req: Request<Incoming>) -> Response<Body> {
+    let (max_request_bytes, body_timeout) = (rules.max_bytes, rules.timeout);
     let (parts, body) = req.into_parts();
     let action = parts.uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
@@ -153,6 +163,25 @@ async fn invoke(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // The body's share of the budget, from what it says it holds (never more than the limit).
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(max_request_bytes)
+        .min(max_request_bytes + 1);
+    let Ok(_held) = rules
+        .unverified_kib
+        .clone()
+        .try_acquire_many_owned((declared / 1024 + 1).min(u32::MAX as usize) as u32)
+    else {
+        return respond(Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Busy",
+            "too many request bodies are being read at once (SRI_MAX_PENDING_BODY_BYTES); retry",
+            &request_id,
+        ));
+    };
     // One byte over the limit is enough to know it is too large.
     let read = Limited::new(body, max_request_bytes + 1).collect();
     let body = match tokio::time::timeout(body_timeout, read).await {

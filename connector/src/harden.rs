@@ -24,6 +24,8 @@ pub const SECRET_ENV: &[&str] = &[
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "SRI_ENDPOINT_SECRET",
 ];
 
 static TAKEN: OnceLock<HashMap<&'static str, String>> = OnceLock::new();

@@ -507,14 +507,52 @@ fn requirement(text: &str) -> Result<String, String> {
     }
     let spec = req.to_string();
     // The canonical form is what the installer reads: it must stay one plain requirement.
-    if spec.starts_with('-') || spec.contains(['#', '$', '\\', '\n', '\r']) {
+    // pep508_rs prints marker values in single quotes without escaping, so a value holding one
+    // (or an option after a space) would end the value early and hand pip the rest as options.
+    if spec.starts_with('-')
+        || spec.contains(['#', '$', '\\', '\n', '\r', '"'])
+        || quotes_unbalanced(&spec)
+    {
         return Err(format!(
             "`{}` has characters an installer would read as more than a requirement (`#`, `$`, \
-             `\\`); {FIX}",
+             `\\`, quotes inside a marker value); {FIX}",
             echo(text)
         ));
     }
     Ok(spec)
+}
+
+/// Whether a canonical requirement has a quote inside a quoted marker value: every value is
+/// printed as `'…'`, so a value containing `'` leaves an odd count or text after a closing
+/// quote that does not start an operator, `and`, `or` or `)`.
+fn quotes_unbalanced(spec: &str) -> bool {
+    let Some((_, markers)) = spec.split_once(';') else {
+        return false;
+    };
+    let mut parts = markers.split('\'');
+    // Outside, inside, outside, …: every inside part must be followed by an outside part that
+    // reads as marker syntax.
+    let mut inside = false;
+    let mut count = 0;
+    for part in parts.by_ref() {
+        count += 1;
+        if !inside {
+            let t = part.trim_start();
+            let ok = count == 1
+                || t.is_empty()
+                || t.starts_with(')')
+                || t.starts_with("and ")
+                || t.starts_with("or ")
+                || t.starts_with(['=', '!', '<', '>', '~'])
+                || t.starts_with("in ")
+                || t.starts_with("not in ");
+            if !ok {
+                return true;
+            }
+        }
+        inside = !inside;
+    }
+    count % 2 == 0
 }
 
 #[cfg(test)]
@@ -544,6 +582,37 @@ mod tests {
 
     /// What `uv export --format requirements-txt --no-emit-project` writes: a header, hashes on
     /// continuation lines, markers, `# via` comments.
+    #[test]
+    fn a_quote_inside_a_marker_value_is_refused() {
+        assert!(quotes_unbalanced("foo ; platform_machine == 'a' --x=1 ''"));
+        assert!(!quotes_unbalanced(
+            "foo ; platform_machine == 'a' and os_name != 'b'"
+        ));
+        for text in [
+            "foo; platform_machine == \"a' --config-settings=k=v '\"\n",
+            "foo; python_version == \"3' or '1\"\n",
+            "foo; os_name == \"a' --index-url=http://x '\"\n",
+            "foo; extra == \"a' -e . '\"\n",
+        ] {
+            match txt(text) {
+                Err(e) => assert!(e.contains("line 1"), "{e}"),
+                // What the installer reads must carry no option whatever the parser kept.
+                Ok(reqs) => assert!(
+                    reqs.iter()
+                        .all(|(spec, _, _)| !quotes_unbalanced(spec) && !spec.contains(" -")),
+                    "{text:?} became {reqs:?}"
+                ),
+            }
+        }
+        for ok in [
+            "foo; platform_machine == \"x86_64\" and python_version >= \"3.8\"\n",
+            "foo; sys_platform in \"linux darwin\"\n",
+            "foo; (os_name == \"posix\") or extra == \"a\"\n",
+        ] {
+            txt(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
     #[test]
     fn uv_export_output_with_hashes_and_markers_is_accepted() {
         let text = format!(

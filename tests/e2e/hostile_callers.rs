@@ -701,3 +701,47 @@ async fn stopping_sri_serve_waits_for_a_bootstraps_drain() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Bodies held before their signature is checked share one budget: a caller without a key who
+/// starts bodies and never finishes them is refused past it (a retryable 503), and the budget
+/// comes back when that caller goes away.
+#[tokio::test]
+async fn unverified_bodies_share_one_budget() {
+    let b = Bootstrap::start(Options::new("sample").env("SRI_MAX_PENDING_BODY_BYTES", "4096"));
+    b.wait_ready().await;
+    let addr: SocketAddr = b.url().trim_start_matches("http://").parse().unwrap();
+    // 3 KiB declared, never sent: holds 3 of the 4 KiB.
+    let mut hog = tokio::net::TcpStream::connect(addr).await.unwrap();
+    hog.write_all(
+        b"POST /invoke?action=invoke_tool HTTP/1.1\r\nhost: x\r\ncontent-length: 3000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
+    loop {
+        let (status, text) = raw(addr, &post(addr, "/invoke?action=invoke_tool", &body)).await;
+        if status == 503 {
+            assert!(text.contains("SRI_MAX_PENDING_BODY_BYTES"), "{text}");
+            break;
+        }
+        // Until the hog's head is read, the budget may still be free (then: unsigned, 401).
+        assert_eq!(status, 401, "{text}");
+        assert!(Instant::now() < deadline, "the budget never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(hog);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = raw(addr, &post(addr, "/invoke?action=invoke_tool", &body)).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            Instant::now() < deadline,
+            "the budget did not come back after the caller left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
