@@ -1,8 +1,11 @@
 //! The Dify serverless connector.
 //!
-//! Today this crate holds [`protocol`]: SRI, the signed, streaming protocol between the
-//! connector and a plugin function. It has no AWS or server dependencies so that the
-//! `bootstrap` binary can use it with `default-features = false`; the protocol exists once.
+//! The library behind `sri`: the control plane and gateway ([`server`], [`gateway`]), the one
+//! package intake ([`intake`], [`package`]), the backends, packaging and the CLI. Without its
+//! default features it is only what both binaries share — [`protocol`] (SRI, the signed,
+//! streaming protocol between the connector and a plugin function), the manifest and the
+//! secret handling — which the `bootstrap` uses with `default-features = false`, so the
+//! protocol exists once.
 
 #[cfg(feature = "accept")]
 pub mod accept;
