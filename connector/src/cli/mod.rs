@@ -1,6 +1,6 @@
 //! The `sri` command line: `serve`, and the same operations from a terminal (`package`,
 //! `deploy`, `invoke`, `list`, `remove`, `gc`) against a running `sri serve`. One module per
-//! job: [`serve`] runs the connector, [`package`] builds a function zip, [`remote`] talks to a
+//! job: `serve` runs the connector, `package` builds a function zip, `remote` talks to a
 //! running connector.
 
 mod package;
