@@ -532,7 +532,11 @@ async fn slow_clients_of_bootstrap_serve_are_cut_while_calls_are_served() {
     let b = Bootstrap::start(
         Options::new("sample")
             .env("SRI_HEADER_READ_TIMEOUT_SECS", "2")
-            .env("SRI_BODY_READ_TIMEOUT_SECS", "2"),
+            .env("SRI_BODY_READ_TIMEOUT_SECS", "2")
+            // The deadlines are under test here: room for every trickling body's declared
+            // size, so none is refused by the unverified-body budget instead (it has its own
+            // test below).
+            .env("SRI_MAX_PENDING_BODY_BYTES", (2u64 << 30).to_string()),
     );
     b.wait_ready().await;
     let addr: SocketAddr = b.url().trim_start_matches("http://").parse().unwrap();
