@@ -706,36 +706,39 @@ async fn stopping_sri_serve_waits_for_a_bootstraps_drain() {
     }
 }
 
-/// Bodies held before their signature is checked share one budget: a caller without a key who
-/// starts bodies and never finishes them is refused past it (a retryable 503), and the budget
-/// comes back when that caller goes away.
+/// Bodies held before their signature is checked share one budget: of two callers without a
+/// key who each start a 3 KiB body and never finish it, under a 4 KiB budget exactly one is
+/// admitted and the other is refused at once (a retryable 503 naming the setting); the budget
+/// comes back when they go away.
 #[tokio::test]
 async fn unverified_bodies_share_one_budget() {
     let b = Bootstrap::start(Options::new("sample").env("SRI_MAX_PENDING_BODY_BYTES", "4096"));
     b.wait_ready().await;
     let addr: SocketAddr = b.url().trim_start_matches("http://").parse().unwrap();
-    // 3 KiB declared, never sent: holds 3 of the 4 KiB.
-    let mut hog = tokio::net::TcpStream::connect(addr).await.unwrap();
-    hog.write_all(
-        b"POST /invoke?action=invoke_tool HTTP/1.1\r\nhost: x\r\ncontent-length: 3000\r\n\r\n{",
-    )
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
-    loop {
-        let (status, text) = raw(addr, &post(addr, "/invoke?action=invoke_tool", &body)).await;
-        if status == 503 {
-            assert!(text.contains("SRI_MAX_PENDING_BODY_BYTES"), "{text}");
-            break;
+    let head =
+        b"POST /invoke?action=invoke_tool HTTP/1.1\r\nhost: x\r\ncontent-length: 3000\r\n\r\n{";
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first.write_all(head).await.unwrap();
+    second.write_all(head).await.unwrap();
+    // Whichever is read second finds the budget taken and is answered; the other waits for
+    // its body.
+    let (mut a, mut b_buf) = ([0u8; 512], [0u8; 512]);
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            n = first.read(&mut a) => String::from_utf8_lossy(&a[..n.unwrap()]).into_owned(),
+            n = second.read(&mut b_buf) => String::from_utf8_lossy(&b_buf[..n.unwrap()]).into_owned(),
         }
-        // Until the hog's head is read, the budget may still be free (then: unsigned, 401).
-        assert_eq!(status, 401, "{text}");
-        assert!(Instant::now() < deadline, "the budget never filled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(hog);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    })
+    .await
+    .unwrap_or_else(|_| panic!("neither caller was refused; bootstrap logs:\n{}", b.logs().join("\n")));
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("SRI_MAX_PENDING_BODY_BYTES"),
+        "{answer}"
+    );
+    drop((first, second));
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, text) = raw(addr, &post(addr, "/invoke?action=invoke_tool", &body)).await;
         if status == 401 {
@@ -744,7 +747,7 @@ async fn unverified_bodies_share_one_budget() {
         assert_eq!(status, 503, "{text}");
         assert!(
             Instant::now() < deadline,
-            "the budget did not come back after the caller left"
+            "the budget did not come back after the callers left"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
