@@ -161,13 +161,7 @@ async fn the_plugin_never_sees_the_signing_keys() {
 
 #[tokio::test]
 async fn backwards_invocation_reaches_the_daemon_and_answers_the_plugin() {
-    let daemon = FakeDaemon::start().await;
-    daemon
-        .state
-        .storage
-        .lock()
-        .unwrap()
-        .insert("greeting".into(), b"hello from dify".to_vec());
+    let daemon = FakeDaemon::start_with("greeting", b"hello from dify").await;
     let b = Bootstrap::start(Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", daemon.url()));
     b.wait_ready().await;
     let body = faults("callback", json!({"key": "greeting"}));

@@ -25,19 +25,7 @@ fn daemon(c: &Connector) -> GoDaemon {
 }
 
 fn canary() -> String {
-    format!("sri-canary-{:016x}", rand_u64())
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.finish()
+    format!("sri-canary-{}", harness::nonce())
 }
 
 /// What is left in a directory (names), if it exists.

@@ -65,13 +65,7 @@ async fn wait_gone(pid: u32, within: Duration, what: &str) {
 
 #[tokio::test]
 async fn a_caller_that_stops_reading_is_cut_at_its_budget_while_other_sessions_stay_fast() {
-    let daemon = harness::daemon::FakeDaemon::start().await;
-    daemon
-        .state
-        .storage
-        .lock()
-        .unwrap()
-        .insert("greeting".into(), b"hello from dify".to_vec());
+    let daemon = harness::daemon::FakeDaemon::start_with("greeting", b"hello from dify").await;
     let b = Bootstrap::start(Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", daemon.url()));
     b.wait_ready().await;
     let base = b.url();

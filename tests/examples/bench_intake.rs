@@ -40,7 +40,7 @@ fn before(bytes: &[u8]) -> String {
         entries.push((name, content));
     }
     // The old extraction step wrote them out too.
-    let dir = tempfile_dir();
+    let dir = TempDir::new("bench-intake-before");
     for (name, content) in &entries {
         let p = dir.path().join(name);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -53,10 +53,6 @@ fn before(bytes: &[u8]) -> String {
         outer.update(Sha256::digest(content));
     }
     hex::encode(outer.finalize())
-}
-
-fn tempfile_dir() -> TempDir {
-    TempDir::new("bench-intake-before")
 }
 
 fn after(bytes: &[u8], scratch: &std::path::Path) -> String {

@@ -42,6 +42,17 @@ impl FakeDaemon {
         Self { addr, state, task }
     }
 
+    /// Starts one whose plugin storage holds `key` = `value` (what the `callback` fixture reads).
+    pub async fn start_with(key: &str, value: &[u8]) -> Self {
+        let d = Self::start().await;
+        d.state
+            .storage
+            .lock()
+            .unwrap()
+            .insert(key.into(), value.to_vec());
+        d
+    }
+
     /// Base URL (`DIFY_PLUGIN_DAEMON_URL`).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
