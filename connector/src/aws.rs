@@ -34,6 +34,26 @@ pub async fn sdk_config(region: Option<&str>, endpoint_url: Option<&str>) -> Sdk
     loader.load().await
 }
 
+/// The configuration of calls to emulated functions (the emulator backend): its region and
+/// fixed placeholder credentials, so the `function-url` transport signs as it does for AWS and
+/// no real credentials ever reach the emulator.
+pub fn emulator_config(region: &str) -> SdkConfig {
+    let credentials = aws_credential_types::Credentials::new(
+        "SRIEMULATOR",
+        "not-a-secret-the-emulator-checks-nothing",
+        None,
+        None,
+        "sri-emulator",
+    );
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
+        )
+        .build()
+}
+
 /// Reads the SRI key ring from a Secrets Manager secret, in one of three shapes:
 /// - JSON `{"kid":"k1","secret":"<base64>","verify":"k0:<base64>,…"}` — what infra/'s stack
 ///   generates (`GenerateSecretString` makes 64 letters and digits: valid base64 of 48 bytes);

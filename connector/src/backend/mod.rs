@@ -2,8 +2,12 @@
 //! plugin is a local process or a cloud function.
 
 #[cfg(feature = "lambda")]
+pub mod emulator;
+#[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod local;
+#[cfg(feature = "lambda")]
+pub mod settings;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;

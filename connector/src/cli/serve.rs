@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::backend::emulator::{EmulatorBackend, EmulatorContext, EmulatorOptions};
 use crate::backend::lambda::{LambdaBackend, LambdaContext, LambdaOptions};
 use crate::backend::local::{LocalBackend, LocalOptions};
 use crate::capability::Capabilities;
@@ -61,11 +62,14 @@ pub struct ServeOptions {
     /// A Secrets Manager secret holding the key ring instead (infra/'s SigningSecretArn output).
     #[arg(long, env = "SRI_SIGNING_KEYS_SECRET_ID")]
     pub signing_keys_secret_id: Option<String>,
-    /// Where functions run: `local` (processes on this host) or `lambda` (AWS Lambda).
+    /// Where functions run: `local` (processes on this host), `emulator` (the Lambda zip under
+    /// cargo lambda on this host) or `lambda` (AWS Lambda).
     #[arg(long, env = "SRI_BACKEND", value_enum, default_value = "local")]
     pub backend: BackendKind,
     #[command(flatten)]
     pub lambda: LambdaOptions,
+    #[command(flatten)]
+    pub emulator: EmulatorOptions,
     /// Where the local backend keeps functions.
     #[arg(long, env = "SRI_DATA_DIR", default_value = ".sri-data")]
     pub data_dir: PathBuf,
@@ -127,6 +131,8 @@ pub enum Installer {
 pub enum BackendKind {
     /// `bootstrap serve` processes on this host (no cloud account).
     Local,
+    /// The Lambda zip of each function under `cargo lambda watch` on this host (no AWS account).
+    Emulator,
     /// AWS Lambda functions.
     Lambda,
 }
@@ -182,12 +188,12 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
             ..ClientOptions::default()
         },
     );
+    let bootstrap = match o.bootstrap.clone() {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("bootstrap"),
+    };
     let backend: Arc<dyn Backend> = match o.backend {
         BackendKind::Local => {
-            let bootstrap = match o.bootstrap {
-                Some(b) => b,
-                None => std::env::current_exe()?.with_file_name("bootstrap"),
-            };
             anyhow::ensure!(
                 bootstrap.exists(),
                 "the bootstrap binary {} is missing; set SRI_BOOTSTRAP_BIN",
@@ -213,6 +219,35 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 index_url: o.index_url.clone(),
                 install_timeout: Duration::from_secs(o.install_timeout_secs),
             })
+            .await?
+        }
+        BackendKind::Emulator => {
+            let uv = uv.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the emulator backend installs plugin dependencies with uv: put `uv` on PATH \
+                     or set SRI_UV (`make tools` installs one in .venv/tools/bin)"
+                )
+            })?;
+            let region = o
+                .lambda
+                .region
+                .clone()
+                .unwrap_or_else(|| crate::backend::emulator::DEFAULT_REGION.to_owned());
+            client = client.with_aws(&crate::aws::emulator_config(&region));
+            EmulatorBackend::open(
+                o.emulator.clone(),
+                EmulatorContext {
+                    lambda: o.lambda.clone(),
+                    signing_keys: signing_keys.clone(),
+                    daemon_url: o.daemon_url.clone(),
+                    uv,
+                    index_url: o.index_url.clone(),
+                    install_timeout: Duration::from_secs(o.install_timeout_secs),
+                    data_dir: o.data_dir.clone(),
+                    bootstrap: bootstrap.clone(),
+                    ready_timeout: Duration::from_secs(o.ready_timeout_secs),
+                },
+            )
             .await?
         }
         BackendKind::Lambda => {

@@ -19,6 +19,7 @@ use super::{
     Deployed, LIVE_ALIAS, LambdaBackend, MANAGED_BY, TAG_CHECKSUM, TAG_MANAGED_BY, TAG_PLUGIN, WAIT,
 };
 use crate::Error;
+use crate::backend::settings::function_settings;
 use crate::backend::{Function, Progress};
 use crate::package::Package;
 use crate::packaging::{self, Artifact};
@@ -26,38 +27,24 @@ use crate::packaging::{self, Artifact};
 impl LambdaBackend {
     /// The function settings a package should run with.
     fn desired(&self, artifact: &Artifact) -> Desired {
-        let mut env = artifact.config.environment.clone();
-        env.insert(
-            "SRI_SIGNING_KEYS".into(),
-            self.context.signing_keys.0.clone(),
+        let settings = function_settings(
+            &artifact.config,
+            self.options.overrides(),
+            &self.context.signing_keys,
+            self.context.daemon_url.as_deref(),
         );
-        if let Some(url) = &self.context.daemon_url {
-            env.insert("DIFY_PLUGIN_DAEMON_URL".into(), url.clone());
-        }
+        let mut env = settings.env;
         let mut layers = Vec::new();
         if let Some(layer) = &self.options.bootstrap_layer_arn {
             layers.push(layer.clone());
             env.insert("AWS_LAMBDA_EXEC_WRAPPER".into(), "/opt/bootstrap".into());
         }
-        let timeout = self
-            .options
-            .timeout_s
-            .unwrap_or(artifact.config.timeout_s as i32);
-        // The plugin must give up before Lambda kills the sandbox, so the caller gets a
-        // PluginTimeout event rather than a cut stream.
-        env.insert(
-            "PLUGIN_MAX_EXECUTION_TIMEOUT".into(),
-            (timeout - timeout.min(30) / 2).max(1).to_string(),
-        );
         Desired {
             runtime: artifact.config.runtime.clone(),
             handler: artifact.config.handler.clone(),
             arch: artifact.target.arch.lambda_name().to_owned(),
-            memory_mb: self
-                .options
-                .memory_mb
-                .unwrap_or(artifact.config.memory_mb as i32),
-            timeout_s: timeout,
+            memory_mb: settings.memory_mb,
+            timeout_s: settings.timeout_s,
             ephemeral_mb: artifact.config.ephemeral_storage_mb as i32,
             env: env.into_iter().collect(),
             layers,

@@ -147,6 +147,16 @@ pub struct LambdaOptions {
     pub cache_dir: PathBuf,
 }
 
+impl LambdaOptions {
+    /// The operator's memory and timeout overrides (shared with the emulator backend).
+    pub fn overrides(&self) -> crate::backend::settings::Overrides {
+        crate::backend::settings::Overrides {
+            memory_mb: self.memory_mb,
+            timeout_s: self.timeout_s,
+        }
+    }
+}
+
 /// What the backend needs besides [`LambdaOptions`].
 #[derive(Debug, Clone)]
 pub struct LambdaContext {
