@@ -121,6 +121,15 @@ impl Default for ConnectorOptions {
 }
 
 impl ConnectorOptions {
+    /// Options of a connector on the `emulator` backend: the Lambda zip under cargo lambda,
+    /// packaged with the stripped host bootstrap, with the test tooling's Python 3.12 as the
+    /// bare interpreter (see [`emulator_env`]).
+    pub fn emulator() -> Self {
+        let mut o = Self::default();
+        o.env.extend(emulator_env());
+        o
+    }
+
     /// Sets an environment variable.
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
         self.env.push((k.into(), v.into()));
@@ -257,6 +266,49 @@ impl Drop for Connector {
     }
 }
 
+/// The backend the connector tests run on: `SRI_TEST_BACKEND` (`local`, the default, or
+/// `emulator`), so one test file covers both (`make test` runs the connector tests twice).
+pub fn test_backend() -> String {
+    std::env::var("SRI_TEST_BACKEND").unwrap_or_else(|_| "local".into())
+}
+
+/// Whether the tests run on the emulator backend ([`test_backend`]).
+pub fn on_emulator() -> bool {
+    test_backend() == "emulator"
+}
+
+/// The environment of a connector on the emulator backend. The package cache is shared by the
+/// run's tests and kept across runs under `target/` (a cache: its entries are keyed by every
+/// input, and uv's downloads make repeated dependency installs fast).
+pub fn emulator_env() -> Vec<(String, String)> {
+    let python = std::fs::canonicalize(Py::Py312.python()).expect("canonical python path");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    [
+        ("SRI_BACKEND", "emulator".to_owned()),
+        (
+            "SRI_CARGO_LAMBDA",
+            crate::emulator::cargo_lambda().display().to_string(),
+        ),
+        (
+            "SRI_LAMBDA_BOOTSTRAP",
+            crate::stripped_bootstrap().display().to_string(),
+        ),
+        ("SRI_LAMBDA_PYTHON", "3.12".to_owned()),
+        (
+            "SRI_CACHE_DIR",
+            target.join("sri-test-cache/emulator").display().to_string(),
+        ),
+        // The venv's base interpreter: no site-packages of the venv, as on Lambda.
+        ("SRI_EMULATOR_PYTHON", python.display().to_string()),
+        ("SRI_PYTHON_3_12", python.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 fn spawn(
     opts: &ConnectorOptions,
     data_dir: &Path,
@@ -282,6 +334,9 @@ fn spawn(
         .stderr(Stdio::piped())
         // Its own process group, so that what it spawns can be cleaned up with it.
         .process_group(0);
+    if on_emulator() && !opts.env.iter().any(|(k, _)| k == "SRI_BACKEND") {
+        cmd.envs(emulator_env());
+    }
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }

@@ -39,7 +39,11 @@ pub struct EmulatorOptions {
     pub cargo_lambda: Option<PathBuf>,
     /// The bare interpreter standing in for the managed runtime (default: a `python3.X` of the
     /// runtime's minor version, found as packaging finds one for bytecode).
-    #[arg(long = "emulator-python", env = "SRI_EMULATOR_PYTHON")]
+    #[arg(
+        id = "emulator_python",
+        long = "emulator-python",
+        env = "SRI_EMULATOR_PYTHON"
+    )]
     pub python: Option<PathBuf>,
 }
 
