@@ -62,6 +62,8 @@ pub struct Spec {
 
 /// How long a function's processes get to stop after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a function whose init failed may take to exit.
+const INIT_EXIT: Duration = Duration::from_secs(5);
 /// How long cargo lambda may take to listen.
 const EMULATOR_START: Duration = Duration::from_secs(30);
 
@@ -159,7 +161,11 @@ pub async fn supervise(
                         let _ = state.send(State::Ready(target));
                     }
                     Err(e) => {
+                        // The emulator answers the pending call as soon as the init error is
+                        // posted; the function exits (and its log is written) right after.
+                        let _ = tokio::time::timeout(INIT_EXIT, function.wait()).await;
                         let why = init_error(&spec.dir).await.unwrap_or(e);
+                        tracing::warn!(function = %spec.name, error = %why, "emulated function init failed");
                         let _ = state.send(State::Failed(why));
                     }
                 }
@@ -397,6 +403,17 @@ async fn wait_ready(target: &Target, within: Duration) -> Result<(), String> {
 /// The error the function reported to `/runtime/init/error` (the bootstrap logs the same text
 /// as it posts it).
 pub async fn init_error(dir: &Path) -> Option<String> {
+    // The log is copied by tasks that may still be draining the exited process's pipes.
+    for _ in 0..20 {
+        if let Some(e) = logged_init_error(dir).await {
+            return Some(e);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn logged_init_error(dir: &Path) -> Option<String> {
     let log = tokio::fs::read_to_string(dir.join("bootstrap.log"))
         .await
         .ok()?;
