@@ -48,12 +48,18 @@ $(INFRA_LINT): tests/tooling/requirements-infra.txt | $(CARGO_LAMBDA)
 build: ## build every crate (debug) once; the tests reuse the binaries
 	$(CARGO) build --workspace --all-targets --locked
 
+# Connector tests that are about the local backend's own venvs and installers (pip, uv spy,
+# operator index, functions/ dir): not run again on the emulator backend.
+EMULATOR_SKIP := --skip dependenc --skip operators_index --skip reused_only_for_the_same_checksum
+
 test: setup build ## every test: unit, protocol vectors, end-to-end against the real SDK and cargo lambda
 	$(CARGO) test --workspace --locked
+	SRI_TEST_BACKEND=emulator $(CARGO) test --locked -p sri-tests --test connector -- $(EMULATOR_SKIP)
 
-demo: tools ## sri serve + local backend: launch the sample plugin, stream a tool's output
+BACKEND ?= local
+demo: tools ## sri serve (BACKEND=local|emulator): launch the sample plugin, stream a tool's output
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
-	tests/tooling/demo.sh
+	SRI_BACKEND=$(BACKEND) tests/tooling/demo.sh
 
 bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
