@@ -246,6 +246,13 @@ impl Client {
     ) -> Result<EventStream, InvokeError> {
         let parsed = Envelope::parse(envelope.clone())
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        crate::transport::check_request_size(target, envelope.len()).map_err(|message| {
+            InvokeError::Rejected {
+                status: 413,
+                error_type: "RequestTooLargeException".into(),
+                message,
+            }
+        })?;
         let call = Call {
             function: target.signed_name().unwrap_or(function),
             session_id: parsed.session_id(),

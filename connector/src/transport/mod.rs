@@ -115,6 +115,26 @@ pub fn invoke_query(action: &str) -> String {
     out
 }
 
+/// Largest request Lambda takes through a Function URL or an invoke (6 MB); the emulator does
+/// not enforce it, so the connector does, for both, before sending.
+pub const LAMBDA_MAX_REQUEST_BYTES: usize = 6 * 1024 * 1024;
+
+/// Refuses, as Lambda would (413), a request of `len` bytes over [`LAMBDA_MAX_REQUEST_BYTES`]
+/// for a Lambda target; `Ok` for every other target.
+pub fn check_request_size(target: &Target, len: usize) -> Result<(), String> {
+    let lambda = matches!(
+        target,
+        Target::FunctionUrl { .. } | Target::InvokeStream { .. }
+    );
+    if lambda && len > LAMBDA_MAX_REQUEST_BYTES {
+        return Err(format!(
+            "the request is {len} bytes, over Lambda's {LAMBDA_MAX_REQUEST_BYTES}-byte invocation \
+             payload limit; lower MAX_SERVERLESS_REQUEST_BYTES so the daemon refuses it first"
+        ));
+    }
+    Ok(())
+}
+
 /// What to do about an error answered by AWS itself (not by the function) for `target`, when
 /// the status says more than AWS's own text; `None` when there is nothing to add.
 pub fn aws_hint(status: u16, target: &Target) -> Option<String> {
@@ -153,6 +173,19 @@ pub fn aws_hint(status: u16, target: &Target) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lambda_targets_refuse_requests_over_6_mb() {
+        let url = Target::FunctionUrl {
+            url: "http://127.0.0.1:1/lambda-url/f".into(),
+            region: "us-east-1".into(),
+            function: "f".into(),
+        };
+        assert!(check_request_size(&url, LAMBDA_MAX_REQUEST_BYTES).is_ok());
+        let e = check_request_size(&url, LAMBDA_MAX_REQUEST_BYTES + 1).unwrap_err();
+        assert!(e.contains("MAX_SERVERLESS_REQUEST_BYTES"), "{e}");
+        assert!(check_request_size(&Target::http("http://h"), usize::MAX).is_ok());
+    }
 
     #[test]
     fn invoke_query_encodes_like_sigv4() {
