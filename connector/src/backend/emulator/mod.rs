@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-use super::settings::{Overrides, function_settings};
+use super::settings::{Overrides, function_settings, plugin_budget};
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
 use crate::package::Package;
@@ -70,6 +70,9 @@ pub struct EmulatorContext {
     /// How long a function's init may take.
     pub ready_timeout: Duration,
 }
+
+/// The deadline (s) cargo lambda gives every invocation (`lambda-runtime-deadline-ms`).
+const EMULATOR_DEADLINE_S: i32 = 600;
 
 /// The region Function URL calls are signed for when none is configured.
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -236,11 +239,20 @@ impl EmulatorBackend {
             &self.context.signing_keys,
             self.context.daemon_url.as_deref(),
         );
+        let mut env = settings.env;
+        if settings.timeout_s > EMULATOR_DEADLINE_S {
+            // Lambda's limit is 900 s, cargo lambda's own deadline 600 s: the plugin must still
+            // give up first, so the caller gets a PluginTimeout rather than a cut stream.
+            env.insert(
+                "PLUGIN_MAX_EXECUTION_TIMEOUT".into(),
+                plugin_budget(EMULATOR_DEADLINE_S).to_string(),
+            );
+        }
         let spec = Spec {
             name: meta.function.name.clone(),
             dir,
             memory_mb: settings.memory_mb,
-            env: settings.env,
+            env,
         };
         let (state_tx, state_rx) = watch::channel(State::Starting);
         let (stop_tx, stop_rx) = watch::channel(false);
