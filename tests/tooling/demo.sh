@@ -19,7 +19,11 @@ if [ "$SRI_BACKEND" = emulator ]; then
   # The Lambda zip for this host (its own bootstrap inside), cached between runs; cargo lambda
   # from the project's tools; the interpreter above stands in for Lambda's managed runtime.
   export SRI_CARGO_LAMBDA="${SRI_CARGO_LAMBDA:-$PWD/.venv/tools/bin/cargo-lambda}"
-  export SRI_LAMBDA_BOOTSTRAP="${SRI_LAMBDA_BOOTSTRAP:-$PWD/target/debug/bootstrap}"
+  if [ -z "${SRI_LAMBDA_BOOTSTRAP:-}" ]; then
+    # The debug build without its debug information: a few MiB to zip instead of ~200.
+    strip --strip-debug -o target/debug/bootstrap-stripped target/debug/bootstrap
+    export SRI_LAMBDA_BOOTSTRAP="$PWD/target/debug/bootstrap-stripped"
+  fi
   export SRI_EMULATOR_PYTHON="${SRI_EMULATOR_PYTHON:-$SRI_PYTHON}"
   export SRI_CACHE_DIR="${SRI_CACHE_DIR:-$PWD/.sri-cache}"
 fi
