@@ -1,5 +1,6 @@
 //! The bootstrap as a Lambda custom runtime under `cargo lambda watch` (Function URL route),
-//! and its init-error report.
+//! and its init-error report. The whole function zip under the emulator is the emulator
+//! backend's (tests/e2e/emulator.rs).
 
 use axum::Router;
 use axum::body::Bytes as AxBytes;
@@ -124,57 +125,9 @@ async fn a_crash_under_lambda_still_ends_the_stream_with_error_then_end() {
     assert_eq!(error_of(&ev)["error_type"], "PluginProcessExited");
 }
 
-#[tokio::test]
-async fn the_template_layout_runs_as_the_exec_wrapper_with_vendored_dependencies() {
-    // $LAMBDA_TASK_ROOT as a function zip lays it out (template/README.md): plugin/ and vendor/.
-    // The interpreter is the bare Python 3.12 (no venv), as Lambda's managed runtime is, so the
-    // SDK can only come from vendor/ via the bootstrap's default PYTHONPATH.
-    let root = std::env::temp_dir().join(format!("sri-task-root-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    copy_dir(&plugin_dir("sample"), &root.join("plugin"));
-    let site = harness::root().join(".venv/py312/lib/python3.12/site-packages");
-    std::os::unix::fs::symlink(&site, root.join("vendor")).unwrap();
-    let python = std::fs::canonicalize(Py::Py312.python()).unwrap();
-    // A managed runtime starts the wrapper with its own command line, which must be ignored.
-    let opts = Options::new("sample").task_root(
-        root.clone(),
-        python,
-        &["/var/runtime/bootstrap", "--handler", "x"],
-    );
-    let lambda = Lambda::start(opts);
-    let ev = invoke_stream(
-        &lambda.function_url(),
-        envelope(
-            &session_id("tr"),
-            tool_data("sample", "echo", json!({"a": 1}), None),
-        ),
-    )
-    .await;
-    assert_well_formed(&ev);
-    assert!(
-        !kinds(&ev).contains(&EventKind::Error),
-        "{:?}",
-        lambda.logs()
-    );
-    drop(lambda);
-    std::fs::remove_dir_all(&root).unwrap();
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        if name == "__pycache__" {
-            continue;
-        }
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(name));
-        } else {
-            std::fs::copy(entry.path(), to.join(name)).unwrap();
-        }
-    }
-}
+// The function zip's own layout (plugin/, vendor/, bin/bootstrap as the exec wrapper of a bare
+// interpreter, read-only task root) is run by the emulator backend: tests/e2e/emulator.rs and the
+// connector tests on it (`SRI_TEST_BACKEND=emulator`).
 
 /// What a fake Runtime API recorded of `/runtime/init/error`.
 type Recorded = Arc<Mutex<Option<(HeaderMap, AxBytes)>>>;

@@ -183,16 +183,8 @@ impl Lambda {
 pub fn spawn_runtime(api: &str, opts: &Options, logs: Arc<Mutex<Vec<String>>>) -> Child {
     let mut cmd = bootstrap_command(opts);
     cmd.args(&opts.args).env("AWS_LAMBDA_RUNTIME_API", api);
-    match &opts.task_root {
-        Some((root, python)) => cmd
-            .env("LAMBDA_TASK_ROOT", root)
-            .env("SRI_PYTHON", python)
-            .env_remove("SRI_PLUGIN_DIR")
-            .env_remove("SRI_PYTHONPATH"),
-        None => cmd
-            .env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
-            .env("SRI_PYTHON", opts.py.python()),
-    };
+    cmd.env("SRI_PLUGIN_DIR", plugin_dir(&opts.plugin))
+        .env("SRI_PYTHON", opts.py.python());
     let mut child = cmd.spawn().expect("spawn bootstrap");
     let stderr = child.stderr.take().expect("stderr");
     std::thread::spawn(move || {

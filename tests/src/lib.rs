@@ -227,9 +227,6 @@ pub struct Options {
     pub wrapper: Vec<String>,
     /// Arguments after the binary (Lambda mode; e.g. what a managed runtime passes a wrapper).
     pub args: Vec<String>,
-    /// Run as a function laid out under this `LAMBDA_TASK_ROOT` with this interpreter, leaving
-    /// `SRI_PLUGIN_DIR` and `SRI_PYTHONPATH` to their defaults.
-    pub task_root: Option<(PathBuf, PathBuf)>,
 }
 
 impl Options {
@@ -241,15 +238,7 @@ impl Options {
             env: Vec::new(),
             wrapper: Vec::new(),
             args: Vec::new(),
-            task_root: None,
         }
-    }
-
-    /// Runs as a function laid out under `root` (see `template/README.md`) with `python`.
-    pub fn task_root(mut self, root: PathBuf, python: PathBuf, args: &[&str]) -> Self {
-        self.task_root = Some((root, python));
-        self.args = args.iter().map(|s| s.to_string()).collect();
-        self
     }
 
     /// Runs the bootstrap under `wrapper`.
