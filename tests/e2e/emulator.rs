@@ -139,6 +139,16 @@ async fn compiled_dependencies_come_from_manylinux_wheels_in_the_zip() {
         .await;
     assert!(out.function_errors().is_empty(), "{}", out.transcript());
     assert_eq!(out.result().unwrap().len(), 2, "{}", out.transcript());
+
+    // Another connector on the same package cache: the zip is a cache hit, and it says so.
+    drop(c);
+    let c = Connector::start_with(ConnectorOptions::emulator());
+    let (_, _, o) = launch_ok(&c, &pkg).await;
+    let said = messages(&o);
+    assert!(
+        said.contains("cached Lambda zip"),
+        "no cache hit in the launch stream:\n{said}"
+    );
 }
 
 #[tokio::test]
