@@ -65,6 +65,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         stop(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("bootstrap logs:\n{}", self.logs.lock().unwrap().join("\n"));
+        }
     }
 }
 
@@ -134,7 +137,7 @@ async fn snapstart_initialises_once_then_serves_after_the_restore_on_new_connect
     let api = RuntimeApi::start().await;
     let rt = Running::start(
         &api,
-        Options::new("sample").env("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start"),
+        Options::new("faults").env("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start"),
     );
     api.wait_restore_parked(START).await;
     assert_eq!(
@@ -149,7 +152,7 @@ async fn snapstart_initialises_once_then_serves_after_the_restore_on_new_connect
     api.restore().await;
     let mut call = api.invoke_tool(envelope(
         &session_id("snap"),
-        tool_data("sample", "whoami", json!({}), None),
+        tool_data("faults", "whoami", json!({}), None),
     ));
     let ev = call.events(Duration::from_secs(30)).await;
     assert_well_formed(&ev);
@@ -214,14 +217,21 @@ async fn a_failed_restore_is_reported_on_restore_error_with_the_python_error() {
             if let Some(s) = child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < until, "bootstrap did not exit after a failed restore");
+            assert!(
+                Instant::now() < until,
+                "bootstrap did not exit after a failed restore"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })
     .await
     .unwrap();
     assert!(!status.success(), "a failed restore exits non-zero");
-    assert_eq!(api.polling(), 0, "no invocation polled for after a failed restore");
+    assert_eq!(
+        api.polling(),
+        0,
+        "no invocation polled for after a failed restore"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

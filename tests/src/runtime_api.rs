@@ -68,6 +68,8 @@ pub struct RuntimeApi {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Connections accepted so far.
+    accepted: watch::Receiver<u64>,
     accept: JoinHandle<()>,
 }
 
@@ -99,7 +101,10 @@ impl RuntimeApi {
         let app = Router::new()
             .route(&format!("{V}/invocation/next"), get(next))
             .route(&format!("{V}/invocation/{{id}}/response"), post(response))
-            .route(&format!("{V}/invocation/{{id}}/error"), post(invocation_error))
+            .route(
+                &format!("{V}/invocation/{{id}}/error"),
+                post(invocation_error),
+            )
             .route(&format!("{V}/init/error"), post(init_error))
             .route(&format!("{V}/restore/next"), get(restore_next))
             .route(&format!("{V}/restore/error"), post(restore_error))
@@ -110,6 +115,7 @@ impl RuntimeApi {
         let addr = listener.local_addr().expect("local addr");
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let conns = connections.clone();
+        let (accepted_tx, accepted) = watch::channel(0u64);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -125,12 +131,15 @@ impl RuntimeApi {
                 let mut conns = conns.lock().unwrap();
                 conns.retain(|t| !t.is_finished());
                 conns.push(task);
+                drop(conns);
+                accepted_tx.send_modify(|n| *n += 1);
             }
         });
         Self {
             addr,
             shared,
             connections,
+            accepted,
             accept,
         }
     }
@@ -228,8 +237,12 @@ impl RuntimeApi {
     }
 
     /// Simulates a SnapStart restore: answers the parked `/restore/next`, then drops every
-    /// connection of the environment as it was snapshotted.
+    /// connection the environment had when it was snapshotted, once the runtime has opened a new
+    /// one (which it must: those connections do not survive a restore).
     pub async fn restore(&self) {
+        let old: Vec<JoinHandle<()>> = self.connections.lock().unwrap().drain(..).collect();
+        let mut accepted = self.accepted.clone();
+        let before = *accepted.borrow_and_update();
         let answer = self
             .shared
             .restore
@@ -238,9 +251,11 @@ impl RuntimeApi {
             .take()
             .expect("/restore/next is parked");
         answer.send(()).expect("the restore poll is waiting");
-        // Let the answer reach the socket before its connection goes.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        for task in self.connections.lock().unwrap().drain(..) {
+        tokio::time::timeout(Duration::from_secs(30), accepted.wait_for(|n| *n > before))
+            .await
+            .expect("the runtime opened a new Runtime API connection after the restore")
+            .expect("fake alive");
+        for task in old {
             task.abort();
         }
     }
@@ -304,8 +319,7 @@ impl Invocation {
                 };
                 head.extend_from_slice(&b);
                 if let Some(at) = head.windows(8).position(|w| w == [0u8; 8]) {
-                    let prelude: Value =
-                        serde_json::from_slice(&head[..at]).expect("JSON prelude");
+                    let prelude: Value = serde_json::from_slice(&head[..at]).expect("JSON prelude");
                     assert_eq!(prelude["statusCode"], 200, "{prelude}");
                     break Bytes::copy_from_slice(&head[at + 8..]);
                 }
@@ -340,7 +354,12 @@ impl Invocation {
     pub async fn started(&mut self, within: Duration) -> Bytes {
         tokio::time::timeout(within, self.body.recv())
             .await
-            .unwrap_or_else(|_| panic!("invocation {} not answered within {within:?}", self.request_id))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "invocation {} not answered within {within:?}",
+                    self.request_id
+                )
+            })
             .expect("a response body")
     }
 }
@@ -400,7 +419,8 @@ fn record(s: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let body = serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
+    let body =
+        serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
     s.posted.lock().unwrap().push(Posted {
         path: path.to_owned(),
         error_type,
