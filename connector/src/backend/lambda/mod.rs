@@ -136,7 +136,7 @@ pub struct LambdaOptions {
     pub capacity_provider_arn: Option<String>,
     /// Invocations one sandbox on the capacity provider takes at once (AWS's default when unset).
     #[arg(long = "lambda-max-concurrency", env = "SRI_LAMBDA_MAX_CONCURRENCY",
-          value_parser = clap::value_parser!(i32).range(1..=1600))]
+          value_parser = clap::value_parser!(i32).range(1..=4096))]
     pub max_concurrency: Option<i32>,
     /// Who may invoke the functions (default: the account that owns the execution role).
     #[arg(long = "lambda-invoker", env = "SRI_LAMBDA_INVOKER_PRINCIPAL")]
