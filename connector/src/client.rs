@@ -244,13 +244,27 @@ impl Client {
         envelope: Bytes,
         traceparent: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
-        let parsed = Envelope::parse(envelope.clone())
-            .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        let parsed =
+            Envelope::parse(envelope).map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        self.invoke_envelope(function, target, action, &parsed, traceparent)
+            .await
+    }
+
+    /// [`Client::invoke_function`] with an envelope the caller has already parsed (the
+    /// gateway needs its session id too, and parses it once).
+    pub async fn invoke_envelope(
+        &self,
+        function: &str,
+        target: &Target,
+        action: &str,
+        parsed: &Envelope,
+        traceparent: Option<&str>,
+    ) -> Result<EventStream, InvokeError> {
         let call = Call {
             function: target.signed_name().unwrap_or(function),
             session_id: parsed.session_id(),
             action,
-            envelope: &envelope,
+            envelope: parsed.bytes(),
             traceparent,
         };
         match target {
