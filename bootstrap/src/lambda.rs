@@ -42,8 +42,10 @@ pub async fn run(
     lambda: &LambdaOptions,
 ) -> Result<(), Error> {
     let client = Arc::new(client(api)?);
-    let extension = register_shutdown_extension(client.clone()).await;
-    let handler = match setup.await {
+    // The plugin's start (the Python import) is the cold start's long pole: it begins while the
+    // extension's registration is still on the wire, not after its round trip.
+    let (extension, handler) = tokio::join!(register_shutdown_extension(client.clone()), setup);
+    let handler = match handler {
         Ok(h) => h,
         Err(e) => return Err(report(&client, INIT_ERROR, "Runtime.InitError", e).await),
     };
@@ -118,6 +120,10 @@ async fn restore(
     let restored = std::time::Instant::now();
     let client = Arc::new(client(api)?);
     if let Err(e) = handler.supervisor().wait_ready(ready_timeout).await {
+        handler
+            .supervisor()
+            .shutdown(Duration::from_millis(200))
+            .await;
         return Err(report(&client, RESTORE_ERROR, "Runtime.RestoreError", e).await);
     }
     tracing::info!(
@@ -259,7 +265,7 @@ fn client(api: &str) -> Result<PooledClient, Error> {
 /// Reports an init or restore failure to `path` (the Python error text included) and
 /// returns it.
 async fn report(client: &PooledClient, path: &str, error_type: &str, error: Error) -> Error {
-    tracing::error!(error = %error, error_type, "initialization failed");
+    tracing::error!(error = %error, error_type, "the runtime could not start");
     let body = connector::protocol::events::error_body(error_type, &error.to_string(), None);
     let req = build_request()
         .method(Method::POST)
