@@ -209,3 +209,27 @@ impl PluginOptions {
         Duration::from_secs(self.ready_timeout_secs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_options_bound_the_workers_and_recognise_snap_start() {
+        let c = Config::try_parse_from(["bootstrap", "--max-concurrency", "8"]).unwrap();
+        assert_eq!(c.lambda.max_concurrency, 8);
+        assert!(!c.lambda.snap_start());
+        for bad in ["0", "4097", "many"] {
+            let err = Config::try_parse_from(["bootstrap", "--max-concurrency", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max-concurrency"), "{bad}: {err}");
+        }
+        let c =
+            Config::try_parse_from(["bootstrap", "--initialization-type", "snap-start"]).unwrap();
+        assert!(c.lambda.snap_start());
+        let c =
+            Config::try_parse_from(["bootstrap", "--initialization-type", "on-demand"]).unwrap();
+        assert!(!c.lambda.snap_start());
+    }
+}
