@@ -6,8 +6,9 @@ SHELL := /bin/bash
 VENV := .venv
 TOOLS := $(VENV)/tools
 CARGO_LAMBDA := $(TOOLS)/bin/cargo-lambda
-# The benchmark's peer, AWS Lambda Web Adapter, built from crates.io (never vendored).
-LWA_VERSION := 0.9.1
+# The benchmark's peer, AWS Lambda Web Adapter, built from crates.io (never vendored): the
+# newest release there (`cargo info lambda_web_adapter`), pre-releases included.
+LWA_VERSION := 1.0.0-rc1
 LWA_STAMP := $(TOOLS)/lwa/.installed-$(LWA_VERSION)
 CARGO ?= cargo
 UV := $(TOOLS)/bin/uv

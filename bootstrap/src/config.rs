@@ -18,6 +18,34 @@ pub struct Config {
     /// Plugin options shared by every mode.
     #[command(flatten)]
     pub plugin: PluginOptions,
+    /// What Lambda tells the runtime about its execution environment.
+    #[command(flatten)]
+    pub lambda: LambdaOptions,
+}
+
+/// Set by Lambda itself; read only in Lambda mode.
+#[derive(Debug, Clone, Args)]
+pub struct LambdaOptions {
+    /// Invocations Lambda may send this execution environment at once (set by Lambda Managed
+    /// Instances): that many workers poll the Runtime API, sharing one plugin process.
+    #[arg(long, env = "AWS_LAMBDA_MAX_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY))]
+    pub max_concurrency: u32,
+    /// How this environment was initialised (`on-demand`, `provisioned-concurrency`,
+    /// `snap-start`, …); `snap-start` makes the runtime wait for a restore after init.
+    #[arg(long, env = "AWS_LAMBDA_INITIALIZATION_TYPE")]
+    pub initialization_type: Option<String>,
+}
+
+/// Highest `AWS_LAMBDA_MAX_CONCURRENCY` accepted: each worker holds one connection to the
+/// Runtime API, and this is far above what Lambda configures per environment.
+pub const MAX_CONCURRENCY: i64 = 4096;
+
+impl LambdaOptions {
+    /// Whether Lambda will snapshot this environment after init (SnapStart).
+    pub fn snap_start(&self) -> bool {
+        self.initialization_type.as_deref() == Some("snap-start")
+    }
 }
 
 /// The run modes.
@@ -179,5 +207,29 @@ impl PluginOptions {
     /// The ready timeout.
     pub fn ready_timeout(&self) -> Duration {
         Duration::from_secs(self.ready_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_options_bound_the_workers_and_recognise_snap_start() {
+        let c = Config::try_parse_from(["bootstrap", "--max-concurrency", "8"]).unwrap();
+        assert_eq!(c.lambda.max_concurrency, 8);
+        assert!(!c.lambda.snap_start());
+        for bad in ["0", "4097", "many"] {
+            let err = Config::try_parse_from(["bootstrap", "--max-concurrency", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max-concurrency"), "{bad}: {err}");
+        }
+        let c =
+            Config::try_parse_from(["bootstrap", "--initialization-type", "snap-start"]).unwrap();
+        assert!(c.lambda.snap_start());
+        let c =
+            Config::try_parse_from(["bootstrap", "--initialization-type", "on-demand"]).unwrap();
+        assert!(!c.lambda.snap_start());
     }
 }

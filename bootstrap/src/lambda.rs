@@ -21,34 +21,121 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Error;
+use crate::config::LambdaOptions;
 use crate::invocation::{Frame, Handler, Reply, ReplyBody, Request};
 
 const NEXT: &str = "/2018-06-01/runtime/invocation/next";
 const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+const RESTORE_NEXT: &str = "/2018-06-01/runtime/restore/next";
+const RESTORE_ERROR: &str = "/2018-06-01/runtime/restore/error";
 const ERROR_TYPE: &str = "lambda-runtime-function-error-type";
 const ERROR_BODY: &str = "lambda-runtime-function-error-body";
 
-/// Runs the runtime loop. `setup` builds the handler; if it or the plugin's start fails, the
-/// failure is reported to `/runtime/init/error` (with the Python error text) and returned.
+/// Runs the runtime: starts the plugin (`setup` builds the handler; if it or the plugin's start
+/// fails, the failure goes to `/runtime/init/error` with the Python error text and is
+/// returned), waits for a SnapStart restore when `lambda.snap_start()`, then polls for events
+/// with `lambda.max_concurrency` workers sharing the one plugin process.
 pub async fn run(
     api: &str,
     setup: impl Future<Output = Result<Arc<Handler>, Error>>,
     ready_timeout: Duration,
+    lambda: &LambdaOptions,
 ) -> Result<(), Error> {
     let client = Arc::new(client(api)?);
-    register_shutdown_extension(client.clone()).await;
-    let handler = match setup.await {
+    // The plugin's start (the Python import) is the cold start's long pole: it begins while the
+    // extension's registration is still on the wire, not after its round trip.
+    let (extension, handler) = tokio::join!(register_shutdown_extension(client.clone()), setup);
+    let handler = match handler {
         Ok(h) => h,
-        Err(e) => return Err(init_error(&client, e).await),
+        Err(e) => return Err(report(&client, INIT_ERROR, "Runtime.InitError", e).await),
     };
     if let Err(e) = handler.supervisor().wait_ready(ready_timeout).await {
         handler
             .supervisor()
             .shutdown(Duration::from_millis(200))
             .await;
-        return Err(init_error(&client, e).await);
+        return Err(report(&client, INIT_ERROR, "Runtime.InitError", e).await);
     }
-    tracing::info!("plugin ready; polling for invocations");
+    let client = if lambda.snap_start() {
+        drop(client);
+        let client = restore(api, &handler, ready_timeout).await?;
+        if let Some(id) = extension {
+            // The extension's long poll was a connection of the snapshotted copy.
+            poll_extension(client.clone(), id);
+        }
+        client
+    } else {
+        client
+    };
+    let workers = lambda.max_concurrency as usize;
+    tracing::info!(workers, "plugin ready; polling for invocations");
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(worker(client.clone(), handler.clone()));
+    }
+    // A worker only returns when the Runtime API failed; the environment is then unusable.
+    match set.join_next().await {
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(Error::RuntimeApi(format!("a worker failed: {e}"))),
+        Some(Ok(Ok(()))) | None => Ok(()),
+    }
+}
+
+/// SnapStart: parks on `/runtime/restore/next` while Lambda snapshots the initialised
+/// environment; in each restored copy, opens fresh Runtime API connections (those of the
+/// snapshot are gone) and checks that the plugin still answers before the first event. A plugin
+/// that does not is reported on `/runtime/restore/error`, so Lambda discards the copy.
+///
+/// Nothing else in the bootstrap must be refreshed: it holds no random state of its own before
+/// the first event (request ids come from Lambda, nonces from the connector, its hash seeds
+/// protect nothing secret), and no connection but the Runtime API's is opened during init.
+async fn restore(
+    api: &str,
+    handler: &Handler,
+    ready_timeout: Duration,
+) -> Result<Arc<PooledClient>, Error> {
+    tracing::info!("plugin ready; waiting for the SnapStart restore");
+    {
+        // A client of its own, dropped with the snapshot's connections.
+        let before = client(api)?;
+        let resp = before
+            .call(
+                build_request()
+                    .method(Method::GET)
+                    .uri(RESTORE_NEXT)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .map_err(|e| Error::RuntimeApi(format!("GET restore/next: {e}")))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+        if !status.is_success() {
+            return Err(Error::RuntimeApi(format!(
+                "GET restore/next answered {status}: {}",
+                String::from_utf8_lossy(&body.unwrap_or_default())
+            )));
+        }
+    }
+    let restored = std::time::Instant::now();
+    let client = Arc::new(client(api)?);
+    if let Err(e) = handler.supervisor().wait_ready(ready_timeout).await {
+        handler
+            .supervisor()
+            .shutdown(Duration::from_millis(200))
+            .await;
+        return Err(report(&client, RESTORE_ERROR, "Runtime.RestoreError", e).await);
+    }
+    tracing::info!(
+        after_restore_us = restored.elapsed().as_micros() as u64,
+        "restored from the SnapStart snapshot"
+    );
+    Ok(client)
+}
+
+/// Polls for one event at a time and answers it; `AWS_LAMBDA_MAX_CONCURRENCY` of these run
+/// side by side, so at most that many invocations are in flight (Lambda's own backpressure).
+async fn worker(client: Arc<PooledClient>, handler: Arc<Handler>) -> Result<(), Error> {
     loop {
         // Never time out this call: the sandbox is frozen between events.
         let next = client
@@ -97,7 +184,8 @@ pub async fn run(
 /// Registers an internal extension that subscribes to no events. Lambda only sends SIGTERM
 /// to a runtime that has an extension; without one, the plugin would be killed without notice
 /// at shutdown. Failure is logged and ignored (older emulators lack the Extensions API).
-async fn register_shutdown_extension(client: Arc<PooledClient>) {
+/// Returns the extension's id once it polls.
+async fn register_shutdown_extension(client: Arc<PooledClient>) -> Option<String> {
     let req = build_request()
         .method(Method::POST)
         .uri("/2020-01-01/extension/register")
@@ -120,8 +208,14 @@ async fn register_shutdown_extension(client: Arc<PooledClient>) {
             None
         }
     };
-    let Some(id) = id else { return };
+    let id = id?;
     tracing::info!("shutdown extension registered: SIGTERM will reach the plugin");
+    poll_extension(client, id.clone());
+    Some(id)
+}
+
+/// Keeps the shutdown extension polling for (no) events.
+fn poll_extension(client: Arc<PooledClient>, id: String) {
     // An internal extension must keep polling; with no events subscribed this call parks on
     // AWS. An API that answers at once instead (cargo lambda answers 500) ends the loop, so it
     // never spins.
@@ -168,19 +262,20 @@ fn client(api: &str) -> Result<PooledClient, Error> {
         .build())
 }
 
-async fn init_error(client: &PooledClient, error: Error) -> Error {
-    tracing::error!(error = %error, "initialization failed");
-    let body =
-        connector::protocol::events::error_body("Runtime.InitError", &error.to_string(), None);
+/// Reports an init or restore failure to `path` (the Python error text included) and
+/// returns it.
+async fn report(client: &PooledClient, path: &str, error_type: &str, error: Error) -> Error {
+    tracing::error!(error = %error, error_type, "the runtime could not start");
+    let body = connector::protocol::events::error_body(error_type, &error.to_string(), None);
     let req = build_request()
         .method(Method::POST)
-        .uri(INIT_ERROR)
-        .header(ERROR_TYPE, "Runtime.InitError")
+        .uri(path)
+        .header(ERROR_TYPE, error_type)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Body::from(body))
         .expect("request");
     if let Err(e) = client.call(req).await {
-        tracing::error!(error = %e, "could not report the init error");
+        tracing::error!(error = %e, path, "could not report the failure");
     }
     error
 }

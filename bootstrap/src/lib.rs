@@ -83,7 +83,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 *handler_slot.lock().expect("handler slot") = Some(h.clone());
                 Ok(h)
             };
-            lambda::run(&api, setup, config.plugin.ready_timeout()).await
+            lambda::run(&api, setup, config.plugin.ready_timeout(), &config.lambda).await
         }
     }
 }

@@ -244,9 +244,23 @@ impl Client {
         envelope: Bytes,
         traceparent: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
-        let parsed = Envelope::parse(envelope.clone())
-            .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
-        crate::transport::check_request_size(target, envelope.len()).map_err(|message| {
+        let parsed =
+            Envelope::parse(envelope).map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
+        self.invoke_envelope(function, target, action, &parsed, traceparent)
+            .await
+    }
+
+    /// [`Client::invoke_function`] with an envelope the caller has already parsed (the
+    /// gateway needs its session id too, and parses it once).
+    pub async fn invoke_envelope(
+        &self,
+        function: &str,
+        target: &Target,
+        action: &str,
+        parsed: &Envelope,
+        traceparent: Option<&str>,
+    ) -> Result<EventStream, InvokeError> {
+        crate::transport::check_request_size(target, parsed.bytes().len()).map_err(|message| {
             InvokeError::Rejected {
                 status: 413,
                 error_type: "RequestTooLargeException".into(),
@@ -257,7 +271,7 @@ impl Client {
             function: target.signed_name().unwrap_or(function),
             session_id: parsed.session_id(),
             action,
-            envelope: &envelope,
+            envelope: parsed.bytes(),
             traceparent,
         };
         match target {

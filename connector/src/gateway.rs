@@ -181,8 +181,8 @@ async fn call(
             );
         }
     };
-    let session_id = match Envelope::parse(body.clone()) {
-        Ok(e) => e.session_id().to_owned(),
+    let envelope = match Envelope::parse(body) {
+        Ok(e) => e,
         Err(e) => {
             state.metrics.error("BadRequest");
             return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
@@ -192,7 +192,7 @@ async fn call(
     let started = Instant::now();
     let stream = match state
         .client
-        .invoke_function(&name, &target, &action, body, traceparent)
+        .invoke_envelope(&name, &target, &action, &envelope, traceparent)
         .await
     {
         Ok(s) => s,
@@ -200,7 +200,7 @@ async fn call(
     };
     let metrics = state.clone();
     metrics.metrics.active_streams.inc();
-    let out = ndjson(stream, session_id, metrics, started);
+    let out = ndjson(stream, envelope.session_id().to_owned(), metrics, started);
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/x-ndjson")

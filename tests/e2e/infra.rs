@@ -360,7 +360,16 @@ fn resource<'a>(t: &'a Value, logical: &str) -> &'a Value {
 fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
     let t = transformed();
     let doc = &resource(t, "ConnectorPolicy")["Properties"]["PolicyDocument"];
-    let statements = doc["Statement"].as_array().expect("statements");
+    // A statement under `Fn::If` (the capacity provider's) is checked as its granting branch.
+    let statements: Vec<Value> = doc["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .map(|st| match st.get("Fn::If") {
+            Some(branches) => branches[1].clone(),
+            None => st.clone(),
+        })
+        .collect();
     let actions = |st: &Value| -> Vec<String> {
         match &st["Action"] {
             Value::String(s) => vec![s.clone()],
@@ -369,7 +378,7 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
         }
     };
     let mut granted = BTreeSet::new();
-    for st in statements {
+    for st in &statements {
         assert_eq!(st["Effect"], "Allow", "{st}");
         let resources = match &st["Resource"] {
             Value::Array(a) => a.clone(),
@@ -384,7 +393,15 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
             if resources.iter().any(|r| r == "*") {
                 assert_eq!(a, "lambda:ListFunctions", "{a} is granted on `*`");
             }
-            if a.starts_with("lambda:")
+            if a == "lambda:PassCapacityProvider" {
+                for r in &resources {
+                    let sub = r["Fn::Sub"].as_str().unwrap_or_default();
+                    assert!(
+                        sub.ends_with(":capacity-provider:${Prefix}-sri-plugins"),
+                        "{a} is not scoped to the stack's capacity provider: {r}"
+                    );
+                }
+            } else if a.starts_with("lambda:")
                 && a != "lambda:ListFunctions"
                 && a != "lambda:GetLayerVersion"
             {
@@ -422,6 +439,7 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
         "lambda:InvokeFunctionUrl",
         "lambda:InvokeFunction",
         "lambda:GetLayerVersion",
+        "lambda:PassCapacityProvider",
         "iam:PassRole",
         "secretsmanager:GetSecretValue",
         "kms:Decrypt",

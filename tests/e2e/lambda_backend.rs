@@ -639,6 +639,9 @@ async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<
         kms_key_arn: None,
         bootstrap_layer_arn: None,
         invoker_principal: None,
+        snap_start: false,
+        capacity_provider_arn: None,
+        max_concurrency: None,
         bootstrap: Some(harness::stripped_bootstrap()),
         wheelhouse: None,
         offline: false,
@@ -733,6 +736,54 @@ async fn assert_routes(
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapstart_creates_the_function_with_snapstart_and_publishes_a_snapshotted_version() {
+    let moto = Moto::start().await;
+    moto.start_recording().await;
+    let s = Setup::start_on(moto, &[("SRI_LAMBDA_SNAPSTART", "true")]).await;
+    s.launch(&plugin("0.1.0")).await;
+    let calls = s.moto.recorded();
+    let create = calls
+        .iter()
+        .position(|(m, url, _)| m == "POST" && url.ends_with("/2015-03-31/functions"))
+        .unwrap_or_else(|| panic!("no CreateFunction among {} requests", calls.len()));
+    let body: serde_json::Value = serde_json::from_str(&calls[create].2).expect("JSON body");
+    assert_eq!(
+        body["SnapStart"],
+        serde_json::json!({"ApplyOn": "PublishedVersions"}),
+        "CreateFunction turns SnapStart on: {body}"
+    );
+    assert!(
+        body.get("CapacityProviderConfig").is_none(),
+        "no capacity provider unless asked: {body}"
+    );
+    let published = calls
+        .iter()
+        .position(|(m, url, _)| m == "POST" && url.contains("/versions"))
+        .expect("PublishVersion");
+    assert!(
+        published > create,
+        "the version is published after SnapStart is on"
+    );
+    // The snapshotted version is waited for before `live` points at it.
+    let after = &calls[published..];
+    let alias = after
+        .iter()
+        .position(|(_, url, _)| url.contains("/aliases"))
+        .expect("alias calls after PublishVersion");
+    let version_wait = after
+        .iter()
+        .position(|(m, url, _)| m == "GET" && (url.contains("%3A1") || url.contains(":1")));
+    assert!(
+        version_wait.is_some_and(|w| w < alias),
+        "GetFunction on version 1 before the alias: {:?}",
+        after
+            .iter()
+            .map(|(m, u, _)| format!("{m} {u}"))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

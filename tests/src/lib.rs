@@ -15,6 +15,7 @@ pub mod godaemon;
 pub mod hostile;
 pub mod lwa;
 pub mod moto;
+pub mod runtime_api;
 /// The connector process (`tests/src/connector.rs`; not named `connector`, which is the crate).
 #[path = "connector.rs"]
 pub mod sri;

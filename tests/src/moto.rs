@@ -20,6 +20,13 @@ pub struct Moto {
     child: Child,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
+    /// Where moto records requests once [`Moto::start_recording`] is called.
+    recording: std::path::PathBuf,
+}
+
+/// One file per moto, so that tests running side by side keep their recordings apart.
+fn recording(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sri-moto-{}-{port}.jsonl", std::process::id()))
 }
 
 /// The `moto_server` of the test tooling (`make tools`).
@@ -43,6 +50,7 @@ impl Moto {
             let port = crate::emulator::free_port();
             let mut child = Command::new(moto_bin())
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env("MOTO_RECORDER_FILEPATH", recording(port))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -58,7 +66,11 @@ impl Moto {
                 }
                 match http.get(format!("{url}/moto-api/")).send().await {
                     Ok(r) if r.status().is_success() => {
-                        let moto = Self { child, url };
+                        let moto = Self {
+                            child,
+                            url,
+                            recording: recording(port),
+                        };
                         moto.configure().await;
                         return moto;
                     }
@@ -108,6 +120,41 @@ impl Moto {
             .credentials_provider(aws_credential_types::Credentials::for_tests())
             .load()
             .await
+    }
+
+    /// Records every AWS request from now on (moto's recorder).
+    pub async fn start_recording(&self) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/moto-api/recorder/start-recording", self.url))
+            .send()
+            .await
+            .expect("moto recorder");
+        assert!(r.status().is_success(), "moto recorder: {}", r.status());
+    }
+
+    /// The requests recorded so far: (method, URL path, body as text).
+    pub fn recorded(&self) -> Vec<(String, String, String)> {
+        use base64::Engine;
+        let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                let body = v["body"].as_str().unwrap_or_default();
+                let body = if v["body_encoded"] == true {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(body)
+                        .unwrap_or_default();
+                    String::from_utf8_lossy(&raw).into_owned()
+                } else {
+                    body.to_owned()
+                };
+                (
+                    v["method"].as_str().unwrap_or_default().to_owned(),
+                    v["url"].as_str().unwrap_or_default().to_owned(),
+                    body,
+                )
+            })
+            .collect()
     }
 
     /// Creates an IAM role Lambda can assume; returns its ARN.
@@ -201,5 +248,6 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.recording);
     }
 }

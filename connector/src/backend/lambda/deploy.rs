@@ -13,6 +13,7 @@ use aws_sdk_lambda::types::{
 use std::collections::HashMap;
 
 use super::errors::{account_of, aws_err, is_not_found, waited};
+use super::fastpath;
 use super::naming::{deployment_name, lambda_function_name, version_description};
 use super::routing::LiveState;
 use super::{
@@ -181,6 +182,8 @@ impl LambdaBackend {
                     .environment(environment(&desired.env))
                     .set_layers(Some(desired.layers.clone()))
                     .set_kms_key_arn(desired.kms_key_arn.clone())
+                    .snap_start(fastpath::snap_start(&self.options))
+                    .set_capacity_provider_config(fastpath::capacity_provider(&self.options))
                     .description(format!("Dify plugin {}/{} (sri)", m.author, m.name))
                     .set_tags(Some(tags.clone()))
                     .publish(false)
@@ -230,7 +233,7 @@ impl LambdaBackend {
                         .map_err(|e| aws_err(format!("UpdateFunctionCode {aws_name}"), &e))?;
                     self.wait_updated(&aws_name).await?;
                 }
-                if !desired.matches(&config) {
+                if !desired.matches(&config) || !fastpath::matches(&self.options, &config) {
                     say(
                         "deploy",
                         format!("updating the configuration of {aws_name}"),
@@ -247,6 +250,7 @@ impl LambdaBackend {
                         .environment(environment(&desired.env))
                         .set_layers(Some(desired.layers.clone()))
                         .kms_key_arn(desired.kms_key_arn.clone().unwrap_or_default())
+                        .snap_start(fastpath::snap_start(&self.options))
                         .send()
                         .await
                         .map_err(|e| {
@@ -290,6 +294,10 @@ impl LambdaBackend {
                     .map_err(|e| aws_err(format!("PublishVersion {aws_name}"), &e))?;
                 let v = out.version().unwrap_or_default().to_owned();
                 say("deploy", format!("published version {v}"));
+                if self.options.snap_start {
+                    // Calls fail until its snapshot is taken.
+                    self.wait_active(&format!("{aws_name}:{v}")).await?;
+                }
                 v
             }
         };

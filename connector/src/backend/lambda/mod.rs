@@ -18,6 +18,7 @@
 mod deploy;
 mod discovery;
 mod errors;
+mod fastpath;
 mod gc;
 pub mod naming;
 mod routing;
@@ -121,6 +122,22 @@ pub struct LambdaOptions {
     /// The shared bootstrap layer (infra/); the functions then run `/opt/bootstrap`.
     #[arg(long = "bootstrap-layer-arn", env = "SRI_BOOTSTRAP_LAYER_ARN")]
     pub bootstrap_layer_arn: Option<String>,
+    /// Publish versions with SnapStart (python3.12+): a cold start restores a sandbox whose
+    /// plugin is already imported.
+    #[arg(long = "lambda-snapstart", env = "SRI_LAMBDA_SNAPSTART", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub snap_start: bool,
+    /// Run the functions on this Lambda Managed Instances capacity provider (python3.13+):
+    /// every function on it must trust the others (README, "Lambda Managed Instances").
+    #[arg(
+        long = "lambda-capacity-provider-arn",
+        env = "SRI_LAMBDA_CAPACITY_PROVIDER_ARN"
+    )]
+    pub capacity_provider_arn: Option<String>,
+    /// Invocations one sandbox on the capacity provider takes at once (AWS's default when unset).
+    #[arg(long = "lambda-max-concurrency", env = "SRI_LAMBDA_MAX_CONCURRENCY",
+          value_parser = clap::value_parser!(i32).range(1..=4096))]
+    pub max_concurrency: Option<i32>,
     /// Who may invoke the functions (default: the account that owns the execution role).
     #[arg(long = "lambda-invoker", env = "SRI_LAMBDA_INVOKER_PRINCIPAL")]
     pub invoker_principal: Option<String>,
@@ -215,6 +232,7 @@ impl LambdaBackend {
             )
         })?;
         naming::check_prefix(&options.prefix)?;
+        fastpath::check(&options)?;
         let region = sdk
             .region()
             .map(|r| r.to_string())
