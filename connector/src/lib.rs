@@ -46,6 +46,8 @@ pub mod protocol;
 pub mod requirements;
 pub mod secret;
 #[cfg(feature = "server")]
+pub mod sandbox;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod transport;
