@@ -408,6 +408,13 @@ impl Plan {
             .filter(|h| !h.as_os_str().is_empty())
             .map(|h| std::fs::canonicalize(h).unwrap_or_else(|_| h.clone()))
             .collect();
+        if hides.len() > MAX_HIDES / 2 {
+            return Err(Error::Config(format!(
+                "SRI_SANDBOX_HIDE names {} directories; at most {} are supported",
+                hides.len(),
+                MAX_HIDES / 2
+            )));
+        }
         let keeps = keeps_for(needs);
         if root {
             // Whatever the plugin's uid could not reach is hidden, and what it needs of it
@@ -663,6 +670,7 @@ impl Plan {
             // Per uid, and the uid is the function's own: the pids cgroup's stand-in.
             rlimits.push((libc::RLIMIT_NPROC, self.pids));
         }
+        let tmp = mount && self.has(Mechanism::PrivateTmp);
         let userns = self
             .maps
             .as_ref()
@@ -673,11 +681,16 @@ impl Plan {
             userns,
             namespaces: ns,
             mount,
-            tmp: mount && self.has(Mechanism::PrivateTmp),
+            tmp,
             tmp_data: cstring(format!("size={},mode=1777", self.tmp_bytes).as_bytes()),
             shm_data: cstring(format!("size={},mode=1777", self.tmp_bytes.min(64 * MIB)).as_bytes()),
+            // Under a private `/tmp`, hidden already.
             hides: if mount {
-                self.hides.iter().map(|h| c(h)).collect()
+                self.hides
+                    .iter()
+                    .filter(|h| !(tmp && h.starts_with("/tmp")))
+                    .map(|h| c(h))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -916,6 +929,9 @@ impl Step {
 
 type StepResult = Result<(), (Step, i32)>;
 
+/// Directories hidden at most (the operator's, and those the plugin's uid cannot traverse).
+const MAX_HIDES: usize = 16;
+
 /// Directories bound back at most (the plugin, its venv, its interpreter, `PYTHONPATH`).
 const MAX_KEEPS: usize = 16;
 
@@ -1086,10 +1102,12 @@ fn enter(p: &ChildPlan) -> StepResult {
                     check(*slot as _, Step::Keep)?;
                 }
                 read_only(c"/", Step::ReadOnly)?;
-                for h in &p.hides {
+                let mut covered = [false; MAX_HIDES];
+                for (done, h) in covered.iter_mut().zip(&p.hides) {
                     if libc::access(h.as_ptr(), libc::F_OK) != 0 {
                         continue;
                     }
+                    *done = true;
                     mount(
                         c"tmpfs".as_ptr(),
                         h.as_ptr(),
@@ -1115,8 +1133,10 @@ fn enter(p: &ChildPlan) -> StepResult {
                     read_only(&k.dst, Step::Keep)?;
                     libc::close(*fd);
                 }
-                for h in &p.hides {
-                    if libc::access(h.as_ptr(), libc::F_OK) == 0 {
+                // Only the tmpfs mounted above: a hidden directory under `/tmp` is now gone, or
+                // a plain directory on the private `/tmp` leading to a bound one.
+                for (done, h) in covered.iter().zip(&p.hides) {
+                    if *done {
                         read_only(h, Step::Hide)?;
                     }
                 }

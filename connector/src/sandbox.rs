@@ -39,41 +39,41 @@ pub struct SandboxOptions {
     /// Sandbox each function's plugin: `off`, `auto` (every mechanism the host allows) or
     /// `required` (all of them, or refuse to start).
     #[arg(long = "sandbox", env = "SRI_SANDBOX", value_enum, default_value = "auto")]
-    pub mode: Mode,
+    pub sandbox_mode: Mode,
     /// Memory limit of every plugin in MiB, overriding its manifest's `resource.memory`.
     #[arg(long = "sandbox-memory-mb", env = "SRI_SANDBOX_MEMORY_MB")]
-    pub memory_mb: Option<u64>,
+    pub sandbox_memory_mb: Option<u64>,
     /// Ceiling of a plugin's memory limit in MiB (default 8192).
     #[arg(long = "sandbox-memory-max-mb", env = "SRI_SANDBOX_MEMORY_MAX_MB")]
-    pub memory_max_mb: Option<u64>,
+    pub sandbox_memory_max_mb: Option<u64>,
     /// Processes and threads a plugin may have (default 1024).
     #[arg(long = "sandbox-pids", env = "SRI_SANDBOX_PIDS")]
-    pub pids: Option<u64>,
+    pub sandbox_pids: Option<u64>,
     /// Files a plugin may have open (default 8192).
     #[arg(long = "sandbox-nofile", env = "SRI_SANDBOX_NOFILE")]
-    pub nofile: Option<u64>,
+    pub sandbox_nofile: Option<u64>,
     /// Largest file a plugin may write, in MiB (default 4096).
     #[arg(long = "sandbox-fsize-mb", env = "SRI_SANDBOX_FSIZE_MB")]
-    pub fsize_mb: Option<u64>,
+    pub sandbox_fsize_mb: Option<u64>,
     /// Size of a plugin's private `/tmp`, in MiB (default 1024; counts toward its memory).
     #[arg(long = "sandbox-tmp-mb", env = "SRI_SANDBOX_TMP_MB")]
-    pub tmp_mb: Option<u64>,
+    pub sandbox_tmp_mb: Option<u64>,
 }
 
 impl SandboxOptions {
     /// The variables a function's bootstrap gets; `data_dir` is hidden from its plugin.
     pub fn env(&self, data_dir: &Path) -> Vec<(&'static str, String)> {
-        let mut env = vec![("SRI_SANDBOX", self.mode.as_str().to_owned())];
-        if self.mode == Mode::Off {
+        let mut env = vec![("SRI_SANDBOX", self.sandbox_mode.as_str().to_owned())];
+        if self.sandbox_mode == Mode::Off {
             return env;
         }
         for (name, value) in [
-            ("SRI_SANDBOX_MEMORY_MB", self.memory_mb),
-            ("SRI_SANDBOX_MEMORY_MAX_MB", self.memory_max_mb),
-            ("SRI_SANDBOX_PIDS", self.pids),
-            ("SRI_SANDBOX_NOFILE", self.nofile),
-            ("SRI_SANDBOX_FSIZE_MB", self.fsize_mb),
-            ("SRI_SANDBOX_TMP_MB", self.tmp_mb),
+            ("SRI_SANDBOX_MEMORY_MB", self.sandbox_memory_mb),
+            ("SRI_SANDBOX_MEMORY_MAX_MB", self.sandbox_memory_max_mb),
+            ("SRI_SANDBOX_PIDS", self.sandbox_pids),
+            ("SRI_SANDBOX_NOFILE", self.sandbox_nofile),
+            ("SRI_SANDBOX_FSIZE_MB", self.sandbox_fsize_mb),
+            ("SRI_SANDBOX_TMP_MB", self.sandbox_tmp_mb),
         ] {
             if let Some(v) = value {
                 env.push((name, v.to_string()));
@@ -125,7 +125,7 @@ pub async fn probe(
     opts: &SandboxOptions,
     data_dir: &Path,
 ) -> Result<Report, Error> {
-    if opts.mode == Mode::Off {
+    if opts.sandbox_mode == Mode::Off {
         return Ok(Report {
             mode: Mode::Off,
             active: Vec::new(),
@@ -157,12 +157,12 @@ pub async fn probe(
         .map(|m| format!("{}: {}", m.mechanism, m.why))
         .collect();
     tracing::info!(
-        mode = opts.mode.as_str(),
+        mode = opts.sandbox_mode.as_str(),
         active = %report.active.join(","),
         missing = %missing.join("; "),
         "plugin sandbox"
     );
-    if opts.mode == Mode::Required && !missing.is_empty() {
+    if opts.sandbox_mode == Mode::Required && !missing.is_empty() {
         return Err(Error::Backend(format!(
             "SRI_SANDBOX=required, but this host does not allow {}; allow it, or set \
              SRI_SANDBOX=auto to run plugins with what the host allows",
