@@ -145,9 +145,13 @@ impl Config {
     /// arguments are the managed runtime's command line, which is ignored.
     pub fn load() -> Self {
         let args: Vec<String> = std::env::args().collect();
-        let explicit = args
-            .get(1)
-            .is_some_and(|a| a.starts_with('-') || a == "serve" || a == "lambda" || a == "help" || a == "sandbox-probe");
+        let explicit = args.get(1).is_some_and(|a| {
+            a.starts_with('-')
+                || a == "serve"
+                || a == "lambda"
+                || a == "help"
+                || a == "sandbox-probe"
+        });
         if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() && !explicit {
             Self::parse_from(&args[..1])
         } else {

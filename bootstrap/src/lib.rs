@@ -173,7 +173,9 @@ fn confine(
     let o = &config.plugin;
     if !matches!(config.mode, Some(Mode::Serve { .. })) {
         if o.sandbox.mode != sandbox::Mode::Off {
-            tracing::warn!("SRI_SANDBOX applies to `bootstrap serve` only; on Lambda the function's own VM is the sandbox");
+            tracing::warn!(
+                "SRI_SANDBOX applies to `bootstrap serve` only; on Lambda the function's own VM is the sandbox"
+            );
         }
         return Ok(None);
     }

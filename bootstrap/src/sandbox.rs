@@ -51,7 +51,12 @@ pub enum Mode {
 #[derive(Debug, Clone, Args)]
 pub struct Options {
     /// `off`, `auto` (every mechanism the host allows) or `required` (all, or refuse to start).
-    #[arg(long = "sandbox", env = "SRI_SANDBOX", value_enum, default_value = "off")]
+    #[arg(
+        long = "sandbox",
+        env = "SRI_SANDBOX",
+        value_enum,
+        default_value = "off"
+    )]
     pub mode: Mode,
     /// Memory limit in MiB, overriding the manifest's `resource.memory`.
     #[arg(long = "sandbox-memory-mb", env = "SRI_SANDBOX_MEMORY_MB")]
@@ -65,17 +70,33 @@ pub struct Options {
     )]
     pub memory_max_mb: u64,
     /// Processes and threads the plugin may have at once.
-    #[arg(long = "sandbox-pids", env = "SRI_SANDBOX_PIDS", default_value_t = 1024)]
+    #[arg(
+        long = "sandbox-pids",
+        env = "SRI_SANDBOX_PIDS",
+        default_value_t = 1024
+    )]
     pub pids: u64,
     /// Files the plugin may have open at once (`RLIMIT_NOFILE`).
-    #[arg(long = "sandbox-nofile", env = "SRI_SANDBOX_NOFILE", default_value_t = 8192)]
+    #[arg(
+        long = "sandbox-nofile",
+        env = "SRI_SANDBOX_NOFILE",
+        default_value_t = 8192
+    )]
     pub nofile: u64,
     /// Largest file the plugin may write, in MiB (`RLIMIT_FSIZE`).
-    #[arg(long = "sandbox-fsize-mb", env = "SRI_SANDBOX_FSIZE_MB", default_value_t = 4096)]
+    #[arg(
+        long = "sandbox-fsize-mb",
+        env = "SRI_SANDBOX_FSIZE_MB",
+        default_value_t = 4096
+    )]
     pub fsize_mb: u64,
     /// Size of the plugin's private `/tmp` (and `/dev/shm`), in MiB; what it holds counts
     /// toward its memory.
-    #[arg(long = "sandbox-tmp-mb", env = "SRI_SANDBOX_TMP_MB", default_value_t = 1024)]
+    #[arg(
+        long = "sandbox-tmp-mb",
+        env = "SRI_SANDBOX_TMP_MB",
+        default_value_t = 1024
+    )]
     pub tmp_mb: u64,
     /// Directories the plugin must not see (comma-separated), e.g. the connector's data dir;
     /// its own plugin directory and venv stay visible, read-only.
@@ -342,7 +363,11 @@ fn keeps_for(needs: &Needs) -> Vec<PathBuf> {
         keeps.push(v.to_path_buf());
     }
     let real = std::fs::canonicalize(&needs.python).ok();
-    if let Some(prefix) = real.as_deref().and_then(Path::parent).and_then(Path::parent) {
+    if let Some(prefix) = real
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+    {
         keeps.push(prefix.to_path_buf());
     }
     for p in needs.python_path.iter().flat_map(|p| p.split(':')) {
@@ -359,7 +384,13 @@ fn keeps_for(needs: &Needs) -> Vec<PathBuf> {
 
 /// The first ancestor of `path` another user cannot traverse (`/root` for a pyenv Python).
 fn closed_ancestor(path: &Path, hides: &[PathBuf]) -> Option<PathBuf> {
-    for a in path.ancestors().collect::<Vec<_>>().into_iter().rev().skip(1) {
+    for a in path
+        .ancestors()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .skip(1)
+    {
         if a == path || hides.iter().any(|h| a.starts_with(h)) {
             return None;
         }
@@ -430,7 +461,10 @@ impl Plan {
         let keeps = keeps
             .into_iter()
             .map(|k| {
-                let cover = covered.iter().filter(|h| k.starts_with(h)).min_by_key(|h| h.as_os_str().len());
+                let cover = covered
+                    .iter()
+                    .filter(|h| k.starts_with(h))
+                    .min_by_key(|h| h.as_os_str().len());
                 let dirs = match cover {
                     Some(c) => k
                         .ancestors()
@@ -601,8 +635,14 @@ impl Plan {
         if generation != u64::MAX {
             let name = format!("b{}-g{generation}", std::process::id());
             let mut dirs: Vec<(PathBuf, bool, bool)> = Vec::new();
-            let mem = self.has(Mechanism::MemoryCgroup).then_some(self.cgroups.memory.as_ref()).flatten();
-            let pids = self.has(Mechanism::PidsCgroup).then_some(self.cgroups.pids.as_ref()).flatten();
+            let mem = self
+                .has(Mechanism::MemoryCgroup)
+                .then_some(self.cgroups.memory.as_ref())
+                .flatten();
+            let pids = self
+                .has(Mechanism::PidsCgroup)
+                .then_some(self.cgroups.pids.as_ref())
+                .flatten();
             match (mem, pids) {
                 (Some(m), Some(p)) if m == p => dirs.push((m.join(&name), true, true)),
                 (m, p) => {
@@ -683,7 +723,9 @@ impl Plan {
             mount,
             tmp,
             tmp_data: cstring(format!("size={},mode=1777", self.tmp_bytes).as_bytes()),
-            shm_data: cstring(format!("size={},mode=1777", self.tmp_bytes.min(64 * MIB)).as_bytes()),
+            shm_data: cstring(
+                format!("size={},mode=1777", self.tmp_bytes.min(64 * MIB)).as_bytes(),
+            ),
             // Under a private `/tmp`, hidden already.
             hides: if mount {
                 self.hides
@@ -764,7 +806,11 @@ impl Confined for Cell {
         let Some(dir) = &self.memory_dir else {
             return status;
         };
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         let kills = std::fs::read_to_string(dir.join(file))
             .ok()
             .and_then(|t| {
@@ -1043,6 +1089,13 @@ fn relay(child: libc::pid_t) -> ! {
     // SAFETY: async-signal-safe system calls only; this never returns.
     unsafe {
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        // Never exec'd, it still has the bootstrap's handlers: SIGTERM must end it (and so,
+        // through the parent-death signal, the plugin, which as PID 1 ignores it).
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
         let mut status = 0;
         loop {
             let r = libc::waitpid(child, &mut status, 0);
@@ -1092,7 +1145,14 @@ fn enter(p: &ChildPlan) -> StepResult {
             // PID 1 of the new namespace: dies with its relay (and takes the namespace along).
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             let null = std::ptr::null();
-            mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, null, Step::Private)?;
+            mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                null,
+                Step::Private,
+            )?;
             if p.mount {
                 // Held before anything is covered (and opened in this namespace: a mount of
                 // another one cannot be bound here).
@@ -1119,9 +1179,23 @@ fn enter(p: &ChildPlan) -> StepResult {
                 }
                 if p.tmp {
                     let flags = libc::MS_NOSUID | libc::MS_NODEV;
-                    mount(c"tmpfs".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), flags, p.tmp_data.as_ptr(), Step::Tmp)?;
+                    mount(
+                        c"tmpfs".as_ptr(),
+                        c"/tmp".as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        flags,
+                        p.tmp_data.as_ptr(),
+                        Step::Tmp,
+                    )?;
                     if libc::access(c"/dev/shm".as_ptr(), libc::F_OK) == 0 {
-                        mount(c"tmpfs".as_ptr(), c"/dev/shm".as_ptr(), c"tmpfs".as_ptr(), flags, p.shm_data.as_ptr(), Step::Tmp)?;
+                        mount(
+                            c"tmpfs".as_ptr(),
+                            c"/dev/shm".as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            flags,
+                            p.shm_data.as_ptr(),
+                            Step::Tmp,
+                        )?;
                     }
                 }
                 for (fd, k) in held.iter().zip(&p.keeps) {
@@ -1129,7 +1203,14 @@ fn enter(p: &ChildPlan) -> StepResult {
                         libc::mkdir(d.as_ptr(), 0o755);
                     }
                     let src = FdPath::new(*fd);
-                    mount(src.as_ptr(), k.dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, null, Step::Keep)?;
+                    mount(
+                        src.as_ptr(),
+                        k.dst.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        null,
+                        Step::Keep,
+                    )?;
                     read_only(&k.dst, Step::Keep)?;
                     libc::close(*fd);
                 }
@@ -1161,7 +1242,10 @@ fn enter(p: &ChildPlan) -> StepResult {
             check(libc::setrlimit(*resource, &lim) as _, Step::Rlimit)?;
         }
         if p.nnp {
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _, Step::Nnp)?;
+            check(
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _,
+                Step::Nnp,
+            )?;
             // Root (in any namespace) gains no capability by exec past an empty bounding set.
             for cap in 0..64 {
                 libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
@@ -1182,7 +1266,10 @@ fn probe_once(p: &ChildPlan) -> Result<(), (Step, i32)> {
     unsafe {
         // The failed step is the exit code; its errno comes through a pipe.
         let mut pipe = [-1; 2];
-        check(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) as _, Step::Namespaces)?;
+        check(
+            libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) as _,
+            Step::Namespaces,
+        )?;
         let pid = libc::fork();
         if pid < 0 {
             libc::close(pipe[0]);
@@ -1212,13 +1299,21 @@ fn probe_once(p: &ChildPlan) -> Result<(), (Step, i32)> {
         if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
             return Ok(());
         }
-        let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 0 };
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            0
+        };
         let step = Step::ALL
             .iter()
             .copied()
             .find(|s| *s as i32 == code)
             .unwrap_or(Step::Namespaces);
-        let e = if got == 4 { i32::from_ne_bytes(e) } else { libc::EIO };
+        let e = if got == 4 {
+            i32::from_ne_bytes(e)
+        } else {
+            libc::EIO
+        };
         Err((step, e))
     }
 }
@@ -1249,7 +1344,13 @@ mod tests {
         let m = memory_limit(Some(4096 * MIB), &o);
         assert_eq!(m.bytes, 1024 * MIB);
         assert!(m.source.contains("SRI_SANDBOX_MEMORY_MAX_MB") && m.source.contains("4096"));
-        let m = memory_limit(Some(256 * MIB), &Options { memory_mb: Some(300), ..o.clone() });
+        let m = memory_limit(
+            Some(256 * MIB),
+            &Options {
+                memory_mb: Some(300),
+                ..o.clone()
+            },
+        );
         assert_eq!(m.bytes, 300 * MIB);
         assert!(m.source.contains("SRI_SANDBOX_MEMORY_MB"));
         let m = memory_limit(None, &o);

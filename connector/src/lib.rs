@@ -44,9 +44,9 @@ pub mod packaging;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod requirements;
-pub mod secret;
 #[cfg(feature = "server")]
 pub mod sandbox;
+pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

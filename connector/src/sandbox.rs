@@ -38,7 +38,12 @@ impl Mode {
 pub struct SandboxOptions {
     /// Sandbox each function's plugin: `off`, `auto` (every mechanism the host allows) or
     /// `required` (all of them, or refuse to start).
-    #[arg(long = "sandbox", env = "SRI_SANDBOX", value_enum, default_value = "auto")]
+    #[arg(
+        long = "sandbox",
+        env = "SRI_SANDBOX",
+        value_enum,
+        default_value = "auto"
+    )]
     pub sandbox_mode: Mode,
     /// Memory limit of every plugin in MiB, overriding its manifest's `resource.memory`.
     #[arg(long = "sandbox-memory-mb", env = "SRI_SANDBOX_MEMORY_MB")]
@@ -141,8 +146,17 @@ pub async fn probe(
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
-        .map_err(|_| Error::Backend("the sandbox probe (`bootstrap sandbox-probe`) did not answer within 30 s".into()))?
-        .map_err(|e| Error::Backend(format!("cannot run `{} sandbox-probe`: {e}", bootstrap.display())))?;
+        .map_err(|_| {
+            Error::Backend(
+                "the sandbox probe (`bootstrap sandbox-probe`) did not answer within 30 s".into(),
+            )
+        })?
+        .map_err(|e| {
+            Error::Backend(format!(
+                "cannot run `{} sandbox-probe`: {e}",
+                bootstrap.display()
+            ))
+        })?;
     let report: Report = serde_json::from_slice(&out.stdout).map_err(|e| {
         Error::Backend(format!(
             "`{} sandbox-probe` answered no report ({e}; exit {}): is SRI_BOOTSTRAP_BIN a \

@@ -133,9 +133,10 @@ fn plugin(version: &str) -> Vec<(String, Vec<u8>)> {
             "from dify_plugin import ToolProvider\n\n\nclass SandboxedProvider(ToolProvider):\n    def _validate_credentials(self, credentials):\n        del credentials\n".to_owned(),
         ),
     ];
-    let mut provider = "identity:\n  author: sri\n  name: sandboxed\n  label:\n    en_US: Sandboxed\n  \
+    let mut provider =
+        "identity:\n  author: sri\n  name: sandboxed\n  label:\n    en_US: Sandboxed\n  \
          description:\n    en_US: Hostile attempts.\n  icon: icon.svg\ntools:\n"
-        .to_owned();
+            .to_owned();
     for (name, body) in TOOLS {
         provider.push_str(&format!("  - tools/{name}.yaml\n"));
         files.push((
@@ -278,7 +279,10 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
         .json()
         .await
         .unwrap();
-    let active = health["sandbox"]["active"].as_array().cloned().unwrap_or_default();
+    let active = health["sandbox"]["active"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     for m in [
         "memory-cgroup",
         "pids-cgroup",
@@ -310,7 +314,10 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
         who_a["uid"].as_u64().unwrap(),
         who_b["uid"].as_u64().unwrap(),
     );
-    assert!(uid_a != 0 && uid_b != 0, "a plugin runs as root: {who_a} {who_b}");
+    assert!(
+        uid_a != 0 && uid_b != 0,
+        "a plugin runs as root: {who_a} {who_b}"
+    );
     assert_ne!(uid_a, uid_b, "two functions share a uid");
     assert_eq!(who_a["pid"], 1, "not in its own PID namespace: {who_a}");
 
@@ -318,7 +325,13 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     let b_plugin = b.dir.join("plugin");
     let before = listing(&b_plugin);
     for tool in ["read_other", "write_other"] {
-        let o = call(&d, &a, tool, json!({"path": b_plugin.display().to_string()})).await;
+        let o = call(
+            &d,
+            &a,
+            tool,
+            json!({"path": b_plugin.display().to_string()}),
+        )
+        .await;
         let (_, message) = failure(&o);
         assert!(message.contains("No such file"), "{tool}: {message}");
         b_answers(&d, &b, uid_b, tool).await;
@@ -326,15 +339,46 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     assert_eq!(listing(&b_plugin), before, "B's package changed");
     // Of the connector's data dir, only the path to its own function's package and venv.
     let data = std::fs::canonicalize(c.data_dir()).unwrap();
-    let seen = answer(&call(&d, &a, "read_other", json!({"path": data.display().to_string()})).await);
-    assert_eq!(seen, json!(["functions"]), "the data dir as the plugin sees it");
+    let seen = answer(
+        &call(
+            &d,
+            &a,
+            "read_other",
+            json!({"path": data.display().to_string()}),
+        )
+        .await,
+    );
+    assert_eq!(
+        seen,
+        json!(["functions"]),
+        "the data dir as the plugin sees it"
+    );
     let functions = data.join("functions");
-    let seen =
-        answer(&call(&d, &a, "read_other", json!({"path": functions.display().to_string()})).await);
+    let seen = answer(
+        &call(
+            &d,
+            &a,
+            "read_other",
+            json!({"path": functions.display().to_string()}),
+        )
+        .await,
+    );
     let own = a.dir.file_name().unwrap().to_string_lossy().into_owned();
     assert_eq!(seen, json!([own]), "other functions are visible");
-    let seen = answer(&call(&d, &a, "read_other", json!({"path": a.dir.display().to_string()})).await);
-    assert_eq!(seen, json!(["plugin", "venv"]), "its function dir as the plugin sees it");
+    let seen = answer(
+        &call(
+            &d,
+            &a,
+            "read_other",
+            json!({"path": a.dir.display().to_string()}),
+        )
+        .await,
+    );
+    assert_eq!(
+        seen,
+        json!(["plugin", "venv"]),
+        "its function dir as the plugin sees it"
+    );
 
     // Its own package: read-only.
     let o = call(&d, &a, "write_own", json!({})).await;
@@ -351,11 +395,17 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     targets.push(connector_pid.to_string());
     let targets = targets.join(",");
     let seen = answer(&call(&d, &a, "procs", json!({"pids": targets})).await);
-    assert_eq!(seen["visible"], json!([1]), "other processes visible: {seen}");
+    assert_eq!(
+        seen["visible"],
+        json!([1]),
+        "other processes visible: {seen}"
+    );
     let environ = seen["environ"].to_string();
     let secret = signing.split_once(':').map(|(_, s)| s).unwrap_or(&signing);
     assert!(
-        !environ.contains(secret) && !environ.contains(API_KEY) && !environ.contains("SRI_SIGNING_KEYS"),
+        !environ.contains(secret)
+            && !environ.contains(API_KEY)
+            && !environ.contains("SRI_SIGNING_KEYS"),
         "a secret reached the plugin: {environ}"
     );
     b_answers(&d, &b, uid_b, "procs").await;
@@ -388,7 +438,10 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     let filled = answer(&call(&d, &a, "fill_tmp", json!({"mb": 10 * 1024})).await);
     assert!(
         filled["written"].as_u64().unwrap() <= TMP_MB * 1024 * 1024
-            && filled["error"].as_str().unwrap_or_default().contains("No space left"),
+            && filled["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("No space left"),
         "{filled}"
     );
     b_answers(&d, &b, uid_b, "fill_tmp").await;

@@ -80,8 +80,7 @@ impl LocalBackend {
             )
         })?;
         // Before any function starts: `required` on a host without it stops here.
-        let sandbox =
-            crate::sandbox::probe(&opts.bootstrap, &opts.sandbox, &opts.data_dir).await?;
+        let sandbox = crate::sandbox::probe(&opts.bootstrap, &opts.sandbox, &opts.data_dir).await?;
         let this = Arc::new(Self {
             opts,
             sandbox,
