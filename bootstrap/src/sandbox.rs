@@ -237,6 +237,7 @@ impl Cgroups {
             c.v2 = true;
             let base = root.join(CGROUP_DIR);
             let enabled = std::fs::create_dir_all(&base)
+                .and_then(|()| writable(&base))
                 .and_then(|()| std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids"))
                 .and_then(|()| std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids"))
                 .and_then(|()| std::fs::read_to_string(base.join("cgroup.subtree_control")));
@@ -269,7 +270,7 @@ impl Cgroups {
         } else {
             for (controller, slot) in [("memory", &mut c.memory), ("pids", &mut c.pids)] {
                 let base = root.join(controller).join(CGROUP_DIR);
-                match std::fs::create_dir_all(&base) {
+                match std::fs::create_dir_all(&base).and_then(|()| writable(&base)) {
                     Ok(()) => *slot = Some(base),
                     Err(e) => missing.push(Missing {
                         mechanism: if controller == "memory" {
@@ -301,6 +302,17 @@ impl Cgroups {
             }
         }
         c
+    }
+}
+
+/// Whether this process may make cgroups in `dir`.
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -1129,9 +1141,14 @@ fn enter(p: &ChildPlan) -> StepResult {
         if p.namespaces {
             if let Some((uid_map, gid_map)) = &p.userns {
                 check(libc::unshare(libc::CLONE_NEWUSER) as _, Step::UserNs)?;
-                write_file(c"/proc/self/setgroups", b"deny", Step::UserNs)?;
-                write_file(c"/proc/self/uid_map", uid_map, Step::UserNs)?;
-                write_file(c"/proc/self/gid_map", gid_map, Step::UserNs)?;
+                // A non-dumpable process's /proc files belong to root: its own maps are
+                // writable only while it is dumpable, which it is for these three writes.
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                let maps = write_file(c"/proc/self/setgroups", b"deny", Step::UserNs)
+                    .and_then(|()| write_file(c"/proc/self/uid_map", uid_map, Step::UserNs))
+                    .and_then(|()| write_file(c"/proc/self/gid_map", gid_map, Step::UserNs));
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                maps?;
             }
             check(
                 libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID) as _,

@@ -135,7 +135,10 @@ fn main() {
     let calls = harness::benchmarks::knob("SRI_BENCH_SANDBOX_CALLS", 300);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
-        let sides = [side(MODES[0], &bootstrap).await, side(MODES[1], &bootstrap).await];
+        let sides = [
+            side(MODES[0], &bootstrap).await,
+            side(MODES[1], &bootstrap).await,
+        ];
         let active = reqwest::get(format!("{}/healthz", sides[1].connector.url()))
             .await
             .unwrap()

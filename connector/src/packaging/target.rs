@@ -277,7 +277,9 @@ mod tests {
             python: PythonVersion::Py312,
         };
         assert_eq!(
-            FunctionConfig::template(&t).with_manifest_memory(Some(512 << 20)).memory_mb,
+            FunctionConfig::template(&t)
+                .with_manifest_memory(Some(512 << 20))
+                .memory_mb,
             512
         );
         assert_eq!(
