@@ -152,14 +152,14 @@ fn main() {
             }
         }
         let mut warm: [Vec<f64>; 2] = Default::default();
-        for i in 0..2 {
+        for s in &sides {
             for _ in 0..20 {
-                echo(&sides[i]).await;
+                echo(s).await;
             }
         }
         for _ in 0..calls {
-            for i in 0..2 {
-                warm[i].push(ms(echo(&sides[i]).await));
+            for (s, w) in sides.iter().zip(warm.iter_mut()) {
+                w.push(ms(echo(s).await));
             }
         }
         let mut r = String::new();
