@@ -120,7 +120,10 @@ async fn cold_start(bootstrap: &Path, s: &Side, mode: &str) -> Duration {
 
 fn main() {
     install_cleanup("bench_sandbox");
-    let release = target_dir().join("release");
+    // `SRI_BENCH_BIN_DIR`: binaries from elsewhere (e.g. target/debug for a quick look).
+    let release = std::env::var_os("SRI_BENCH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release"));
     let (sri, bootstrap) = (release.join("sri"), release.join("bootstrap"));
     for b in [&sri, &bootstrap] {
         assert!(
