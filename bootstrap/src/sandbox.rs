@@ -932,10 +932,11 @@ enum Step {
     Rlimit,
     Nnp,
     Identity,
+    ParentDeath,
 }
 
 impl Step {
-    const ALL: [Step; 13] = [
+    const ALL: [Step; 14] = [
         Step::Cgroup,
         Step::UserNs,
         Step::Namespaces,
@@ -949,6 +950,7 @@ impl Step {
         Step::Rlimit,
         Step::Nnp,
         Step::Identity,
+        Step::ParentDeath,
     ];
 
     fn what(self) -> &'static str {
@@ -966,6 +968,7 @@ impl Step {
             Step::Rlimit => "setting rlimits",
             Step::Nnp => "setting no_new_privs",
             Step::Identity => "changing to the plugin's uid and gid",
+            Step::ParentDeath => "tying the plugin's life to the bootstrap's",
         }
     }
 
@@ -981,6 +984,7 @@ impl Step {
             Step::Rlimit => Mechanism::Rlimits,
             Step::Nnp => Mechanism::NoNewPrivs,
             Step::Identity => Mechanism::UnprivilegedUid,
+            Step::ParentDeath => Mechanism::PidNamespace,
         }
     }
 }
@@ -1097,10 +1101,16 @@ unsafe fn mount(
 /// The middle process of a sandboxed spawn: it stays outside the new PID namespace, closes
 /// everything it inherited (so the spawn's exec-error pipe and the plugin's stdio end with the
 /// plugin) and ends as the plugin ended.
-fn relay(child: libc::pid_t) -> ! {
+fn relay(child: libc::pid_t, alive: i32) -> ! {
     // SAFETY: async-signal-safe system calls only; this never returns.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        // All but `alive`, whose write end the plugin watches until its parent-death signal
+        // is armed (the last step of `enter`).
+        let alive = alive as u32;
+        if alive > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, alive - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, alive + 1, u32::MAX, 0u32);
         // Never exec'd, it still has the bootstrap's handlers: SIGTERM must end it (and so,
         // through the parent-death signal, the plugin, which as PID 1 ignores it).
         for sig in 1..32 {
@@ -1131,6 +1141,10 @@ fn relay(child: libc::pid_t) -> ! {
 /// Applies the sandbox to the calling (forked) process; on success the caller execs the
 /// plugin. With namespaces it forks once more and only the grandchild returns.
 fn enter(p: &ChildPlan) -> StepResult {
+    // The read end of a pipe only the relay writes to: it hangs up when the relay is gone.
+    let mut relay_alive = -1;
+    // SAFETY: a plain system call.
+    let bootstrap = unsafe { libc::getppid() };
     // SAFETY: system calls on data prepared before the fork; nothing allocates.
     unsafe {
         for fd in &p.cgroup_procs {
@@ -1154,13 +1168,18 @@ fn enter(p: &ChildPlan) -> StepResult {
                 libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID) as _,
                 Step::Namespaces,
             )?;
+            let mut alive = [-1; 2];
+            check(
+                libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) as _,
+                Step::Namespaces,
+            )?;
             let pid = libc::fork();
             check(pid as _, Step::Namespaces)?;
             if pid > 0 {
-                relay(pid);
+                relay(pid, alive[1]);
             }
-            // PID 1 of the new namespace: dies with its relay (and takes the namespace along).
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::close(alive[1]);
+            relay_alive = alive[0];
             let null = std::ptr::null();
             mount(
                 null,
@@ -1272,6 +1291,29 @@ fn enter(p: &ChildPlan) -> StepResult {
             check(libc::setgroups(0, std::ptr::null()) as _, Step::Identity)?;
             check(libc::setresgid(id, id, id) as _, Step::Identity)?;
             check(libc::setresuid(id, id, id) as _, Step::Identity)?;
+        }
+        // The plugin dies with its parent: the bootstrap, or the relay, which dies with the
+        // bootstrap (PID 1 of the new namespace takes the whole namespace along). Armed last:
+        // a change of uid disarms it.
+        check(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as _,
+            Step::ParentDeath,
+        )?;
+        // The parent may have gone before it was armed: then nothing would ever end this.
+        let gone = if relay_alive >= 0 {
+            let mut fd = libc::pollfd {
+                fd: relay_alive,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let hung_up = libc::poll(&mut fd, 1, 0) > 0;
+            libc::close(relay_alive);
+            hung_up
+        } else {
+            libc::getppid() != bootstrap
+        };
+        if gone {
+            return Err((Step::ParentDeath, libc::ESRCH));
         }
     }
     Ok(())
