@@ -13,7 +13,7 @@ use harness::sri::{API_KEY, Connector, ConnectorOptions};
 use harness::{envelope, session_id, tool_data};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The manifest's `resource.memory`: the limit the allocating tool runs into.
 const MEMORY_MB: u64 = 256;
@@ -61,6 +61,15 @@ const TOOLS: &[(&str, &str)] = &[
              except OSError as e:\n            \
                  out[f'kill {pid}'] = str(e)\n    \
          return out",
+    ),
+    (
+        "unarm",
+        "import ctypes\n    \
+         libc = ctypes.CDLL(None, use_errno=True)\n    \
+         libc.prctl(1, 0, 0, 0, 0)\n    \
+         sig = ctypes.c_int(-1)\n    \
+         libc.prctl(2, ctypes.byref(sig), 0, 0, 0)\n    \
+         return {'pdeathsig': sig.value}",
     ),
     (
         "allocate",
@@ -458,4 +467,53 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     // … and A's next call works (its plugin restarted).
     let again = answer(&call(&d, &a, "whoami", json!({})).await);
     assert_eq!(again["uid"], uid_a, "{again}");
+
+    // A disarms its own parent-death signal; SIGKILLed bootstraps still take every process
+    // they started along (the relay kills the plugin, and the namespace with it).
+    let unarmed = answer(&call(&d, &a, "unarm", json!({})).await);
+    assert_eq!(unarmed["pdeathsig"], 0, "{unarmed}");
+    let bootstraps = children(connector_pid);
+    let below: Vec<u32> = bootstraps.iter().flat_map(|b| descendants(*b)).collect();
+    assert!(
+        below.len() >= 2 * bootstraps.len(),
+        "a relay and a plugin under each bootstrap: {below:?}"
+    );
+    for b in &bootstraps {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*b as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in below {
+        while !gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} outlived its SIGKILLed bootstrap"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Every process below `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        found.extend(children(found[i]));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether `pid` runs nothing any more (reaped, or a zombie).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
 }

@@ -120,9 +120,11 @@ async fn cold_start(bootstrap: &Path, s: &Side, mode: &str) -> Duration {
 
 fn main() {
     install_cleanup("bench_sandbox");
-    // `SRI_BENCH_BIN_DIR`: binaries from elsewhere (e.g. target/debug for a quick look).
-    let release = std::env::var_os("SRI_BENCH_BIN_DIR")
-        .map(PathBuf::from)
+    // `SRI_BENCH_BIN_DIR`: binaries from elsewhere (e.g. target/debug for a quick look); their
+    // figures are printed only, never written over the release build's in BENCHMARKS.md.
+    let elsewhere = std::env::var_os("SRI_BENCH_BIN_DIR").map(PathBuf::from);
+    let release = elsewhere
+        .clone()
         .unwrap_or_else(|| target_dir().join("release"));
     let (sri, bootstrap) = (release.join("sri"), release.join("bootstrap"));
     for b in [&sri, &bootstrap] {
@@ -205,6 +207,13 @@ fn main() {
         r
     });
     print!("{report}");
+    if let Some(dir) = elsewhere {
+        println!(
+            "\n(binaries from {}: BENCHMARKS.md left as it was)",
+            dir.display()
+        );
+        return;
+    }
     let out = root().join("BENCHMARKS.md");
     harness::benchmarks::write_section(&out, "sandbox", &report).expect("write BENCHMARKS.md");
 }
