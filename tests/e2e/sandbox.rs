@@ -5,7 +5,8 @@
 //! (reading or writing B's files, writing its own package, seeing other processes or their
 //! environment, ptracing or killing the bootstrap and the connector, allocating past its
 //! manifest's memory, forking without bound, filling `/tmp`), nothing outside changes, and B
-//! answers normally after each one.
+//! answers normally after each one. Last, A disarms its own parent-death signal and the
+//! bootstraps are SIGKILLed: no process they started survives them.
 
 use harness::difypkg::Package;
 use harness::godaemon::{GoDaemon, InvokeOutcome};
