@@ -269,7 +269,10 @@ impl LocalBackend {
         let mut c = match &self.opts.uv {
             Some(uv) => {
                 let mut c = child::command(uv);
-                c.args(["pip", "install", "--quiet", "--python"])
+                // Bytecode compiled now (pip does so by default): a sandboxed plugin sees its
+                // venv read-only, and would recompile every import at every start (seconds).
+                c.args(["pip", "install", "--quiet", "--compile-bytecode"])
+                    .arg("--python")
                     .arg(python);
                 c
             }
