@@ -330,6 +330,16 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
     );
     assert_ne!(uid_a, uid_b, "two functions share a uid");
     assert_eq!(who_a["pid"], 1, "not in its own PID namespace: {who_a}");
+    // Its venv is read-only to it: compiled at install, or every start recompiles the SDK.
+    let sdk = glob_one(
+        &a.dir.join("venv/lib"),
+        "site-packages/dify_plugin/__pycache__",
+    );
+    assert!(
+        std::fs::read_dir(&sdk).is_ok_and(|mut d| d.next().is_some()),
+        "no bytecode in {}",
+        sdk.display()
+    );
 
     // B's files: invisible (so neither read nor written), and unchanged.
     let b_plugin = b.dir.join("plugin");
@@ -495,6 +505,16 @@ async fn every_hostile_attempt_fails_and_the_other_function_answers_throughout()
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// `dir/<the one subdirectory>/rest` (e.g. the venv's `python3.x`).
+fn glob_one(dir: &Path, rest: &str) -> PathBuf {
+    let sub = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .find(|e| e.path().is_dir())
+        .unwrap_or_else(|| panic!("nothing in {}", dir.display()));
+    sub.path().join(rest)
 }
 
 /// Every process below `pid`.
