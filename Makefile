@@ -70,6 +70,8 @@ bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s boots
 	$(CARGO) run --release --locked -p sri-tests --example bench_intake
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	$(CARGO) run --release --locked -p sri-tests --example bench_emulator
+	$(CARGO) build --release --locked -p sri-connector
+	$(CARGO) run --release --locked -p sri-tests --example bench_sandbox
 	$(MAKE) lambda-bootstrap
 	SRI_BOOTSTRAP_ARM64=$(CURDIR)/target/lambda/arm64/bootstrap SRI_BOOTSTRAP_X86_64=$(CURDIR)/target/lambda/x86_64/bootstrap \
 	  $(CARGO) run --release --locked -p sri-tests --example bench_packaging

@@ -62,6 +62,10 @@ pub enum Mode {
     },
     /// Run as an AWS Lambda custom runtime (the default when `AWS_LAMBDA_RUNTIME_API` is set).
     Lambda,
+    /// Print, as JSON, which sandbox mechanisms this host allows (`SRI_SANDBOX`'s options
+    /// apply), then exit: the connector's local backend asks before starting functions.
+    #[cfg(feature = "sandbox")]
+    SandboxProbe,
 }
 
 /// Deadlines and caps of `bootstrap serve`'s listener, far above what the connector needs.
@@ -158,6 +162,10 @@ pub struct PluginOptions {
     /// Log format: `text` or `json` (Lambda's `AWS_LAMBDA_LOG_FORMAT=JSON` selects json).
     #[arg(long, env = "AWS_LAMBDA_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
     pub log_format: LogFormat,
+    /// The plugin's sandbox (`bootstrap serve` only).
+    #[cfg(feature = "sandbox")]
+    #[command(flatten)]
+    pub sandbox: crate::sandbox::Options,
 }
 
 impl Config {
@@ -165,9 +173,13 @@ impl Config {
     /// arguments are the managed runtime's command line, which is ignored.
     pub fn load() -> Self {
         let args: Vec<String> = std::env::args().collect();
-        let explicit = args
-            .get(1)
-            .is_some_and(|a| a.starts_with('-') || a == "serve" || a == "lambda" || a == "help");
+        let explicit = args.get(1).is_some_and(|a| {
+            a.starts_with('-')
+                || a == "serve"
+                || a == "lambda"
+                || a == "help"
+                || a == "sandbox-probe"
+        });
         if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() && !explicit {
             Self::parse_from(&args[..1])
         } else {

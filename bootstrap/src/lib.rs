@@ -14,6 +14,8 @@ pub mod lambda;
 pub mod lines;
 pub mod process;
 pub mod redact;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
 pub mod serve;
 pub mod supervisor;
 
@@ -59,6 +61,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
             )
             .await?;
             handler.supervisor().shutdown(STOP_GRACE).await;
+            Ok(())
+        }
+        #[cfg(feature = "sandbox")]
+        Some(Mode::SandboxProbe) => {
+            let report = sandbox::probe_report(&config.plugin.sandbox);
+            println!("{}", serde_json::to_string(&report).expect("JSON"));
             Ok(())
         }
         Some(Mode::Lambda) | None => {
@@ -121,6 +129,7 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         backwards,
     });
     let spec = Spec {
+        confine: confine(config, &manifest, &plugin_dir)?,
         python: o.python.clone(),
         entrypoint: manifest.entrypoint.clone(),
         plugin_dir,
@@ -152,6 +161,42 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         manifest.identity(),
         started,
     )))
+}
+
+/// The plugin's sandbox (`bootstrap serve` only: on Lambda, Firecracker is the sandbox).
+#[cfg(feature = "sandbox")]
+fn confine(
+    config: &Config,
+    manifest: &connector::manifest::Manifest,
+    plugin_dir: &std::path::Path,
+) -> Result<Option<Arc<dyn process::Confine>>, Error> {
+    let o = &config.plugin;
+    if !matches!(config.mode, Some(Mode::Serve { .. })) {
+        if o.sandbox.mode != sandbox::Mode::Off {
+            tracing::warn!(
+                "SRI_SANDBOX applies to `bootstrap serve` only; on Lambda the function's own VM is the sandbox"
+            );
+        }
+        return Ok(None);
+    }
+    let needs = sandbox::Needs {
+        plugin_dir: std::fs::canonicalize(plugin_dir).unwrap_or_else(|_| plugin_dir.to_path_buf()),
+        python: o.python.clone(),
+        python_path: o.python_path(),
+        memory_bytes: manifest.memory_bytes,
+        function: o.function_name(),
+    };
+    Ok(sandbox::Plan::new(&o.sandbox, &needs)?.map(|p| p as Arc<dyn process::Confine>))
+}
+
+/// Without the `sandbox` feature (Lambda builds) the plugin is a plain child process.
+#[cfg(not(feature = "sandbox"))]
+fn confine(
+    _: &Config,
+    _: &connector::manifest::Manifest,
+    _: &std::path::Path,
+) -> Result<Option<Arc<dyn process::Confine>>, Error> {
+    Ok(None)
 }
 
 /// Variables the plugin inherits: what a Python program needs to run, reach the network and

@@ -48,6 +48,22 @@ pub struct Spec {
     pub python_path: Option<String>,
     /// The plugin's whole environment (see [`crate::plugin_env`]): nothing else is inherited.
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// The sandbox it runs in, if any.
+    pub confine: Option<Arc<dyn Confine>>,
+}
+
+/// Confines a plugin process (the bootstrap's sandbox, when built in); this module only
+/// spawns through it.
+pub trait Confine: Send + Sync + std::fmt::Debug {
+    /// Adds the confinement to `cmd` for spawn `generation`; what it returns lives as long as
+    /// the process.
+    fn confine(&self, cmd: &mut Command, generation: u64) -> Result<Box<dyn Confined>, Error>;
+}
+
+/// A confined process's side of its sandbox.
+pub trait Confined: Send + Sync {
+    /// The process's exit status, with what the sandbox knows about it (e.g. its memory limit).
+    fn explain(&self, status: String) -> String;
 }
 
 /// What every plugin process of a runtime shares.
@@ -330,6 +346,10 @@ impl PluginProcess {
                 Ok(())
             });
         }
+        let confined = match &spec.confine {
+            Some(c) => Some(c.confine(&mut cmd, generation)?),
+            None => None,
+        };
         let mut child = cmd.spawn().map_err(|e| Error::Spawn {
             python: spec.python.clone(),
             source: e,
@@ -363,7 +383,7 @@ impl PluginProcess {
         tokio::spawn(
             process
                 .clone()
-                .read_stdout(stdout, child, stderr_task, exited),
+                .read_stdout(stdout, child, stderr_task, exited, confined),
         );
         Ok(process)
     }
@@ -536,6 +556,7 @@ impl PluginProcess {
         mut child: Child,
         stderr_task: tokio::task::JoinHandle<()>,
         exited: mpsc::UnboundedSender<u64>,
+        confined: Option<Box<dyn Confined>>,
     ) {
         let mut lines = LineReader::new(stdout, self.shared.max_line);
         loop {
@@ -565,8 +586,13 @@ impl PluginProcess {
         let stdin_consumed = self
             .stdin_unread()
             .map(|unread| self.written.load(Ordering::Acquire).saturating_sub(unread));
+        let status = match &confined {
+            Some(c) => c.explain(describe(status)),
+            None => describe(status),
+        };
+        drop(confined);
         let exit = Arc::new(Exit {
-            status: describe(status),
+            status,
             stderr_tail: self.tail.lock().expect("tail lock").text(),
             stdin_consumed,
         });

@@ -44,6 +44,8 @@ pub mod packaging;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod requirements;
+#[cfg(feature = "server")]
+pub mod sandbox;
 pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;

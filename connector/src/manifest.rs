@@ -18,6 +18,9 @@ pub struct Manifest {
     pub entrypoint: String,
     /// `meta.runner.version`: the Python version the plugin asks for.
     pub python_version: Option<String>,
+    /// `resource.memory`: the memory the plugin declares it needs, in bytes (the local
+    /// sandbox's memory limit, the Lambda function's memory size).
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -26,6 +29,12 @@ struct Raw {
     name: Option<String>,
     version: Option<serde_yaml_ng::Value>,
     meta: Option<Meta>,
+    resource: Option<Resource>,
+}
+
+#[derive(Deserialize)]
+struct Resource {
+    memory: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]
@@ -95,7 +104,20 @@ impl Manifest {
         let name = field(raw.name, "name")?;
         let version = field(raw.version.and_then(scalar), "version")?;
         check_identity(&author, &name, &version)?;
+        let memory_bytes = match raw.resource.and_then(|r| r.memory) {
+            None | Some(serde_yaml_ng::Value::Null) => None,
+            Some(v) => match scalar(v).and_then(|s| s.trim().parse::<u64>().ok()) {
+                Some(0) => None,
+                Some(b) => Some(b),
+                None => {
+                    return Err(
+                        "`resource.memory` is not a whole number of bytes (e.g. 268435456)".into(),
+                    );
+                }
+            },
+        };
         Ok(Self {
+            memory_bytes,
             author,
             name,
             version,
@@ -179,6 +201,17 @@ mod tests {
             assert!(is_version(v), "{v}");
         }
         check_identity("acme-foo", "foo_bar", "1.0.0").unwrap();
+        assert_eq!(m.memory_bytes, None);
+    }
+
+    #[test]
+    fn reads_the_declared_memory() {
+        let with = |v: &str| Manifest::parse(&format!("{OK}resource:\n  memory: {v}\n"));
+        assert_eq!(with("268435456").unwrap().memory_bytes, Some(268_435_456));
+        assert_eq!(with("\"1048576\"").unwrap().memory_bytes, Some(1_048_576));
+        assert_eq!(with("0").unwrap().memory_bytes, None);
+        let err = with("lots").unwrap_err();
+        assert!(err.contains("resource.memory"), "{err}");
     }
 
     #[test]

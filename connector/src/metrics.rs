@@ -125,6 +125,15 @@ pub struct Metrics {
     pub active_streams: Gauge,
     /// Launches by result.
     pub launches: Family<ResultLabel, Counter>,
+    /// The plugin sandbox's mechanisms: 1 in use, 0 not (see [`Metrics::sandbox`]).
+    pub sandbox: Family<MechanismLabel, Gauge>,
+}
+
+/// Label: a sandbox mechanism.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MechanismLabel {
+    /// One of [`crate::sandbox::MECHANISMS`], or [`OTHER`].
+    pub mechanism: &'static str,
 }
 
 impl Default for Metrics {
@@ -162,6 +171,12 @@ impl Default for Metrics {
             active_streams.clone(),
         );
         registry.register("launches", "Launches by result", launches.clone());
+        let sandbox = Family::<MechanismLabel, Gauge>::default();
+        registry.register(
+            "sandbox_mechanism",
+            "Plugin sandbox mechanisms on the local backend: 1 in use, 0 not available",
+            sandbox.clone(),
+        );
         Self {
             registry,
             invocations,
@@ -170,6 +185,7 @@ impl Default for Metrics {
             duration,
             active_streams,
             launches,
+            sandbox,
         }
     }
 }
@@ -189,6 +205,19 @@ impl Metrics {
         self.invocations
             .get_or_create(&ActionLabel::of(action))
             .inc();
+    }
+
+    /// Records which sandbox mechanisms are in use (none reported when the sandbox is off).
+    pub fn sandbox(&self, report: &crate::sandbox::Report) {
+        if report.mode == crate::sandbox::Mode::Off {
+            return;
+        }
+        for m in crate::sandbox::MECHANISMS {
+            let on = report.active.iter().any(|a| a == m);
+            self.sandbox
+                .get_or_create(&MechanismLabel { mechanism: m })
+                .set(i64::from(on));
+        }
     }
 
     /// The text exposition.

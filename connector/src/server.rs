@@ -118,11 +118,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/functions/{name}/invoke", post(gateway::invoke_legacy))
         .route(
             "/healthz",
-            get(|| async {
-                (
-                    [("content-type", "application/json")],
-                    "{\"status\":\"ok\"}",
-                )
+            get(|State(s): State<Arc<AppState>>| async move {
+                let mut body = serde_json::json!({"status": "ok"});
+                if let Some(report) = s.backend.sandbox() {
+                    body["sandbox"] = serde_json::json!(report);
+                }
+                ([("content-type", "application/json")], body.to_string())
             }),
         )
         .route(

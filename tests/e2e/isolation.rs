@@ -4,7 +4,8 @@
 //! - A caller that stops reading a flood is cut at its session's buffer budget (or its deadline)
 //!   while a fast tool on the same plugin keeps answering in milliseconds.
 //! - A replaced process dies when its last session ends or reaches its deadline, even when that
-//!   session's caller never reads; a SIGKILLed bootstrap takes its plugin with it.
+//!   session's caller never reads; a SIGKILLed bootstrap takes its plugin with it, sandboxed
+//!   or not.
 //! - A fixture plugin reading `/proc/<ppid>/environ`, `/proc/<ppid>/mem` and its own
 //!   environment finds no canary secret under `bootstrap serve`, the Lambda emulator and the
 //!   connector's local backend.
@@ -211,17 +212,64 @@ async fn a_replaced_process_dies_at_its_last_sessions_deadline_though_its_caller
     assert_eq!(health(&base).await["generation"], 2);
 }
 
-#[tokio::test]
-async fn a_killed_bootstrap_takes_its_plugin_with_it() {
-    let b = Bootstrap::start(Options::new("faults"));
+/// Every process below `pid` (by host pid: a sandboxed plugin is PID 1 of its own namespace).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            Some((p, rest.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// SIGKILLs a ready bootstrap (sandbox `mode`) and waits for every process it started to go.
+async fn a_killed_bootstrap_takes_its_plugin_with_it(mode: &str) {
+    let b = Bootstrap::start(Options::new("faults").env("SRI_SANDBOX", mode));
     b.wait_ready().await;
-    let (plugin, _) = whoami(&b.url()).await;
+    whoami(&b.url()).await;
+    let below = descendants(b.pid());
+    assert!(
+        !below.is_empty(),
+        "no plugin process under the bootstrap (sandbox {mode})"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(b.pid() as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the bootstrap");
-    wait_gone(plugin, Duration::from_secs(10), "the orphaned plugin").await;
+    for pid in below {
+        let what = format!("a process of the killed bootstrap (sandbox {mode})");
+        wait_gone(pid, Duration::from_secs(10), &what).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_bootstrap_takes_its_plugin_with_it_unsandboxed() {
+    a_killed_bootstrap_takes_its_plugin_with_it("off").await;
+}
+
+/// As root the sandboxed plugin changes uid, which disarms a parent-death signal set before.
+#[tokio::test]
+async fn a_killed_bootstrap_takes_its_sandboxed_plugin_with_it() {
+    a_killed_bootstrap_takes_its_plugin_with_it("required").await;
 }
 
 /// Canary secrets, unique to this run.
@@ -377,7 +425,11 @@ async fn under_the_local_backend_the_plugin_finds_no_secret() {
         api_key: c.api_key.clone(),
         ..ConnectorOptions::default()
     }
-    .env("SRI_SIGNING_KEYS", format!("k1:{}", c.signing_b64()));
+    .env("SRI_SIGNING_KEYS", format!("k1:{}", c.signing_b64()))
+    // The hardening that holds without the plugin sandbox (a host that allows none of it):
+    // the plugin sees its ancestors and still finds nothing. Sandboxed, it does not even see
+    // them (tests/e2e/sandbox.rs).
+    .env("SRI_SANDBOX", "off");
     for (k, v) in c.env() {
         if k != "DIFY_PLUGIN_SERVERLESS_CONNECTOR_API_KEY" {
             opts = opts.env(k, v);

@@ -46,6 +46,8 @@ pub struct LocalOptions {
     pub index_url: Option<String>,
     /// How long one installer step may take (`SRI_INSTALL_TIMEOUT_SECS`).
     pub install_timeout: Duration,
+    /// The plugins' sandbox (`SRI_SANDBOX*`).
+    pub sandbox: crate::sandbox::SandboxOptions,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -63,6 +65,7 @@ struct Running {
 /// Functions as local processes.
 pub struct LocalBackend {
     opts: LocalOptions,
+    sandbox: crate::sandbox::Report,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -76,8 +79,11 @@ impl LocalBackend {
                 e,
             )
         })?;
+        // Before any function starts: `required` on a host without it stops here.
+        let sandbox = crate::sandbox::probe(&opts.bootstrap, &opts.sandbox, &opts.data_dir).await?;
         let this = Arc::new(Self {
             opts,
+            sandbox,
             running: Mutex::new(HashMap::new()),
         });
         let mut entries = tokio::fs::read_dir(&functions)
@@ -263,7 +269,10 @@ impl LocalBackend {
         let mut c = match &self.opts.uv {
             Some(uv) => {
                 let mut c = child::command(uv);
-                c.args(["pip", "install", "--quiet", "--python"])
+                // Bytecode compiled now (pip does so by default): a sandboxed plugin sees its
+                // venv read-only, and would recompile every import at every start (seconds).
+                c.args(["pip", "install", "--quiet", "--compile-bytecode"])
+                    .arg("--python")
                     .arg(python);
                 c
             }
@@ -459,6 +468,10 @@ impl Backend for LocalBackend {
         }
         .boxed()
     }
+
+    fn sandbox(&self) -> Option<crate::sandbox::Report> {
+        Some(self.sandbox.clone())
+    }
 }
 
 /// Environment variables a function inherits from the connector.
@@ -507,6 +520,7 @@ async fn supervise(
             // What SRI v2 signatures for this function bind.
             .env("SRI_FUNCTION_NAME", &name)
             .env("AWS_LAMBDA_LOG_FORMAT", "json")
+            .envs(opts.sandbox.env(&opts.data_dir))
             .env_remove("AWS_LAMBDA_RUNTIME_API")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

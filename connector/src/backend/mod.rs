@@ -61,6 +61,10 @@ pub trait Backend: Send + Sync + 'static {
     fn gc(&self, keep: usize) -> BoxFuture<'_, Result<Vec<String>, Error>>;
     /// Stops what the backend runs (connector shutdown).
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// What the plugin sandbox does here, for backends that sandbox plugins themselves.
+    fn sandbox(&self) -> Option<crate::sandbox::Report> {
+        None
+    }
 }
 
 /// `s` with only lowercase letters, digits and `-` (safe in function names of every backend).

@@ -99,6 +99,9 @@ pub struct ServeOptions {
     /// What a package may expand to (the intake's limits).
     #[command(flatten)]
     pub intake: crate::intake::Limits,
+    /// The local backend's plugin sandbox.
+    #[command(flatten)]
+    pub sandbox: crate::sandbox::SandboxOptions,
     /// Refuse packages whose signature the daemon did not verify (pair with the daemon's
     /// `FORCE_VERIFYING_SIGNATURE`).
     #[arg(long, env = "SRI_REQUIRE_VERIFIED", default_value_t = false, action = clap::ArgAction::Set)]
@@ -218,6 +221,7 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 ready_timeout: Duration::from_secs(o.ready_timeout_secs),
                 index_url: o.index_url.clone(),
                 install_timeout: Duration::from_secs(o.install_timeout_secs),
+                sandbox: o.sandbox.clone(),
             })
             .await?
         }
@@ -295,6 +299,9 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         },
         legacy_endpoints: o.legacy_endpoints,
     });
+    if let Some(report) = state.backend.sandbox() {
+        state.metrics.sandbox(&report);
+    }
     if o.legacy_endpoints {
         tracing::warn!(
             "SRI_LEGACY_ENDPOINTS is set: token-less endpoints run plugins for anyone who can \

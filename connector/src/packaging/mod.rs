@@ -378,7 +378,9 @@ async fn build_in(
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| archive::io_err(&dest, e))?;
     }
-    let config = FunctionConfig::template(&target);
+    // The manifest's `resource.memory` sizes the function (`SRI_LAMBDA_MEMORY_MB` still
+    // overrides it at deploy).
+    let config = FunctionConfig::template(&target).with_manifest_memory(pkg.manifest.memory_bytes);
     let config_path = root.join("sri-function.json");
     std::fs::write(
         &config_path,

@@ -239,11 +239,54 @@ impl FunctionConfig {
         c.architecture = target.arch.lambda_name().to_owned();
         c
     }
+
+    /// With the memory the plugin's manifest declares (`resource.memory`, bytes), rounded up
+    /// into Lambda's range; the template's size when it declares none.
+    pub fn with_manifest_memory(mut self, bytes: Option<u64>) -> Self {
+        if let Some(b) = bytes {
+            self.memory_mb = lambda_memory_mb(b);
+        }
+        self
+    }
+}
+
+/// Lambda's smallest and largest memory sizes, in MB.
+pub const LAMBDA_MEMORY_MB: std::ops::RangeInclusive<u32> = 128..=10240;
+
+/// `bytes` as a Lambda memory size: whole MiB, rounded up, within [`LAMBDA_MEMORY_MB`].
+pub fn lambda_memory_mb(bytes: u64) -> u32 {
+    let mb = bytes.div_ceil(1024 * 1024);
+    mb.clamp(
+        u64::from(*LAMBDA_MEMORY_MB.start()),
+        u64::from(*LAMBDA_MEMORY_MB.end()),
+    ) as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_memory_rounds_up_into_lambdas_range() {
+        assert_eq!(lambda_memory_mb(268_435_456), 256);
+        assert_eq!(lambda_memory_mb(268_435_457), 257);
+        assert_eq!(lambda_memory_mb(1), 128);
+        assert_eq!(lambda_memory_mb(64 * 1024 * 1024 * 1024), 10240);
+        let t = Target {
+            arch: Arch::X86_64,
+            python: PythonVersion::Py312,
+        };
+        assert_eq!(
+            FunctionConfig::template(&t)
+                .with_manifest_memory(Some(512 << 20))
+                .memory_mb,
+            512
+        );
+        assert_eq!(
+            FunctionConfig::template(&t).with_manifest_memory(None),
+            FunctionConfig::template(&t)
+        );
+    }
 
     #[test]
     fn names_parse_and_print() {
