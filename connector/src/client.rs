@@ -232,6 +232,11 @@ impl Client {
             .await
     }
 
+    /// The key ring this client signs with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
     /// Invokes `action` on the function `function` (its name at the gateway) at `target`. The
     /// SRI v2 signature binds the name the function knows itself by: the Lambda function name
     /// for Lambda targets, `function` for a `bootstrap serve` (the local backend passes it as
@@ -244,6 +249,21 @@ impl Client {
         envelope: Bytes,
         traceparent: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
+        self.invoke_function_with(function, target, action, envelope, traceparent, None)
+            .await
+    }
+
+    /// [`Client::invoke_function`], also sending the relay's session claim (see
+    /// [`crate::relay::claim`]) when there is one.
+    pub async fn invoke_function_with(
+        &self,
+        function: &str,
+        target: &Target,
+        action: &str,
+        envelope: Bytes,
+        traceparent: Option<&str>,
+        claim: Option<&str>,
+    ) -> Result<EventStream, InvokeError> {
         let parsed = Envelope::parse(envelope.clone())
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         let call = Call {
@@ -252,6 +272,7 @@ impl Client {
             action,
             envelope: &envelope,
             traceparent,
+            claim,
         };
         match target {
             Target::Http { url } | Target::H2c { url } => {
@@ -401,6 +422,9 @@ impl Client {
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(JSON));
         headers.insert(http::header::ACCEPT, HeaderValue::from_static(EVENT_STREAM));
+        if let Some(claim) = call.claim.and_then(|c| HeaderValue::from_str(c).ok()) {
+            headers.insert(crate::protocol::relay::HEADER_CLAIM, claim);
+        }
         if let Some(tp) = call.traceparent {
             match HeaderValue::from_str(tp) {
                 Ok(v) => {
@@ -565,6 +589,8 @@ struct Call<'a> {
     action: &'a str,
     envelope: &'a Bytes,
     traceparent: Option<&'a str>,
+    /// The relay's session claim, passed to the function (not signed: it carries its own MAC).
+    claim: Option<&'a str>,
 }
 
 /// The longest SSE line (and event) the client accepts by default (the daemon's 5 MiB line plus

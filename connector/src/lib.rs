@@ -43,6 +43,8 @@ pub mod package;
 pub mod packaging;
 pub mod protocol;
 #[cfg(feature = "server")]
+pub mod relay;
+#[cfg(feature = "server")]
 pub mod requirements;
 pub mod secret;
 #[cfg(feature = "server")]

@@ -110,6 +110,16 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Label of a backwards call through the relay (never a session id).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackwardsLabel {
+    /// One of `relay::TYPES`, or [`OTHER`].
+    pub r#type: &'static str,
+    /// `ok`, `unauthorized`, `forbidden`, `bad_request`, `daemon_error`,
+    /// `daemon_unreachable`, `daemon_timeout` or `broken`.
+    pub outcome: &'static str,
+}
+
 /// The connector's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -125,6 +135,8 @@ pub struct Metrics {
     pub active_streams: Gauge,
     /// Launches by result.
     pub launches: Family<ResultLabel, Counter>,
+    /// Backwards calls through the relay by type and outcome.
+    pub backwards: Family<BackwardsLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -162,6 +174,12 @@ impl Default for Metrics {
             active_streams.clone(),
         );
         registry.register("launches", "Launches by result", launches.clone());
+        let backwards = Family::<BackwardsLabel, Counter>::default();
+        registry.register(
+            "backwards_calls",
+            "Backwards invocations through the relay by type and outcome",
+            backwards.clone(),
+        );
         Self {
             registry,
             invocations,
@@ -170,6 +188,7 @@ impl Default for Metrics {
             duration,
             active_streams,
             launches,
+            backwards,
         }
     }
 }

@@ -646,7 +646,7 @@ async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<
     };
     let context = LambdaContext {
         signing_keys: Secret(harness::keys_env(&[harness::SECRET_A])),
-        daemon_url: None,
+        backwards_env: Vec::new(),
         uv: root().join(".venv/tools/bin/uv"),
         index_url: None,
         install_timeout: std::time::Duration::from_secs(900),

@@ -31,9 +31,7 @@ impl LambdaBackend {
             "SRI_SIGNING_KEYS".into(),
             self.context.signing_keys.0.clone(),
         );
-        if let Some(url) = &self.context.daemon_url {
-            env.insert("DIFY_PLUGIN_DAEMON_URL".into(), url.clone());
-        }
+        env.extend(self.context.backwards_env.iter().cloned());
         let mut layers = Vec::new();
         if let Some(layer) = &self.options.bootstrap_layer_arn {
             layers.push(layer.clone());
