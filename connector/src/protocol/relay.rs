@@ -18,3 +18,10 @@ pub const HEADER_FUNCTION: &str = "x-dify-plugin-function";
 pub const HEADER_CLAIM: &str = "x-sri-relay-claim";
 /// The daemon's session header on a backwards call.
 pub const HEADER_DAEMON_SESSION: &str = "dify-plugin-session-id";
+
+/// A session claim's expiry (Unix seconds): claims are `v1.{expiry}.{kid}.{hex mac}`, made and
+/// checked by the connector (`connector::relay::claim`); the bootstrap only keeps them, and
+/// forgets them once expired.
+pub fn claim_expiry(claim: &str) -> Option<u64> {
+    claim.strip_prefix("v1.")?.split('.').next()?.parse().ok()
+}

@@ -99,12 +99,6 @@ pub fn verify(
     Ok(())
 }
 
-/// The expiry of a claim (Unix seconds), without checking it: what the bootstrap needs to
-/// forget claims of sessions long over.
-pub fn expiry_of(claim: &str) -> Option<u64> {
-    claim.strip_prefix("v1.")?.split('.').next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +113,7 @@ mod tests {
     fn a_claim_binds_session_function_expiry_and_ring() {
         let r = ring(1);
         let c = issue(&r, "fn-a", "sess", 1000);
-        assert_eq!(expiry_of(&c), Some(1000));
+        assert_eq!(crate::protocol::relay::claim_expiry(&c), Some(1000));
         assert_eq!(verify(&r, Some(&c), "fn-a", "sess", 999), Ok(()));
         assert_eq!(verify(&r, Some(&c), "fn-a", "sess", 1000), Ok(()));
         assert_eq!(
