@@ -121,7 +121,9 @@ impl Backwards {
             let now = unix_now();
             claims.retain(|_, (_, exp)| *exp >= now);
             if claims.len() >= MAX_CLAIMS {
-                tracing::warn!("too many session claims held; this session's backwards calls will be refused by other relay replicas");
+                tracing::warn!(
+                    "too many session claims held; this session's backwards calls will be refused by other relay replicas"
+                );
                 return;
             }
         }

@@ -255,7 +255,11 @@ async fn launch_deploys_a_versioned_streaming_function_and_relaunch_changes_noth
         Some("https://relay.example.com")
     );
     assert_eq!(env.get("SRI_BACKWARDS").map(String::as_str), Some("relay"));
-    assert!(!env.contains_key("DIFY_PLUGIN_DAEMON_URL"), "{:?}", env.keys());
+    assert!(
+        !env.contains_key("DIFY_PLUGIN_DAEMON_URL"),
+        "{:?}",
+        env.keys()
+    );
     assert!(env.contains_key("PLUGIN_MAX_EXECUTION_TIMEOUT"));
     let tags = f.tags().cloned().unwrap_or_default();
     assert_eq!(

@@ -288,7 +288,12 @@ async fn refused_calls_never_reach_the_daemon() {
         let b = Backwards::new(&name, &stray);
         v.push(("not in flight", 403, "not in flight", b.headers(), b.body()));
         let b = Backwards {
-            claim: Some(claim::issue(&signer("k1", SECRET_A), &name, &sid, now() + 60)),
+            claim: Some(claim::issue(
+                &signer("k1", SECRET_A),
+                &name,
+                &sid,
+                now() + 60,
+            )),
             ..Backwards::new(&name, &stray)
         };
         v.push((
@@ -299,11 +304,22 @@ async fn refused_calls_never_reach_the_daemon() {
             b.body(),
         ));
         let b = Backwards {
-            claim: Some(claim::issue(&signer("k1", SECRET_A), &name, &stray, now() - 5)),
+            claim: Some(claim::issue(
+                &signer("k1", SECRET_A),
+                &name,
+                &stray,
+                now() - 5,
+            )),
             ..Backwards::new(&name, &stray)
         };
         v.push(("expired claim", 403, "expired", b.headers(), b.body()));
-        v.push(("replay", 401, "replayed", accepted.0.clone(), accepted.1.clone()));
+        v.push((
+            "replay",
+            401,
+            "replayed",
+            accepted.0.clone(),
+            accepted.1.clone(),
+        ));
         v
     };
     for (what, status, reason, headers, body) in refusals {
@@ -316,7 +332,12 @@ async fn refused_calls_never_reach_the_daemon() {
     // Another replica's session: vouched for by the claim its gateway issued.
     let elsewhere = session_id("elsewhere");
     let b = Backwards {
-        claim: Some(claim::issue(&signer("k1", SECRET_A), &name, &elsewhere, now() + 60)),
+        claim: Some(claim::issue(
+            &signer("k1", SECRET_A),
+            &name,
+            &elsewhere,
+            now() + 60,
+        )),
         ..Backwards::new(&name, &elsewhere)
     };
     let (status, text) = post(&relay, b.headers(), b.body()).await;
@@ -335,7 +356,10 @@ async fn refused_calls_never_reach_the_daemon() {
             break;
         }
         assert_eq!(status, 200, "{text}");
-        assert!(Instant::now() < deadline, "still accepted 10 s after the end");
+        assert!(
+            Instant::now() < deadline,
+            "still accepted 10 s after the end"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -401,7 +425,11 @@ async fn a_daemon_that_refuses_is_slow_or_down_fails_the_call_in_time() {
     let (_, o) = call(&d, &endpoint, "all_calls", storage.clone()).await;
     failed(&o, "session id not found", Duration::from_secs(30));
     assert!(
-        o.result().unwrap_err().to_value().to_string().contains("400"),
+        o.result()
+            .unwrap_err()
+            .to_value()
+            .to_string()
+            .contains("400"),
         "{}",
         o.transcript()
     );

@@ -193,7 +193,11 @@ impl Connector {
     pub fn relay_url(&self) -> String {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(a) = self.logs().iter().find_map(|l| logged_listen(l, "relay listening")) {
+            if let Some(a) = self
+                .logs()
+                .iter()
+                .find_map(|l| logged_listen(l, "relay listening"))
+            {
                 return format!("http://{a}");
             }
             assert!(

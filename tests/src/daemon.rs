@@ -215,7 +215,8 @@ async fn transaction(
             let q = invoke["request"]["tool_parameters"]["q"]
                 .as_str()
                 .unwrap_or_default();
-            let msg = json!({"type": "text", "message": {"text": format!("echo:{q}")}, "meta": null});
+            let msg =
+                json!({"type": "text", "message": {"text": format!("echo:{q}")}, "meta": null});
             script.push((Duration::ZERO, line("response", "stream", msg)));
             script.push((Duration::ZERO, line("end", "", Value::Null)));
         }
@@ -234,7 +235,8 @@ async fn transaction(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let st = state.clone();
     tokio::spawn(async move {
-        let mut enc = gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut enc =
+            gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
         // Every piece is flushed as written (the daemon flushes each line).
         let mut encode = |s: &[u8]| -> Bytes {
             match enc.as_mut() {

@@ -33,10 +33,14 @@ pub enum ClaimError {
     )]
     Missing,
     /// The claim is not `v1.{expiry}.{kid}.{hex}`.
-    #[error("malformed session claim (header `x-sri-relay-claim`): pass on the one the gateway sent")]
+    #[error(
+        "malformed session claim (header `x-sri-relay-claim`): pass on the one the gateway sent"
+    )]
     Malformed,
     /// The claim names a key the ring does not hold.
-    #[error("the session claim was made with a key this connector's SRI_SIGNING_KEYS does not hold")]
+    #[error(
+        "the session claim was made with a key this connector's SRI_SIGNING_KEYS does not hold"
+    )]
     UnknownKey,
     /// The claim is for another session or function, or forged.
     #[error(
@@ -138,8 +142,18 @@ mod tests {
             verify(&ring(2), Some(&c), "fn-a", "sess", 999),
             Err(ClaimError::UnknownKey)
         );
-        assert_eq!(verify(&r, None, "fn-a", "sess", 999), Err(ClaimError::Missing));
-        for bad in ["", "v1", "v2.1.k1.00", "v1.x.k1.00", "v1.1.k1.zz", &"v1.1.k1.".repeat(99)] {
+        assert_eq!(
+            verify(&r, None, "fn-a", "sess", 999),
+            Err(ClaimError::Missing)
+        );
+        for bad in [
+            "",
+            "v1",
+            "v2.1.k1.00",
+            "v1.x.k1.00",
+            "v1.1.k1.zz",
+            &"v1.1.k1.".repeat(99),
+        ] {
             assert_eq!(
                 verify(&r, Some(bad), "fn-a", "sess", 0),
                 Err(ClaimError::Malformed),

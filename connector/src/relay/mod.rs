@@ -33,13 +33,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::metrics::{BackwardsLabel, Metrics};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use crate::protocol::events;
 pub use crate::protocol::relay::{
     ACTION, HEADER_CLAIM, HEADER_DAEMON_SESSION, HEADER_FUNCTION, TRANSACTION_PATH,
 };
 use crate::protocol::signing::{Expected, KeyRing, ReplayGuard};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sessions::{Known, Sessions};
 
 /// Default seconds a finished session's calls are still accepted.
@@ -301,7 +301,9 @@ impl Relay {
             })?
             .to_str()
             .map_err(|_| {
-                Refusal::unauthorized(format!("malformed header `{HEADER_FUNCTION}`: not visible ASCII"))
+                Refusal::unauthorized(format!(
+                    "malformed header `{HEADER_FUNCTION}`: not visible ASCII"
+                ))
             })?;
         let now = unix_now();
         let expected = Expected {
@@ -315,7 +317,9 @@ impl Relay {
             .verify(headers, &expected, now, self.max_skew_secs)
             .map_err(Refusal::unauthorized)?;
         let session = verified.session_id.clone();
-        self.replays.check(&verified).map_err(Refusal::unauthorized)?;
+        self.replays
+            .check(&verified)
+            .map_err(Refusal::unauthorized)?;
         match self.sessions.lookup(&session) {
             Known::Live(owner) if owner == function => {}
             Known::Live(_) => {
@@ -434,7 +438,10 @@ impl Relay {
                 out = out.header(name, v.clone());
             }
         }
-        out = out.header(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        out = out.header(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
         // Counted once the answer has been passed on whole, or when it broke off.
         struct Done(RelayMetrics, &'static str, &'static str);
         impl Drop for Done {
@@ -507,7 +514,12 @@ pub fn function_env(
 
 /// The claim the gateway sends with an invocation of `session` on `function`.
 pub fn claim_for(keys: &KeyRing, sessions: &Sessions, function: &str, session: &str) -> String {
-    claim::issue(keys, function, session, unix_now() + sessions.ttl().as_secs())
+    claim::issue(
+        keys,
+        function,
+        session,
+        unix_now() + sessions.ttl().as_secs(),
+    )
 }
 
 /// Backwards calls by type and outcome (both closed sets; never a session id): a handle on

@@ -147,9 +147,10 @@ impl Sessions {
         }
         inner.last_sweep = Some(now);
         let remember = self.remember;
-        inner
-            .map
-            .retain(|_, e| e.finished.is_none_or(|at| now.duration_since(at) <= remember));
+        inner.map.retain(|_, e| {
+            e.finished
+                .is_none_or(|at| now.duration_since(at) <= remember)
+        });
         if inner.map.len() >= MAX_FINISHED {
             let grace = self.grace;
             inner
