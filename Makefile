@@ -55,12 +55,13 @@ demo: tools ## sri serve + local backend: launch the sample plugin, stream a too
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	tests/tooling/demo.sh
 
-bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging runs); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging, ~30 s relay runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
 	$(CARGO) build --profile dist --locked -p sri-bootstrap --no-default-features
 	$(CARGO) run --release --locked -p sri-tests --example bench
 	$(CARGO) run --release --locked -p sri-tests --example bench_connector
 	$(CARGO) run --release --locked -p sri-tests --example bench_intake
+	$(CARGO) run --release --locked -p sri-tests --example bench_relay
 	$(MAKE) lambda-bootstrap
 	SRI_BOOTSTRAP_ARM64=$(CURDIR)/target/lambda/arm64/bootstrap SRI_BOOTSTRAP_X86_64=$(CURDIR)/target/lambda/x86_64/bootstrap \
 	  $(CARGO) run --release --locked -p sri-tests --example bench_packaging
