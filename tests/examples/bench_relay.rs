@@ -10,7 +10,6 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
@@ -40,8 +39,8 @@ fn line(event: &str, data: &str) -> String {
     )
 }
 
-/// The daemon's route: a small answer (one response line and `end`), or, with `x-bench: bulk`,
-/// a streamed LLM answer of [`STREAM_BYTES`] in 64 KiB writes.
+/// The daemon's route: a small answer (one response line and `end`), or, for an `llm` call, a
+/// streamed answer of [`STREAM_BYTES`] in 64 KiB writes.
 fn daemon(bulk: Arc<Vec<Bytes>>) -> Router {
     let small = Bytes::from(format!(
         "{}{}",
@@ -50,10 +49,11 @@ fn daemon(bulk: Arc<Vec<Bytes>>) -> Router {
     ));
     Router::new().route(
         TRANSACTION_PATH,
-        post(move |headers: HeaderMap, _body: Bytes| {
+        post(move |body: Bytes| {
             let (small, bulk) = (small.clone(), bulk.clone());
             async move {
-                let body = if headers.contains_key("x-bench") {
+                let llm = memchr_llm(&body);
+                let body = if llm {
                     let chunks: Vec<Result<Bytes, std::convert::Infallible>> =
                         bulk.iter().cloned().map(Ok).collect();
                     Body::from_stream(futures_util::stream::iter(chunks))
@@ -86,15 +86,28 @@ fn bulk_chunks() -> Vec<Bytes> {
     out
 }
 
+fn memchr_llm(body: &[u8]) -> bool {
+    let needle = b"\"type\":\"llm\"";
+    body.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A backwards call's body of the given invocation type.
+fn call_body(kind: &str) -> Bytes {
+    Bytes::from(format!(
+        "{{\"event\":\"session\",\"session_id\":\"{SESSION}\",\"data\":{{\"type\":\"invoke\",\
+         \"data\":{{\"type\":\"{kind}\",\"backwards_request_id\":\"r\",\"request\":{{\"opt\":\"get\",\"key\":\"greeting\"}}}}}}}}"
+    ))
+}
+
 struct Caller {
     http: reqwest::Client,
     keys: connector::protocol::signing::KeyRing,
-    body: Bytes,
 }
 
 impl Caller {
     /// One call; the whole answer read. Signed as the bootstrap signs when `relay`.
     async fn call(&self, base: &str, relay: bool, bulk: bool) -> usize {
+        let body = call_body(if bulk { "llm" } else { "storage" });
         let mut req = self
             .http
             .post(format!("{base}{TRANSACTION_PATH}"))
@@ -104,16 +117,13 @@ impl Caller {
             let mut h = http::HeaderMap::new();
             let nonce = hex::encode(rand_bytes());
             self.keys
-                .sign_v2(harness::now(), &nonce, FUNCTION, SESSION, ACTION, &self.body)
+                .sign_v2(harness::now(), &nonce, FUNCTION, SESSION, ACTION, &body)
                 .apply(&mut h)
                 .unwrap();
             h.insert(HEADER_FUNCTION, FUNCTION.parse().unwrap());
             req = req.headers(h);
         }
-        if bulk {
-            req = req.header("x-bench", "bulk");
-        }
-        let mut resp = req.body(self.body.clone()).send().await.expect("call");
+        let mut resp = req.body(body).send().await.expect("call");
         assert!(resp.status().is_success(), "{}", resp.status());
         let mut n = 0;
         while let Some(c) = resp.chunk().await.expect("body") {
@@ -178,10 +188,6 @@ async fn run() {
         // As the bootstrap's client: keep-alive, TCP_NODELAY.
         http: reqwest::Client::builder().tcp_nodelay(true).build().unwrap(),
         keys: signer("k1", SECRET_A),
-        body: Bytes::from(format!(
-            "{{\"event\":\"session\",\"session_id\":\"{SESSION}\",\"data\":{{\"type\":\"invoke\",\
-             \"data\":{{\"type\":\"storage\",\"backwards_request_id\":\"r\",\"request\":{{\"opt\":\"get\",\"key\":\"greeting\"}}}}}}}}"
-        )),
     };
 
     // Small calls, alternating which path goes first.
@@ -218,6 +224,7 @@ async fn run() {
             let base = if relay { &relay_url } else { &daemon_url };
             let t = Instant::now();
             let n = caller.call(base, relay, true).await;
+            assert!(n >= STREAM_BYTES, "the streamed answer was cut: {n} bytes");
             let mbs = n as f64 / 1e6 / t.elapsed().as_secs_f64();
             if relay {
                 relay_mbs.push(mbs)
