@@ -13,7 +13,9 @@ use axum::body::Body;
 use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
-use connector::protocol::relay::{ACTION, HEADER_DAEMON_SESSION, HEADER_FUNCTION, TRANSACTION_PATH};
+use connector::protocol::relay::{
+    ACTION, HEADER_DAEMON_SESSION, HEADER_FUNCTION, TRANSACTION_PATH,
+};
 use connector::relay::sessions::Sessions;
 use connector::relay::{BackwardsMode, Relay, RelayMetrics, RelayOptions};
 use harness::benchmarks::{knob, loadavg, median, pct, run_lines};
@@ -186,7 +188,10 @@ async fn run() {
     ));
     let caller = Caller {
         // As the bootstrap's client: keep-alive, TCP_NODELAY.
-        http: reqwest::Client::builder().tcp_nodelay(true).build().unwrap(),
+        http: reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .unwrap(),
         keys: signer("k1", SECRET_A),
     };
 
@@ -204,11 +209,7 @@ async fn run() {
             let t = Instant::now();
             caller.call(base, relay, false).await;
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            if relay {
-                r = ms
-            } else {
-                d = ms
-            }
+            if relay { r = ms } else { d = ms }
         }
         if i >= WARMUP {
             direct.push(d);
