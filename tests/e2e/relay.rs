@@ -447,3 +447,93 @@ async fn a_daemon_that_refuses_is_slow_or_down_fails_the_call_in_time() {
     let (_, o) = call(&d, &endpoint, "all_calls", storage).await;
     failed(&o, "cannot be reached", Duration::from_secs(30));
 }
+
+/// Under `cargo lambda watch` (the Function URL route), as on Lambda: the function reaches the
+/// relay by its URL, and the relay — which never saw the session go through its gateway, as
+/// another replica would not — accepts the calls by the claim the invocation carried.
+#[tokio::test]
+async fn under_cargo_lambda_callbacks_go_through_the_relay_by_their_claim() {
+    use harness::emulator::Lambda;
+    use harness::{Call, Options, read_events, texts};
+    const FN: &str = "sri-relay-lambda-fixture";
+    let daemon = FakeDaemon::start_with("greeting", b"hello from dify").await;
+    daemon.set(|b| {
+        b.heartbeat = Duration::from_millis(100);
+        b.llm_chunks = 4;
+        b.llm_delay = Duration::from_millis(300);
+    });
+    let c = Connector::start_with(
+        ConnectorOptions::default().env("DIFY_PLUGIN_DAEMON_URL", daemon.url()),
+    );
+    let lambda = Lambda::start(
+        Options::new("callbacks")
+            .env("SRI_RELAY_URL", c.relay_url())
+            .env("SRI_FUNCTION_NAME", FN),
+    );
+    let url = lambda.function_url();
+    let invoke = |claim: Option<String>| {
+        let url = url.clone();
+        async move {
+            let sid = session_id("lambda");
+            let body = envelope(&sid, tool_data("callbacks", "all_calls", json!({}), None));
+            let mut headers = http::HeaderMap::new();
+            signer("k1", SECRET_A)
+                .sign_v2(now(), &harness::nonce(), FN, &sid, "invoke_tool", &body)
+                .apply(&mut headers)
+                .unwrap();
+            if let Some(make) = claim {
+                let c = if make == "valid" {
+                    claim::issue(&signer("k1", SECRET_A), FN, &sid, now() + 600)
+                } else {
+                    make
+                };
+                headers.insert(HEADER_CLAIM, c.parse().unwrap());
+            }
+            let resp = Call {
+                base: &url,
+                action: "invoke_tool",
+                body,
+                ring: None,
+                accept: connector::protocol::EVENT_STREAM,
+            }
+            .send_with(headers)
+            .await;
+            assert_eq!(resp.status(), 200);
+            read_events(resp).await
+        }
+    };
+
+    let ev = invoke(Some("valid".into())).await;
+    let t = texts(&ev);
+    assert_eq!(
+        t.len(),
+        6,
+        "{t:?}\nbootstrap logs:\n{}",
+        lambda.logs().join("\n")
+    );
+    for (i, text) in t[..4].iter().enumerate() {
+        assert!(text.starts_with(&format!("llm:tok{i}@")), "{t:?}");
+    }
+    assert_eq!(t[4..], ["tool:echo:ping", "storage:hello from dify"]);
+    let sent = daemon.state.llm_sent_at.lock().unwrap().clone();
+    for i in 0..3 {
+        let got: f64 = t[i].rsplit('@').next().unwrap().parse().unwrap();
+        assert!(
+            got < sent[i + 1],
+            "chunk {i} buffered: {got} ≥ {}",
+            sent[i + 1]
+        );
+    }
+    assert_eq!(daemon.state.count(), 3);
+    assert_eq!(daemon.state.gzipped.load(Ordering::SeqCst), 3);
+
+    // Without a claim (or with another session's) the session is not in flight here: refused,
+    // the daemon never called, and the plugin's call fails with the reason.
+    let other = claim::issue(&signer("k1", SECRET_A), FN, "another-session", now() + 600);
+    for (claim, reason) in [(None, "not in flight"), (Some(other), "does not match")] {
+        let ev = invoke(claim).await;
+        let err = harness::error_of(&ev).to_string();
+        assert!(err.contains("403") && err.contains(reason), "{err}");
+        assert_eq!(daemon.state.count(), 3, "a refused call reached the daemon");
+    }
+}
