@@ -168,6 +168,7 @@ async fn run() {
         relay_session_ttl_secs: 900,
         relay_max_skew_secs: 300,
         relay_max_body_bytes: 32 << 20,
+        relay_max_pending_body_bytes: 256 << 20,
         relay_timeout_secs: 300,
     };
     let relay = Arc::new(Relay::new(

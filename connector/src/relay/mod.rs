@@ -90,6 +90,10 @@ pub struct RelayOptions {
     /// Largest backwards-call body accepted, in bytes.
     #[arg(long, env = "SRI_RELAY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub relay_max_body_bytes: usize,
+    /// Bytes of request bodies read at once across every relay connection, before their
+    /// signatures are checked; a call past it gets a retryable 503.
+    #[arg(long, env = "SRI_RELAY_MAX_PENDING_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub relay_max_pending_body_bytes: usize,
     /// Seconds a forwarded call may take as a whole (the SDK gives up after its
     /// `MAX_INVOCATION_TIMEOUT`, 250 s).
     #[arg(long, env = "SRI_RELAY_TIMEOUT_SECS", default_value_t = 300)]
@@ -105,6 +109,8 @@ pub struct Relay {
     client: reqwest::Client,
     max_skew_secs: u64,
     max_body: usize,
+    /// Body bytes (in KiB permits) that may be held unverified at once.
+    pending: Arc<tokio::sync::Semaphore>,
     timeout: Duration,
     body_read_timeout: Duration,
     metrics: RelayMetrics,
@@ -142,6 +148,11 @@ impl Relay {
             client,
             max_skew_secs: o.relay_max_skew_secs,
             max_body: o.relay_max_body_bytes,
+            pending: Arc::new(tokio::sync::Semaphore::new(
+                o.relay_max_pending_body_bytes
+                    .div_ceil(1024)
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             timeout: Duration::from_secs(o.relay_timeout_secs),
             body_read_timeout,
             metrics,
@@ -185,21 +196,43 @@ impl Refusal {
 }
 
 async fn transaction(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Body) -> Response {
+    let too_large = || {
+        Refusal(
+            "bad_request",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the backwards call's body is over {} bytes (SRI_RELAY_MAX_BODY_BYTES on the connector)",
+                relay.max_body
+            ),
+        )
+    };
+    // Bodies are read whole before their signatures can be checked: what all callers may have
+    // in memory at once is bounded (the declared length, else the largest body, is reserved).
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > relay.max_body) {
+        return relay.refused(OTHER_TYPE, too_large());
+    }
+    let reserve = declared.unwrap_or(relay.max_body);
+    let permits = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let Ok(_pending) = relay.pending.clone().try_acquire_many_owned(permits) else {
+        return relay.refused(
+            OTHER_TYPE,
+            Refusal(
+                "busy",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the relay is reading too many request bodies at once \
+                 (SRI_RELAY_MAX_PENDING_BODY_BYTES); retry shortly"
+                    .into(),
+            ),
+        );
+    };
     let read = axum::body::to_bytes(body, relay.max_body + 1);
     let body = match tokio::time::timeout(relay.body_read_timeout, read).await {
         Ok(Ok(b)) if b.len() <= relay.max_body => b,
         Ok(Ok(_)) => {
-            return relay.refused(
-                OTHER_TYPE,
-                Refusal(
-                    "bad_request",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the backwards call's body is over {} bytes (SRI_RELAY_MAX_BODY_BYTES on the connector)",
-                        relay.max_body
-                    ),
-                ),
-            );
+            return relay.refused(OTHER_TYPE, too_large());
         }
         Ok(Err(e)) => {
             return relay.refused(
@@ -230,6 +263,7 @@ async fn transaction(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: 
         Ok(s) => s,
         Err(r) => return relay.refused(kind, r),
     };
+    drop(_pending);
     relay.forward(kind, session, headers, body).await
 }
 
@@ -263,8 +297,7 @@ fn invocation_type(body: &[u8]) -> &'static str {
     }
 }
 
-/// Backwards invocation types of the daemon (`backwards_invocation` package), the metric's
-/// closed label set.
+/// Backwards invocation types (the SDK's `InvokeType`), the metric's closed label set.
 pub const TYPES: &[&str] = &[
     "tool",
     "llm",
@@ -281,10 +314,8 @@ pub const TYPES: &[&str] = &[
     "app",
     "storage",
     "upload_file",
+    "system_summary",
     "fetch_app",
-    "encrypt",
-    "summary",
-    "invoke_datasource",
 ];
 const OTHER_TYPE: &str = crate::metrics::OTHER;
 
@@ -365,9 +396,12 @@ impl Relay {
     fn refused(&self, kind: &'static str, Refusal(outcome, status, message): Refusal) -> Response {
         self.metrics.count(kind, outcome);
         tracing::info!(r#type = kind, outcome, %status, reason = %message, "backwards call refused");
-        let kind_name = match status {
-            StatusCode::UNAUTHORIZED => "Unauthorized",
-            StatusCode::FORBIDDEN => "Forbidden",
+        let kind_name = match outcome {
+            "unauthorized" => "Unauthorized",
+            "forbidden" => "Forbidden",
+            "busy" => "Busy",
+            "daemon_unreachable" => "DaemonUnreachable",
+            "daemon_timeout" => "DaemonTimeout",
             _ => "BadRequest",
         };
         refuse_plain(status, kind_name, &message)
@@ -567,4 +601,88 @@ pub async fn serve(
         http.serve_connection(io, service)
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn options(max_body: usize, max_pending: usize) -> RelayOptions {
+        RelayOptions {
+            backwards: BackwardsMode::Relay,
+            relay_listen: "127.0.0.1:0".parse().unwrap(),
+            relay_public_url: None,
+            relay_grace_secs: 30,
+            relay_session_ttl_secs: 900,
+            relay_max_skew_secs: 300,
+            relay_max_body_bytes: max_body,
+            relay_max_pending_body_bytes: max_pending,
+            relay_timeout_secs: 5,
+        }
+    }
+
+    async fn start(o: &RelayOptions) -> (String, Metrics) {
+        let s = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let keys: KeyRing = format!("k1:{s}").parse().unwrap();
+        let metrics = Metrics::default();
+        let relay = Relay::new(
+            keys,
+            Arc::new(Sessions::default()),
+            None,
+            o,
+            Duration::from_secs(5),
+            RelayMetrics::of(&metrics),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, router(Arc::new(relay))).await });
+        (url, metrics)
+    }
+
+    #[tokio::test]
+    async fn bodies_are_bounded_before_any_signature_is_checked() {
+        let (url, metrics) = start(&options(4096, 2048)).await;
+        let post = |n: usize| {
+            reqwest::Client::new()
+                .post(format!("{url}{TRANSACTION_PATH}"))
+                .body(vec![b'x'; n])
+                .send()
+        };
+        // Over the largest body: refused from its declared length.
+        let r = post(8192).await.unwrap();
+        assert_eq!(r.status(), 413);
+        assert!(r.text().await.unwrap().contains("SRI_RELAY_MAX_BODY_BYTES"));
+        // Within it, but over what may be held unverified at once: retry later.
+        let r = post(3000).await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("SRI_RELAY_MAX_PENDING_BODY_BYTES")
+        );
+        // Small, unsigned: read, then refused for the signature (never forwarded).
+        let r = post(100).await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.text().await.unwrap().contains(HEADER_FUNCTION));
+        let text = metrics.render();
+        for outcome in ["bad_request", "busy", "unauthorized"] {
+            let series =
+                format!("sri_backwards_calls_total{{type=\"other\",outcome=\"{outcome}\"}} 1");
+            assert!(text.contains(&series), "{series}:\n{text}");
+        }
+        // Anything but the one route is 404.
+        let r = reqwest::get(format!("{url}/healthz")).await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+
+    #[test]
+    fn the_call_type_comes_from_a_closed_set() {
+        let body = |t: &str| format!(r#"{{"data":{{"data":{{"type":"{t}"}}}}}}"#);
+        assert_eq!(invocation_type(body("llm").as_bytes()), "llm");
+        assert_eq!(invocation_type(body("storage").as_bytes()), "storage");
+        assert_eq!(invocation_type(body("sess-1234").as_bytes()), OTHER_TYPE);
+        assert_eq!(invocation_type(b"not json"), OTHER_TYPE);
+    }
 }
