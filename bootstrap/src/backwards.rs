@@ -300,3 +300,62 @@ pub fn response_line(session_id: &str, request_id: &str, event: &str, message: &
     line.push(b'\n');
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        "k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_mode_picks_the_url_and_a_missing_one_names_its_variable() {
+        let route = |mode, relay, daemon| Route::new(mode, relay, daemon, ring(), "f".into());
+        assert!(matches!(
+            route(BackwardsMode::Relay, Some("https://r/"), Some("http://d")),
+            Route::Relay { url, .. } if url == "https://r/backwards-invocation/transaction"
+        ));
+        assert!(matches!(
+            route(BackwardsMode::Direct, Some("https://r"), Some("http://d")),
+            Route::Direct { url } if url == "http://d/backwards-invocation/transaction"
+        ));
+        // Relay mode never falls back to the daemon, and direct mode never to the relay.
+        assert!(matches!(
+            route(BackwardsMode::Relay, None, Some("http://d")),
+            Route::Missing(m) if m.contains("SRI_RELAY_URL")
+        ));
+        assert!(matches!(
+            route(BackwardsMode::Direct, Some("https://r"), None),
+            Route::Missing(m) if m.contains("DIFY_PLUGIN_DAEMON_URL")
+        ));
+    }
+
+    #[test]
+    fn claims_are_kept_per_session_and_bounded() {
+        let b = Backwards::new(
+            Route::Missing("x"),
+            Duration::from_secs(1),
+            1024,
+            Arc::new(Redactor::default()),
+        );
+        b.admit("s1", Some("v1.99999999999.k1.00"));
+        b.admit("s2", Some("not a claim"));
+        b.admit("s3", None);
+        assert_eq!(b.claim("s1").as_deref(), Some("v1.99999999999.k1.00"));
+        assert_eq!(b.claim("s2"), None);
+        assert_eq!(b.claim("s3"), None);
+        // Full of expired claims: they make room.
+        for i in 0..MAX_CLAIMS {
+            b.claims
+                .lock()
+                .unwrap()
+                .insert(format!("old{i}"), ("v1.1.k1.00".into(), 1));
+        }
+        b.admit("s4", Some("v1.99999999999.k1.00"));
+        assert!(b.claim("s4").is_some());
+        assert!(b.claims.lock().unwrap().len() < MAX_CLAIMS);
+    }
+}
