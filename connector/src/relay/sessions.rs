@@ -59,13 +59,15 @@ impl Default for Sessions {
 #[derive(Debug)]
 pub struct Registration {
     sessions: Arc<Sessions>,
-    session: String,
+    /// `None` when the session belongs to another function (nothing was registered).
+    session: Option<String>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        let Some(session) = &self.session else { return };
         let mut inner = self.sessions.inner.lock().expect("sessions lock");
-        if let Some(e) = inner.map.get_mut(&self.session) {
+        if let Some(e) = inner.map.get_mut(session) {
             e.in_flight = e.in_flight.saturating_sub(1);
             if e.in_flight == 0 {
                 e.finished = Some(Instant::now());
@@ -115,11 +117,7 @@ impl Sessions {
         drop(inner);
         Registration {
             sessions: self.clone(),
-            session: if registered {
-                session.to_owned()
-            } else {
-                String::new()
-            },
+            session: registered.then(|| session.to_owned()),
         }
     }
 
