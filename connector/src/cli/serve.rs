@@ -188,7 +188,14 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
             )
         })?;
     let relay_url = match o.relay.relay_public_url.clone() {
-        Some(u) => u.trim_end_matches('/').to_owned(),
+        Some(u) => {
+            anyhow::ensure!(
+                u.starts_with("https://") || u.starts_with("http://"),
+                "SRI_RELAY_PUBLIC_URL must be an http(s) URL (e.g. https://relay.example.com), \
+                 got `{u}`"
+            );
+            u.trim_end_matches('/').to_owned()
+        }
         None => {
             if o.backend == BackendKind::Lambda && o.relay.backwards == BackwardsMode::Relay {
                 tracing::warn!(
