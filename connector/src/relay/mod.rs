@@ -214,7 +214,7 @@ async fn transaction(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: 
     }
     let reserve = declared.unwrap_or(relay.max_body);
     let permits = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let Ok(_pending) = relay.pending.clone().try_acquire_many_owned(permits) else {
+    let Ok(pending) = relay.pending.clone().try_acquire_many_owned(permits) else {
         return relay.refused(
             OTHER_TYPE,
             Refusal(
@@ -261,7 +261,8 @@ async fn transaction(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: 
         Ok(s) => s,
         Err(r) => return relay.refused(kind, r),
     };
-    drop(_pending);
+    // Verified: its bytes no longer count against what unverified callers may hold.
+    drop(pending);
     relay.forward(kind, session, headers, body).await
 }
 
