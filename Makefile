@@ -62,7 +62,7 @@ demo: tools ## sri serve (BACKEND=local|emulator): launch the sample plugin, str
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	SRI_BACKEND=$(BACKEND) tests/tooling/demo.sh
 
-bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging runs); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging, ~30 s relay runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
 	$(CARGO) build --profile dist --locked -p sri-bootstrap --no-default-features
 	$(CARGO) run --release --locked -p sri-tests --example bench
@@ -72,6 +72,7 @@ bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s boots
 	$(CARGO) run --release --locked -p sri-tests --example bench_emulator
 	$(CARGO) build --release --locked -p sri-connector
 	$(CARGO) run --release --locked -p sri-tests --example bench_sandbox
+	$(CARGO) run --release --locked -p sri-tests --example bench_relay
 	$(MAKE) lambda-bootstrap
 	SRI_BOOTSTRAP_ARM64=$(CURDIR)/target/lambda/arm64/bootstrap SRI_BOOTSTRAP_X86_64=$(CURDIR)/target/lambda/x86_64/bootstrap \
 	  $(CARGO) run --release --locked -p sri-tests --example bench_packaging

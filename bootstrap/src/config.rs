@@ -91,6 +91,15 @@ pub struct ServeLimits {
     pub max_pending_body_bytes: usize,
 }
 
+/// How backwards invocations reach the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackwardsMode {
+    /// Signed, through the connector's relay (`SRI_RELAY_URL`).
+    Relay,
+    /// Unsigned, straight to the daemon (`DIFY_PLUGIN_DAEMON_URL`).
+    Direct,
+}
+
 /// How the plugin is run and bounded.
 #[derive(Debug, Clone, Args)]
 pub struct PluginOptions {
@@ -149,7 +158,15 @@ pub struct PluginOptions {
     /// Accepted difference between a request's timestamp and this clock, in seconds.
     #[arg(long, env = "SRI_MAX_CLOCK_SKEW_SECS", default_value_t = 300)]
     pub max_clock_skew_secs: u64,
-    /// The Dify plugin daemon, for backwards invocations (`…/backwards-invocation/transaction`).
+    /// How backwards invocations reach the daemon: `relay` (signed, through the connector's
+    /// relay at `SRI_RELAY_URL`) or `direct` (to `DIFY_PLUGIN_DAEMON_URL`, on a private network).
+    #[arg(long, env = "SRI_BACKWARDS", value_enum, default_value = "relay")]
+    pub backwards: BackwardsMode,
+    /// The connector's relay, for backwards invocations in `relay` mode.
+    #[arg(long, env = "SRI_RELAY_URL")]
+    pub relay_url: Option<String>,
+    /// The Dify plugin daemon, for backwards invocations in `direct` mode
+    /// (`…/backwards-invocation/transaction`).
     #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
     pub daemon_url: Option<String>,
     /// Seconds a backwards invocation may take (the SDK's `MAX_INVOCATION_TIMEOUT`).

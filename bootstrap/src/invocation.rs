@@ -252,6 +252,13 @@ impl Handler {
             );
         }
         self.redactor.register(envelope.secrets());
+        let claim = req
+            .headers
+            .get(connector::protocol::relay::HEADER_CLAIM)
+            .and_then(|v| v.to_str().ok());
+        self.supervisor
+            .backwards()
+            .admit(envelope.session_id(), claim);
         let buffered = wants_json(&req.headers);
         let line = envelope.to_line();
         let mut accept = || {

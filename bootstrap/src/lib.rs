@@ -114,8 +114,15 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
     let plugin_dir = o.plugin_dir();
     let manifest = connector::manifest::Manifest::load(&plugin_dir)?;
     let redactor = Arc::new(Redactor::default());
-    let backwards = Arc::new(backwards::Backwards::new(
+    let route = backwards::Route::new(
+        o.backwards,
+        o.relay_url.as_deref(),
         o.daemon_url.as_deref(),
+        keys.clone(),
+        o.function_name(),
+    );
+    let backwards = Arc::new(backwards::Backwards::new(
+        route,
         Duration::from_secs(o.backwards_timeout_secs),
         o.max_line_bytes,
         redactor.clone(),

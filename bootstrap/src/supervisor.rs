@@ -47,6 +47,11 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// What makes the plugin's backwards invocations (it keeps the sessions' relay claims).
+    pub fn backwards(&self) -> &Arc<crate::backwards::Backwards> {
+        &self.shared.backwards
+    }
+
     /// Spawns the plugin and starts supervising it. Fails only when it cannot be spawned at all.
     pub fn start(
         spec: Spec,

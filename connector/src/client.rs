@@ -232,6 +232,11 @@ impl Client {
             .await
     }
 
+    /// The key ring this client signs with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
     /// Invokes `action` on the function `function` (its name at the gateway) at `target`. The
     /// SRI v2 signature binds the name the function knows itself by: the Lambda function name
     /// for Lambda targets, `function` for a `bootstrap serve` (the local backend passes it as
@@ -246,12 +251,13 @@ impl Client {
     ) -> Result<EventStream, InvokeError> {
         let parsed =
             Envelope::parse(envelope).map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
-        self.invoke_envelope(function, target, action, &parsed, traceparent)
+        self.invoke_envelope(function, target, action, &parsed, traceparent, None)
             .await
     }
 
     /// [`Client::invoke_function`] with an envelope the caller has already parsed (the
-    /// gateway needs its session id too, and parses it once).
+    /// gateway needs its session id too, and parses it once), also sending the relay's session
+    /// claim (see [`crate::relay::claim`]) when there is one.
     pub async fn invoke_envelope(
         &self,
         function: &str,
@@ -259,6 +265,7 @@ impl Client {
         action: &str,
         parsed: &Envelope,
         traceparent: Option<&str>,
+        claim: Option<&str>,
     ) -> Result<EventStream, InvokeError> {
         crate::transport::check_request_size(target, parsed.bytes().len()).map_err(|message| {
             InvokeError::Rejected {
@@ -273,6 +280,7 @@ impl Client {
             action,
             envelope: parsed.bytes(),
             traceparent,
+            claim,
         };
         match target {
             Target::Http { url } | Target::H2c { url } => {
@@ -422,6 +430,9 @@ impl Client {
             .map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(JSON));
         headers.insert(http::header::ACCEPT, HeaderValue::from_static(EVENT_STREAM));
+        if let Some(claim) = call.claim.and_then(|c| HeaderValue::from_str(c).ok()) {
+            headers.insert(crate::protocol::relay::HEADER_CLAIM, claim);
+        }
         if let Some(tp) = call.traceparent {
             match HeaderValue::from_str(tp) {
                 Ok(v) => {
@@ -586,6 +597,8 @@ struct Call<'a> {
     action: &'a str,
     envelope: &'a Bytes,
     traceparent: Option<&'a str>,
+    /// The relay's session claim, passed to the function (not signed: it carries its own MAC).
+    claim: Option<&'a str>,
 }
 
 /// The longest SSE line (and event) the client accepts by default (the daemon's 5 MiB line plus

@@ -190,9 +190,27 @@ async fn call(
     };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let started = Instant::now();
+    let session_id = envelope.session_id().to_owned();
+    // Registered before the call (the plugin may call back at once), until the stream ends:
+    // the relay accepts this function's backwards calls for the session meanwhile.
+    let signed = target.signed_name().unwrap_or(&name).to_owned();
+    let registration = state.relay_sessions.register(&session_id, &signed);
+    let claim = crate::relay::claim_for(
+        state.client.keys(),
+        &state.relay_sessions,
+        &signed,
+        &session_id,
+    );
     let stream = match state
         .client
-        .invoke_envelope(&name, &target, &action, &envelope, traceparent)
+        .invoke_envelope(
+            &name,
+            &target,
+            &action,
+            &envelope,
+            traceparent,
+            Some(&claim),
+        )
         .await
     {
         Ok(s) => s,
@@ -200,7 +218,10 @@ async fn call(
     };
     let metrics = state.clone();
     metrics.metrics.active_streams.inc();
-    let out = ndjson(stream, envelope.session_id().to_owned(), metrics, started);
+    let out = ndjson(stream, session_id, metrics, started).map(move |item| {
+        let _held = &registration;
+        item
+    });
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/x-ndjson")

@@ -43,6 +43,8 @@ pub mod package;
 pub mod packaging;
 pub mod protocol;
 #[cfg(feature = "server")]
+pub mod relay;
+#[cfg(feature = "server")]
 pub mod requirements;
 #[cfg(feature = "server")]
 pub mod sandbox;

@@ -110,6 +110,16 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Label of a backwards call through the relay (never a session id).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackwardsLabel {
+    /// One of `relay::TYPES`, or [`OTHER`].
+    pub r#type: &'static str,
+    /// `ok`, `unauthorized`, `forbidden`, `bad_request`, `daemon_error`,
+    /// `daemon_unreachable`, `daemon_timeout` or `broken`.
+    pub outcome: &'static str,
+}
+
 /// The connector's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -127,6 +137,8 @@ pub struct Metrics {
     pub launches: Family<ResultLabel, Counter>,
     /// The plugin sandbox's mechanisms: 1 in use, 0 not (see [`Metrics::sandbox`]).
     pub sandbox: Family<MechanismLabel, Gauge>,
+    /// Backwards calls through the relay by type and outcome.
+    pub backwards: Family<BackwardsLabel, Counter>,
 }
 
 /// Label: a sandbox mechanism.
@@ -177,6 +189,12 @@ impl Default for Metrics {
             "Plugin sandbox mechanisms on the local backend: 1 in use, 0 not available",
             sandbox.clone(),
         );
+        let backwards = Family::<BackwardsLabel, Counter>::default();
+        registry.register(
+            "backwards_calls",
+            "Backwards invocations through the relay by type and outcome",
+            backwards.clone(),
+        );
         Self {
             registry,
             invocations,
@@ -186,6 +204,7 @@ impl Default for Metrics {
             active_streams,
             launches,
             sandbox,
+            backwards,
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Serve the token-less endpoints of functions launched before capability endpoints.
     pub legacy_endpoints: bool,
+    /// Sessions in flight through the gateway, which the relay accepts backwards calls for.
+    pub relay_sessions: Arc<crate::relay::sessions::Sessions>,
 }
 
 /// The router: control plane (authenticated), gateway, health, metrics.

@@ -248,6 +248,7 @@ async fn start_gateway_on(backend: Arc<dyn Backend>, tweak: impl FnOnce(&mut App
         start_wait: Duration::from_millis(100),
         limits: Limits::default(),
         legacy_endpoints: false,
+        relay_sessions: Default::default(),
     };
     tweak(&mut state);
     let state = Arc::new(state);

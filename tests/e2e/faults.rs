@@ -162,7 +162,11 @@ async fn the_plugin_never_sees_the_signing_keys() {
 #[tokio::test]
 async fn backwards_invocation_reaches_the_daemon_and_answers_the_plugin() {
     let daemon = FakeDaemon::start_with("greeting", b"hello from dify").await;
-    let b = Bootstrap::start(Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", daemon.url()));
+    let b = Bootstrap::start(
+        Options::new("faults")
+            .env("SRI_BACKWARDS", "direct")
+            .env("DIFY_PLUGIN_DAEMON_URL", daemon.url()),
+    );
     b.wait_ready().await;
     let body = faults("callback", json!({"key": "greeting"}));
     let sid = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["session_id"]
@@ -202,7 +206,9 @@ async fn an_unreachable_daemon_fails_the_callback_promptly() {
         .local_addr()
         .unwrap();
     let b = Bootstrap::start(
-        Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", format!("http://{closed}")),
+        Options::new("faults")
+            .env("SRI_BACKWARDS", "direct")
+            .env("DIFY_PLUGIN_DAEMON_URL", format!("http://{closed}")),
     );
     b.wait_ready().await;
     let started = Instant::now();
@@ -222,9 +228,15 @@ async fn an_unreachable_daemon_fails_the_callback_promptly() {
 
 #[tokio::test]
 async fn no_daemon_url_is_a_clear_callback_error() {
-    let b = Bootstrap::start(Options::new("faults"));
+    let b = Bootstrap::start(Options::new("faults").env("SRI_BACKWARDS", "direct"));
     b.wait_ready().await;
     let ev = invoke_stream(&b.url(), faults("callback", json!({}))).await;
     let text = texts(&ev).join("");
     assert!(text.contains("DIFY_PLUGIN_DAEMON_URL is not set"), "{text}");
+    // Relay mode (the default) without a relay names its own variable.
+    let b = Bootstrap::start(Options::new("faults"));
+    b.wait_ready().await;
+    let ev = invoke_stream(&b.url(), faults("callback", json!({}))).await;
+    let text = texts(&ev).join("");
+    assert!(text.contains("SRI_RELAY_URL is not set"), "{text}");
 }

@@ -476,9 +476,12 @@ fn sample_function_runs_the_layer_bootstrap_behind_an_iam_streaming_url() {
     let env = &f["Environment"]["Variables"];
     assert_eq!(env["AWS_LAMBDA_EXEC_WRAPPER"], "/opt/bootstrap", "{env}");
     assert_eq!(env["SRI_PYTHON"], "/var/lang/bin/python3", "{env}");
+    // Backwards calls go through the connector's relay, never to the daemon's port.
+    assert!(env["DIFY_PLUGIN_DAEMON_URL"].is_null(), "{env}");
+    assert_eq!(env["SRI_BACKWARDS"], "relay", "{env}");
     for k in [
         "SRI_SIGNING_KEYS",
-        "DIFY_PLUGIN_DAEMON_URL",
+        "SRI_RELAY_URL",
         "PLUGIN_MAX_EXECUTION_TIMEOUT",
         "PLUGIN_RUNTIME_MAX_BUFFER_SIZE",
         "MAX_SERVERLESS_REQUEST_BYTES",
@@ -588,12 +591,49 @@ fn compose_points_the_daemon_at_the_connector_with_the_lambda_backend() {
         "SRI_BOOTSTRAP_LAYER_ARN",
         "DIFY_PLUGIN_DAEMON_URL",
         "SRI_PUBLIC_URL",
+        "SRI_RELAY_LISTEN",
+        "SRI_RELAY_PUBLIC_URL",
     ] {
         assert!(
             connector.contains_key(k),
             "infra/compose.yaml: sri-connector lacks {k}"
         );
     }
+    // The daemon stays private: the relay forwards to its address inside the compose network,
+    // nothing asks for a public daemon URL, and the only published port is the relay's.
+    assert_eq!(
+        connector["DIFY_PLUGIN_DAEMON_URL"],
+        "http://plugin_daemon:5002"
+    );
+    assert!(
+        !std::fs::read_to_string(root().join("infra/compose.yaml"))
+            .unwrap()
+            .contains("SRI_DAEMON_PUBLIC_URL"),
+        "infra/compose.yaml still asks for the daemon's public URL"
+    );
+    assert_eq!(connector["SRI_BACKWARDS"], "relay");
+    let relay_port = connector["SRI_RELAY_LISTEN"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let ports: Vec<String> = services["sri-connector"]["ports"]
+        .as_sequence()
+        .map(|p| {
+            p.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ports.len(), 1, "publish the relay's port alone: {ports:?}");
+    assert!(
+        ports[0].ends_with(&format!(":{relay_port}")),
+        "the published port is not the relay's: {ports:?}"
+    );
+    assert!(
+        services["plugin_daemon"]["ports"].is_null(),
+        "the daemon's port must not be published"
+    );
     // Nothing secret written into the file: every credential is an interpolation or unset.
     for (k, v) in connector.iter().chain(daemon.iter()) {
         if k.contains("KEY") && !k.ends_with("_ARN") && !k.ends_with("_ID")

@@ -67,7 +67,11 @@ async fn wait_gone(pid: u32, within: Duration, what: &str) {
 #[tokio::test]
 async fn a_caller_that_stops_reading_is_cut_at_its_budget_while_other_sessions_stay_fast() {
     let daemon = harness::daemon::FakeDaemon::start_with("greeting", b"hello from dify").await;
-    let b = Bootstrap::start(Options::new("faults").env("DIFY_PLUGIN_DAEMON_URL", daemon.url()));
+    let b = Bootstrap::start(
+        Options::new("faults")
+            .env("SRI_BACKWARDS", "direct")
+            .env("DIFY_PLUGIN_DAEMON_URL", daemon.url()),
+    );
     b.wait_ready().await;
     let base = b.url();
     let (pid, _) = whoami(&base).await;

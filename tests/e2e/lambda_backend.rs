@@ -70,6 +70,7 @@ impl Setup {
             )
             .env("SRI_CACHE_DIR", cache.path().display().to_string())
             .env("DIFY_PLUGIN_DAEMON_URL", "http://daemon.internal:5002")
+            .env("SRI_RELAY_PUBLIC_URL", "https://relay.example.com")
             .env(
                 "SRI_UV",
                 root().join(".venv/tools/bin/uv").display().to_string(),
@@ -248,9 +249,16 @@ async fn launch_deploys_a_versioned_streaming_function_and_relaunch_changes_noth
         env.get("SRI_SIGNING_KEYS"),
         Some(&harness::keys_env(&[harness::SECRET_A]))
     );
+    // Functions get the relay's public URL, never the daemon's (private) address.
     assert_eq!(
-        env.get("DIFY_PLUGIN_DAEMON_URL").map(String::as_str),
-        Some("http://daemon.internal:5002")
+        env.get("SRI_RELAY_URL").map(String::as_str),
+        Some("https://relay.example.com")
+    );
+    assert_eq!(env.get("SRI_BACKWARDS").map(String::as_str), Some("relay"));
+    assert!(
+        !env.contains_key("DIFY_PLUGIN_DAEMON_URL"),
+        "{:?}",
+        env.keys()
     );
     assert!(env.contains_key("PLUGIN_MAX_EXECUTION_TIMEOUT"));
     let tags = f.tags().cloned().unwrap_or_default();
@@ -649,7 +657,7 @@ async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<
     };
     let context = LambdaContext {
         signing_keys: Secret(harness::keys_env(&[harness::SECRET_A])),
-        daemon_url: None,
+        backwards_env: Vec::new(),
         uv: root().join(".venv/tools/bin/uv"),
         index_url: None,
         install_timeout: std::time::Duration::from_secs(900),

@@ -264,6 +264,7 @@ fn gateway_child(routes: &str, idle_secs: u64, dedicated_streams: usize) {
             start_wait: Duration::from_secs(1),
             limits: connector::server::Limits::default(),
             legacy_endpoints: false,
+            relay_sessions: Default::default(),
         });
         let listener = connector::server::bind("127.0.0.1:0".parse().unwrap())
             .await

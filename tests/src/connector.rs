@@ -197,6 +197,27 @@ impl Connector {
             .unwrap_or_else(|| self.url())
     }
 
+    /// The relay's base URL (`SRI_RELAY_LISTEN`'s address, from its "relay listening" log
+    /// line; waits for it, bounded).
+    pub fn relay_url(&self) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(a) = self
+                .logs()
+                .iter()
+                .find_map(|l| logged_listen(l, "relay listening"))
+            {
+                return format!("http://{a}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no \"relay listening\" log line within {START_TIMEOUT:?}; logs:\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A daemon configured with the right key.
     pub fn daemon(&self) -> GoDaemon {
         GoDaemon::new(&self.url(), Some(&self.opts.api_key))
@@ -393,15 +414,20 @@ fn spawn(
 /// The `listen` address of a `{"message":"sri listening","listen":"…"}` log line (fields at the
 /// top level or under `fields`).
 pub fn listening(line: &str) -> Option<String> {
+    logged_listen(line, "sri listening")
+}
+
+/// The `listen` address of a log line whose message is `message`.
+pub fn logged_listen(line: &str, message: &str) -> Option<String> {
     let v: Value = serde_json::from_str(line).ok()?;
     for o in [&v, &v["fields"]] {
-        if o["message"] == "sri listening"
+        if o["message"] == message
             && let Some(a) = o["listen"].as_str()
         {
             return Some(a.to_owned());
         }
     }
-    if v["message"] == "sri listening" {
+    if v["message"] == message {
         return v["fields"]["listen"].as_str().map(str::to_owned);
     }
     None

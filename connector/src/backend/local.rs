@@ -38,8 +38,9 @@ pub struct LocalOptions {
     pub uv: Option<PathBuf>,
     /// `SRI_SIGNING_KEYS` handed to the functions.
     pub signing_keys: String,
-    /// `DIFY_PLUGIN_DAEMON_URL` handed to the functions.
-    pub daemon_url: Option<String>,
+    /// How functions make backwards calls (`SRI_BACKWARDS` and the relay's or the daemon's
+    /// URL, see [`crate::relay::function_env`]).
+    pub backwards_env: Vec<(String, String)>,
     /// How long a new function may take to become ready.
     pub ready_timeout: Duration,
     /// The package index installs use (`SRI_INDEX_URL`; default: the installer's own settings).
@@ -526,9 +527,7 @@ async fn supervise(
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(url) = &opts.daemon_url {
-            cmd.env("DIFY_PLUGIN_DAEMON_URL", url);
-        }
+        cmd.envs(opts.backwards_env.iter().map(|(k, v)| (k, v)));
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

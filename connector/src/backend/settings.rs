@@ -26,18 +26,16 @@ pub struct FunctionSettings {
 }
 
 /// The settings of a function built with `config`, given the key ring it verifies with and
-/// the daemon it calls back.
+/// how it calls Dify back (`backwards_env`, from [`crate::relay::function_env`]).
 pub fn function_settings(
     config: &FunctionConfig,
     overrides: Overrides,
     signing_keys: &crate::secret::Secret,
-    daemon_url: Option<&str>,
+    backwards_env: &[(String, String)],
 ) -> FunctionSettings {
     let mut env = config.environment.clone();
     env.insert("SRI_SIGNING_KEYS".into(), signing_keys.0.clone());
-    if let Some(url) = daemon_url {
-        env.insert("DIFY_PLUGIN_DAEMON_URL".into(), url.to_owned());
-    }
+    env.extend(backwards_env.iter().cloned());
     let timeout_s = overrides.timeout_s.unwrap_or(config.timeout_s as i32);
     // The plugin must give up before Lambda kills the sandbox, so the caller gets a
     // PluginTimeout event rather than a cut stream.
@@ -70,10 +68,11 @@ mod tests {
             python: PythonVersion::Py312,
         });
         let keys = crate::secret::Secret("k1:AAAA".into());
-        let s = function_settings(&config, Overrides::default(), &keys, Some("http://d"));
+        let backwards = [("SRI_RELAY_URL".to_owned(), "http://r".to_owned())];
+        let s = function_settings(&config, Overrides::default(), &keys, &backwards);
         assert_eq!(s.memory_mb, config.memory_mb as i32);
         assert_eq!(s.env["SRI_SIGNING_KEYS"], "k1:AAAA");
-        assert_eq!(s.env["DIFY_PLUGIN_DAEMON_URL"], "http://d");
+        assert_eq!(s.env["SRI_RELAY_URL"], "http://r");
         let s = function_settings(
             &config,
             Overrides {
@@ -81,7 +80,7 @@ mod tests {
                 timeout_s: Some(4),
             },
             &keys,
-            None,
+            &[],
         );
         assert_eq!((s.memory_mb, s.timeout_s), (256, 4));
         assert_eq!(s.env["PLUGIN_MAX_EXECUTION_TIMEOUT"], "2");

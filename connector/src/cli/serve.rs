@@ -15,6 +15,8 @@ use crate::capability::Capabilities;
 use crate::client::{Client, ClientOptions};
 use crate::launch::Launcher;
 use crate::protocol::signing::KeyRing;
+use crate::relay::sessions::Sessions;
+use crate::relay::{BackwardsMode, Relay, RelayMetrics};
 use crate::secret::{self, Secret};
 use crate::server::{API_KEY_ENV, AppState};
 
@@ -93,9 +95,13 @@ pub struct ServeOptions {
     /// Seconds one dependency install step may take before it is killed.
     #[arg(long, env = "SRI_INSTALL_TIMEOUT_SECS", default_value_t = 900)]
     pub install_timeout_secs: u64,
-    /// The daemon's address, handed to functions for backwards invocations.
+    /// The daemon's private address: where the relay forwards backwards invocations (and, in
+    /// direct mode only, what functions are given).
     #[arg(long, env = "DIFY_PLUGIN_DAEMON_URL")]
     pub daemon_url: Option<String>,
+    /// The relay for backwards invocations.
+    #[command(flatten)]
+    pub relay: crate::relay::RelayOptions,
     /// What a package may expand to (the intake's limits).
     #[command(flatten)]
     pub intake: crate::intake::Limits,
@@ -182,7 +188,42 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
         !public_url.contains(',') && !public_url.contains('='),
         "SRI_PUBLIC_URL must not contain `,` or `=` (the daemon's launch parser splits on them)"
     );
+    let relay_listener = tokio::net::TcpListener::bind(o.relay.relay_listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (SRI_RELAY_LISTEN): {e}",
+                o.relay.relay_listen
+            )
+        })?;
+    let relay_url = match o.relay.relay_public_url.clone() {
+        Some(u) => {
+            anyhow::ensure!(
+                u.starts_with("https://") || u.starts_with("http://"),
+                "SRI_RELAY_PUBLIC_URL must be an http(s) URL (e.g. https://relay.example.com), \
+                 got `{u}`"
+            );
+            u.trim_end_matches('/').to_owned()
+        }
+        None => {
+            if o.backend == BackendKind::Lambda && o.relay.backwards == BackwardsMode::Relay {
+                tracing::warn!(
+                    "SRI_RELAY_PUBLIC_URL is not set: Lambda functions are given the relay's \
+                     loopback address, which only a local emulator reaches; set it to the \
+                     relay's public URL (infra/README.md) or choose SRI_BACKWARDS=direct"
+                );
+            }
+            format!("http://{}", relay_listener.local_addr()?)
+        }
+    };
+    let backwards_env =
+        crate::relay::function_env(o.relay.backwards, &relay_url, o.daemon_url.as_deref());
+    let relay_sessions = Arc::new(Sessions::new(
+        Duration::from_secs(o.relay.relay_grace_secs),
+        Duration::from_secs(o.relay.relay_session_ttl_secs),
+    ));
     let uv = o.uv.clone().or_else(|| find_on_path("uv"));
+    let relay_keys = keys.clone();
     let mut client = Client::new(
         keys,
         ClientOptions {
@@ -217,7 +258,7 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 python: o.python.clone(),
                 uv,
                 signing_keys: signing_keys.0.clone(),
-                daemon_url: o.daemon_url.clone(),
+                backwards_env,
                 ready_timeout: Duration::from_secs(o.ready_timeout_secs),
                 index_url: o.index_url.clone(),
                 install_timeout: Duration::from_secs(o.install_timeout_secs),
@@ -243,7 +284,7 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 EmulatorContext {
                     lambda: o.lambda.clone(),
                     signing_keys: signing_keys.clone(),
-                    daemon_url: o.daemon_url.clone(),
+                    backwards_env: backwards_env.clone(),
                     uv,
                     index_url: o.index_url.clone(),
                     install_timeout: Duration::from_secs(o.install_timeout_secs),
@@ -268,7 +309,7 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 o.lambda.clone(),
                 LambdaContext {
                     signing_keys: signing_keys.clone(),
-                    daemon_url: o.daemon_url.clone(),
+                    backwards_env,
                     uv,
                     index_url: o.index_url.clone(),
                     install_timeout: Duration::from_secs(o.install_timeout_secs),
@@ -298,17 +339,38 @@ pub(super) async fn serve(o: ServeOptions) -> anyhow::Result<()> {
             max_connections: o.max_connections,
         },
         legacy_endpoints: o.legacy_endpoints,
+        relay_sessions: relay_sessions.clone(),
     });
     if let Some(report) = state.backend.sandbox() {
         state.metrics.sandbox(&report);
     }
+    let relay = Arc::new(Relay::new(
+        relay_keys,
+        relay_sessions,
+        o.daemon_url.as_deref(),
+        &o.relay,
+        state.limits.body_read_timeout,
+        RelayMetrics::of(&state.metrics),
+    ));
+    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay_task = tokio::spawn(crate::relay::serve(
+        relay,
+        relay_listener,
+        state.limits,
+        async move {
+            let _ = relay_stopped.await;
+        },
+    ));
     if o.legacy_endpoints {
         tracing::warn!(
             "SRI_LEGACY_ENDPOINTS is set: token-less endpoints run plugins for anyone who can \
              reach this port; re-launch the plugins and unset it (README: Upgrading)"
         );
     }
-    crate::server::serve(state, listener, shutdown_signal()).await?;
+    let served = crate::server::serve(state, listener, shutdown_signal()).await;
+    let _ = stop_relay.send(());
+    let _ = relay_task.await;
+    served?;
     Ok(())
 }
 

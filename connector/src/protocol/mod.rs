@@ -1,10 +1,12 @@
 //! SRI (v2, and v1 while upgrades need it), the connector ↔ function protocol (see `architecture.md`).
 //!
 //! One implementation used by both ends: the wire types ([`envelope`], [`events`]), the SSE
-//! codec ([`sse`]) and request signing ([`signing`]).
+//! codec ([`sse`]), request signing ([`signing`]) and the names of the backwards-call wire
+//! ([`relay`]).
 
 pub mod envelope;
 pub mod events;
+pub mod relay;
 pub mod signing;
 pub mod sse;
 

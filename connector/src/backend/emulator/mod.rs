@@ -54,8 +54,8 @@ pub struct EmulatorContext {
     pub lambda: crate::backend::lambda::LambdaOptions,
     /// The key ring the functions verify with.
     pub signing_keys: crate::secret::Secret,
-    /// Handed to the functions for backwards invocations.
-    pub daemon_url: Option<String>,
+    /// How the functions call Dify back (the relay on loopback, or the daemon directly).
+    pub backwards_env: Vec<(String, String)>,
     /// `uv`, which installs dependencies for the target platform.
     pub uv: PathBuf,
     /// The operator's package index.
@@ -237,7 +237,7 @@ impl EmulatorBackend {
                 timeout_s: self.context.lambda.timeout_s,
             },
             &self.context.signing_keys,
-            self.context.daemon_url.as_deref(),
+            &self.context.backwards_env,
         );
         let mut env = settings.env;
         if settings.timeout_s > EMULATOR_DEADLINE_S {

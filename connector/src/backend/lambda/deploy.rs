@@ -32,7 +32,7 @@ impl LambdaBackend {
             &artifact.config,
             self.options.overrides(),
             &self.context.signing_keys,
-            self.context.daemon_url.as_deref(),
+            &self.context.backwards_env,
         );
         let mut env = settings.env;
         let mut layers = Vec::new();

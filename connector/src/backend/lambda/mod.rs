@@ -179,8 +179,8 @@ impl LambdaOptions {
 pub struct LambdaContext {
     /// The SRI v1 key ring the functions verify with (`SRI_SIGNING_KEYS` on each function).
     pub signing_keys: crate::secret::Secret,
-    /// Handed to the functions for backwards invocations.
-    pub daemon_url: Option<String>,
+    /// Handed to the functions for backwards invocations (see [`crate::relay::function_env`]).
+    pub backwards_env: Vec<(String, String)>,
     /// `uv`, which installs dependencies for the target platform.
     pub uv: PathBuf,
     /// The operator's package index (`SRI_INDEX_URL`).
