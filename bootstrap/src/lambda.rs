@@ -188,7 +188,7 @@ async fn init_error(client: &PooledClient, error: Error) -> Error {
 /// A Function URL (API Gateway v2) event, or a direct invoke payload of the same shape.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct UrlEvent {
+pub struct UrlEvent {
     raw_path: Option<String>,
     raw_query_string: Option<String>,
     #[serde(default)]
@@ -210,7 +210,8 @@ struct HttpContext {
     path: Option<String>,
 }
 
-fn parse_event(raw: &[u8]) -> Result<UrlEvent, String> {
+/// Reads an invocation's event (public for the fuzz target in `fuzz/`).
+pub fn parse_event(raw: &[u8]) -> Result<UrlEvent, String> {
     serde_json::from_slice(raw).map_err(|e| {
         format!("the event is not a Function URL request ({e}); invoke through the Function URL or send its event shape")
     })
