@@ -59,19 +59,36 @@ fn sse_streams() -> Vec<Vec<u8>> {
 
 fn frame(headers: Vec<Header>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    write_message_to(&Message::new_from_parts(headers, payload.to_vec()), &mut out).expect("frame");
+    write_message_to(
+        &Message::new_from_parts(headers, payload.to_vec()),
+        &mut out,
+    )
+    .expect("frame");
     out
 }
 
 fn event_stream() -> Vec<Vec<u8>> {
     let h = |k: &'static str, v: &'static str| Header::new(k, HeaderValue::String(v.into()));
     let chunk = frame(
-        vec![h(":event-type", "PayloadChunk"), h(":message-type", "event"), h(":content-type", "application/octet-stream")],
+        vec![
+            h(":event-type", "PayloadChunk"),
+            h(":message-type", "event"),
+            h(":content-type", "application/octet-stream"),
+        ],
         b"data: x\n\n",
     );
-    let done = frame(vec![h(":event-type", "InvokeComplete"), h(":message-type", "event")], b"{}");
+    let done = frame(
+        vec![
+            h(":event-type", "InvokeComplete"),
+            h(":message-type", "event"),
+        ],
+        b"{}",
+    );
     let failed = frame(
-        vec![h(":event-type", "InvokeComplete"), h(":message-type", "event")],
+        vec![
+            h(":event-type", "InvokeComplete"),
+            h(":message-type", "event"),
+        ],
         br#"{"ErrorCode":"Unhandled","ErrorDetails":"boom"}"#,
     );
     vec![[chunk.clone(), done].concat(), [chunk, failed].concat()]
@@ -83,9 +100,12 @@ fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
         b.extend_from_slice(b"--sri-fuzz-boundary\r\n");
         match file {
             Some(f) => b.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n").as_bytes(),
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n")
+                    .as_bytes(),
             ),
-            None => b.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n").as_bytes()),
+            None => b.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n").as_bytes(),
+            ),
         }
         b.extend_from_slice(b"\r\n");
         b.extend_from_slice(content);
@@ -96,13 +116,28 @@ fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| "fuzz/corpus".into());
+    let dir = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "fuzz/corpus".into());
     let streams = sse_streams();
-    write(&dir, "sse_decoder", &streams.iter().map(|s| ctl(s)).collect::<Vec<_>>());
-    write(&dir, "gateway_ndjson", &streams.iter().map(|s| ctl(s)).collect::<Vec<_>>());
+    write(
+        &dir,
+        "sse_decoder",
+        &streams.iter().map(|s| ctl(s)).collect::<Vec<_>>(),
+    );
+    write(
+        &dir,
+        "gateway_ndjson",
+        &streams.iter().map(|s| ctl(s)).collect::<Vec<_>>(),
+    );
     let lines = format!("{OBJ}\n{END}\nnot json\n\n{OBJ}");
     write(&dir, "plugin_lines", &[ctl(lines.as_bytes())]);
-    write(&dir, "eventstream_frames", &event_stream().iter().map(|s| ctl(s)).collect::<Vec<_>>());
+    write(
+        &dir,
+        "eventstream_frames",
+        &event_stream().iter().map(|s| ctl(s)).collect::<Vec<_>>(),
+    );
     let prelude = br#"{"statusCode":200,"headers":{"content-type":"text/event-stream"}}"#;
     write(
         &dir,
@@ -120,15 +155,32 @@ fn main() {
         &dir,
         "function_url_event",
         &[
-            connector::transport::invoke_stream::request_event("invoke_tool", &headers, ENVELOPE.as_bytes()),
-            connector::transport::invoke_stream::request_event("invoke_tool", &headers, &[0xff, 0xfe]),
+            connector::transport::invoke_stream::request_event(
+                "invoke_tool",
+                &headers,
+                ENVELOPE.as_bytes(),
+            ),
+            connector::transport::invoke_stream::request_event(
+                "invoke_tool",
+                &headers,
+                &[0xff, 0xfe],
+            ),
         ],
     );
-    write(&dir, "envelope", &[ENVELOPE.as_bytes().to_vec(), br#"{"session_id":"s","event":"request","data":{}}"#.to_vec()]);
+    write(
+        &dir,
+        "envelope",
+        &[
+            ENVELOPE.as_bytes().to_vec(),
+            br#"{"session_id":"s","event":"request","data":{}}"#.to_vec(),
+        ],
+    );
     let sample = hostile::raw_zip(&hostile::sample_entries(|m| m));
-    let manifest = std::fs::read(harness::plugin_dir("sample").join("manifest.yaml")).expect("sample manifest");
+    let manifest = std::fs::read(harness::plugin_dir("sample").join("manifest.yaml"))
+        .expect("sample manifest");
     write(&dir, "manifest", &[manifest]);
-    let reqs = std::fs::read(harness::plugin_dir("sample").join("requirements.txt")).unwrap_or_default();
+    let reqs =
+        std::fs::read(harness::plugin_dir("sample").join("requirements.txt")).unwrap_or_default();
     write(
         &dir,
         "requirements",
@@ -147,7 +199,11 @@ fn main() {
         &[ctl(&multipart(&[
             ("context", Some("a@b@0.0.1@x.difypkg"), &sample),
             ("verified", None, b"true"),
-            ("metadata", None, br#"{"plugin_unique_identifier":"a/b:0.0.1@x"}"#),
+            (
+                "metadata",
+                None,
+                br#"{"plugin_unique_identifier":"a/b:0.0.1@x"}"#,
+            ),
         ]))],
     );
     println!("seeds written to {}", dir.display());

@@ -98,6 +98,14 @@ impl Decoder {
                 return Ok(None);
             };
             let end = self.scanned + pos;
+            // The same bound as for a partial line above, so that whether a line is refused
+            // never depends on the read its `\n` arrived in.
+            if end > self.max_line {
+                return Err(Error::Sse(format!(
+                    "a line is over {} bytes",
+                    self.max_line
+                )));
+            }
             let mut line = self.buf.split_to(end + 1).freeze();
             self.scanned = 0;
             line.truncate(line.len() - 1);
@@ -326,7 +334,10 @@ mod tests {
     /// ignored field adds nothing to the event's count), so the outcome hung on TCP segmentation.
     #[test]
     fn a_long_line_is_refused_however_it_arrives() {
-        for line in [&b": a comment of twenty bytes"[..], b"retry-or-some-unknown-field"] {
+        for line in [
+            &b": a comment of twenty bytes"[..],
+            b"retry-or-some-unknown-field",
+        ] {
             let wire = [line, b"\n\n"].concat();
             let mut whole = Decoder::new(10);
             whole.push(&wire);
