@@ -26,8 +26,8 @@ FUZZ_CI_SECONDS ?= 6
 # Stable Rust: cargo-fuzz's -Z flags need RUSTC_BOOTSTRAP. No sanitizer by default: the
 # parsers are safe Rust, and ASan halves the executions on two cores (FUZZ_SANITIZER=address).
 FUZZ_SANITIZER ?= none
-FUZZ_BUILD := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) build -s $(FUZZ_SANITIZER) --features lambda
-FUZZ_RUN := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run -s $(FUZZ_SANITIZER) --features lambda
+FUZZ_BUILD := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) build -s $(FUZZ_SANITIZER)
+FUZZ_RUN := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run -s $(FUZZ_SANITIZER)
 
 .PHONY: help setup python tools build test demo bench lint lint-infra fmt clean lambda-bootstrap fuzz fuzz-ci fuzz-seeds
 
@@ -88,6 +88,7 @@ $(LWA_STAMP):
 
 lint: ## formatting and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # The same checks as tests/e2e/infra.rs, by hand: cfn-lint on the SAM file and on its offline
@@ -128,6 +129,7 @@ fuzz-ci: $(CARGO_FUZZ) fuzz-seeds ## every fuzz target FUZZ_CI_SECONDS (default 
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
 clean:
 	$(CARGO) clean
