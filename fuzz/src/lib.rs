@@ -76,7 +76,7 @@ pub struct Control<'a> {
 /// Splits an input into its [`Control`] header (zeros when the input is shorter) and the bytes
 /// to parse.
 pub fn split(data: &[u8]) -> (Control<'_>, &[u8]) {
-    const ZEROS: [u8; CONTROL] = [0; CONTROL];
+    static ZEROS: [u8; CONTROL] = [0; CONTROL];
     let (head, rest) = if data.len() >= CONTROL { data.split_at(CONTROL) } else { (&ZEROS[..], data) };
     let control = Control {
         cap: u16::from_le_bytes([head[0], head[1]]),
