@@ -116,13 +116,14 @@ fuzz-seeds: ## write the fuzz targets' seed corpora (fuzz/corpus/<target>) from 
 fuzz: $(CARGO_FUZZ) fuzz-seeds ## run every fuzz target FUZZ_SECONDS (default 180) each; corpora grow in fuzz/corpus
 	cd fuzz && $(FUZZ_BUILD)
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
 	  $(FUZZ_RUN) $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 || exit 1; \
 	done
 
 fuzz-ci: $(CARGO_FUZZ) fuzz-seeds ## every fuzz target FUZZ_CI_SECONDS (default 6) from its seeds; a crash fails
 	cd fuzz && $(FUZZ_BUILD)
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-	  new=$$(mktemp -d) && \
+	  new=$$(mktemp -d) && mkdir -p corpus/$$t && \
 	  $(FUZZ_RUN) $$t $$new corpus/$$t -- -max_total_time=$(FUZZ_CI_SECONDS) -timeout=10 || exit 1; \
 	  rm -rf $$new; \
 	done

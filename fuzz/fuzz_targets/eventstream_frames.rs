@@ -13,7 +13,6 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use sri_fuzz::{pieces, split};
 
-
 /// Every message decoded until the first error or the end.
 fn decode(chunks: &[&[u8]]) -> (Vec<Message>, bool) {
     let mut d = MessageFrameDecoder::new();

@@ -26,11 +26,8 @@ fuzz_target!(|raw: &[u8]| {
                 headers.append(k, v);
             }
         }
-        let event = connector::transport::invoke_stream::request_event(
-            &action,
-            &headers,
-            &envelope,
-        );
+        let event =
+            connector::transport::invoke_stream::request_event(&action, &headers, &envelope);
         bootstrap::lambda::parse_event(&event).expect("the connector's own event parses");
     }
 });

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tower::ServiceExt;
 
-
 const SESSION: &str = "s1";
 const ENVELOPE: &str = r#"{"session_id":"s1","event":"request","data":{"action":"invoke_tool"}}"#;
 
@@ -39,22 +38,35 @@ static BODY: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 async fn function() -> axum::response::Response {
     let parts = std::mem::take(&mut *BODY.lock().unwrap());
-    let stream = futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>));
-    ([("content-type", "text/event-stream")], Body::from_stream(stream)).into_response()
+    let stream =
+        futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>));
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// One function, `fn1`, at the loopback server.
 struct Fixed(String);
 
 impl Backend for Fixed {
-    fn deploy<'a>(&'a self, _: &'a Package, _: Progress) -> BoxFuture<'a, Result<Function, connector::Error>> {
+    fn deploy<'a>(
+        &'a self,
+        _: &'a Package,
+        _: Progress,
+    ) -> BoxFuture<'a, Result<Function, connector::Error>> {
         async { Err(connector::Error::Backend("not here".into())) }.boxed()
     }
     fn find(&self, _: &str) -> Option<Function> {
         None
     }
     fn list(&self) -> Vec<Function> {
-        vec![Function { name: "fn1".into(), identifier: "a/b:1@x".into(), checksum: "x".into() }]
+        vec![Function {
+            name: "fn1".into(),
+            identifier: "a/b:1@x".into(),
+            checksum: "x".into(),
+        }]
     }
     fn target(&self, name: &str) -> Option<connector::transport::Target> {
         (name == "fn1").then(|| connector::transport::Target::http(self.0.clone()))
@@ -83,11 +95,16 @@ fn setup() -> &'static Setup {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", l.local_addr().unwrap());
             tokio::spawn(async move {
-                axum::serve(l, Router::new().route("/invoke", post(function))).await.unwrap()
+                axum::serve(l, Router::new().route("/invoke", post(function)))
+                    .await
+                    .unwrap()
             });
             let ring = KeyRing::new(vec![Key::new("k1", vec![7u8; 32]).unwrap()]).unwrap();
             let caps = Capabilities::from_ring(&ring);
-            let path = format!("/v1/functions/fn1/{}/invoke?action=invoke_tool", caps.token("fn1"));
+            let path = format!(
+                "/v1/functions/fn1/{}/invoke?action=invoke_tool",
+                caps.token("fn1")
+            );
             let options = ClientOptions {
                 attempts: 1,
                 backoff: Duration::from_millis(1),
@@ -98,13 +115,18 @@ fn setup() -> &'static Setup {
             let max_event = options.max_event_bytes;
             let backend: Arc<dyn Backend> = Arc::new(Fixed(url));
             let state = AppState {
-                launcher: Arc::new(Launcher::new(backend.clone(), "http://127.0.0.1".into(), caps)),
+                launcher: Arc::new(Launcher::new(
+                    backend.clone(),
+                    "http://127.0.0.1".into(),
+                    caps,
+                )),
                 backend,
                 client: Client::new(ring, options),
                 metrics: Default::default(),
                 api_key: "key".into(),
                 intake: Arc::new(
-                    connector::intake::Intake::new(Default::default(), std::env::temp_dir()).unwrap(),
+                    connector::intake::Intake::new(Default::default(), std::env::temp_dir())
+                        .unwrap(),
                 ),
                 require_verified: false,
                 max_request_bytes: 1 << 20,
@@ -112,7 +134,11 @@ fn setup() -> &'static Setup {
                 limits: Limits::default(),
                 legacy_endpoints: false,
             };
-            Setup { app: router(Arc::new(state)), path, max_event }
+            Setup {
+                app: router(Arc::new(state)),
+                path,
+                max_event,
+            }
         })
     })
 }
@@ -142,17 +168,30 @@ fn expected(sse: &[u8], max_event: usize) -> (Vec<Bytes>, bool) {
 fuzz_target!(|data: &[u8]| {
     let (control, sse) = split(data);
     let setup = setup();
-    *BODY.lock().unwrap() = pieces(sse, control.sizes).into_iter().map(<[u8]>::to_vec).collect();
-    let req = http::Request::post(&setup.path).body(Body::from(ENVELOPE)).unwrap();
+    *BODY.lock().unwrap() = pieces(sse, control.sizes)
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
+    let req = http::Request::post(&setup.path)
+        .body(Body::from(ENVELOPE))
+        .unwrap();
     let (status, body) = runtime().block_on(async {
         let resp = setup.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
-        (status, axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap())
+        (
+            status,
+            axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap(),
+        )
     });
     if status != 200 {
         assert_ne!(status, 502, "the daemon would resend a 502");
         let v: serde_json::Value = serde_json::from_slice(&body).expect("refusals are JSON");
-        assert!(v["errorType"].is_string() && v["errorMessage"].is_string(), "{v}");
+        assert!(
+            v["errorType"].is_string() && v["errorMessage"].is_string(),
+            "{v}"
+        );
         return;
     }
     let (objects, complete) = expected(sse, setup.max_event);
@@ -162,7 +201,10 @@ fuzz_target!(|data: &[u8]| {
         want.extend_from_slice(b"\n\n");
     }
     for o in &objects {
-        assert!(!o.contains(&b'\n'), "a plugin object with a line break reaches the daemon: {o:?}");
+        assert!(
+            !o.contains(&b'\n'),
+            "a plugin object with a line break reaches the daemon: {o:?}"
+        );
     }
     if complete {
         assert_eq!(body, want, "a complete stream is passed through exactly");
@@ -172,9 +214,14 @@ fuzz_target!(|data: &[u8]| {
         panic!("the objects before the break are not passed through: {body:?} vs {want:?}")
     });
     let end = [events::session_end(SESSION).as_ref(), b"\n\n"].concat();
-    let error = rest.strip_suffix(end.as_slice()).expect("a broken stream ends with `end`");
+    let error = rest
+        .strip_suffix(end.as_slice())
+        .expect("a broken stream ends with `end`");
     let error = error.strip_suffix(b"\n\n").expect("one error line");
     let v: serde_json::Value = serde_json::from_slice(error).expect("the error line is JSON");
     assert_eq!(v["data"]["type"], "error", "{v}");
-    assert_eq!(v["data"]["data"]["error_type"], "FunctionStreamBroken", "{v}");
+    assert_eq!(
+        v["data"]["data"]["error_type"], "FunctionStreamBroken",
+        "{v}"
+    );
 });

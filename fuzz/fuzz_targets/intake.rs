@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("scratch dir")).path()
+    DIR.get_or_init(|| tempfile::tempdir().expect("scratch dir"))
+        .path()
 }
 
 fn limits() -> Limits {
@@ -38,7 +39,11 @@ fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, (u64, u32)>) {
     for e in std::fs::read_dir(root.join(rel)).expect("tree dir") {
         let e = e.unwrap();
         let name = e.file_name().into_string().expect("UTF-8 name");
-        let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
         let meta = std::fs::symlink_metadata(e.path()).unwrap();
         if meta.is_dir() {
             walk(root, &path, out);
@@ -62,7 +67,12 @@ fuzz_target!(|data: &[u8]| {
             walk(u.tree.root(), "", &mut on_disk);
             let listed: BTreeMap<String, (u64, u32)> = files
                 .iter()
-                .map(|f| (f.path.clone(), (f.size, if f.executable { 0o755 } else { 0o644 })))
+                .map(|f| {
+                    (
+                        f.path.clone(),
+                        (f.size, if f.executable { 0o755 } else { 0o644 }),
+                    )
+                })
                 .collect();
             assert_eq!(on_disk, listed, "the tree on disk is not the list");
             for f in files {

@@ -12,7 +12,6 @@ use connector::transport::invoke_stream::{Head, MAX_PRELUDE_BYTES, split_prelude
 use libfuzzer_sys::fuzz_target;
 use sri_fuzz::{pieces, split};
 
-
 /// The answer once decided, feeding `data` in pieces (`None`: still undecided at the end).
 fn feed(data: &[u8], sizes: &[u8]) -> Option<Result<Head, String>> {
     let mut seen = 0;
@@ -44,10 +43,13 @@ fuzz_target!(|data: &[u8]| {
     let (status, headers, body): (u16, Vec<(String, String)>, Vec<u8>) =
         u.arbitrary().unwrap_or_default();
     let status = 100 + status % 500;
-    let headers: serde_json::Map<String, serde_json::Value> =
-        headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-    let prelude = serde_json::to_vec(&serde_json::json!({"statusCode": status, "headers": headers}))
-        .expect("JSON");
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into()))
+        .collect();
+    let prelude =
+        serde_json::to_vec(&serde_json::json!({"statusCode": status, "headers": headers}))
+            .expect("JSON");
     if prelude.len() > MAX_PRELUDE_BYTES {
         return;
     }
@@ -55,5 +57,11 @@ fuzz_target!(|data: &[u8]| {
     wire.extend_from_slice(&[0; 8]);
     wire.extend_from_slice(&body);
     let got = feed(&wire, control.sizes).expect("a whole prelude is decided");
-    assert_eq!(got, Ok(Head::Prelude { status, body_start: prelude.len() + 8 }));
+    assert_eq!(
+        got,
+        Ok(Head::Prelude {
+            status,
+            body_start: prelude.len() + 8
+        })
+    );
 });

@@ -20,7 +20,10 @@ const NAMES: [&str; 5] = ["context", "verified", "metadata", "other", "context"]
 fn read(boundary: &str, body: Vec<u8>) -> Option<Result<Upload, connector::launch::StageLine>> {
     let req = http::Request::builder()
         .method("POST")
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
         .body(Body::from(body))
         .ok()?;
     runtime().block_on(async {
@@ -33,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
     let (control, raw) = split(data);
     if control.flags & 1 == 0 {
         if let Some(Err(line)) = read(RAW_BOUNDARY, raw.to_vec()) {
-            assert_eq!((line.stage.as_str(), line.state.as_str()), ("healthz", "failed"));
+            assert_eq!(
+                (line.stage.as_str(), line.state.as_str()),
+                ("healthz", "failed")
+            );
         }
         return;
     }
@@ -47,14 +53,20 @@ fuzz_target!(|data: &[u8]| {
     let mut want = Upload::default();
     for (kind, filename, content) in &parts {
         let name = NAMES[usize::from(*kind) % NAMES.len()];
-        let filename: Option<String> =
-            filename.as_ref().map(|f| f.chars().filter(|c| token(*c)).take(60).collect());
-        if content.windows(boundary.len() + 2).any(|w| w[2..] == *boundary.as_bytes()) {
+        let filename: Option<String> = filename
+            .as_ref()
+            .map(|f| f.chars().filter(|c| token(*c)).take(60).collect());
+        if content
+            .windows(boundary.len() + 2)
+            .any(|w| w[2..] == *boundary.as_bytes())
+        {
             return; // content that holds the boundary is not a well-formed part
         }
         body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
         let disposition = match &filename {
-            Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n"),
+            Some(f) => {
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n")
+            }
             None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n"),
         };
         body.extend_from_slice(disposition.as_bytes());
@@ -72,7 +84,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    let got = read(&boundary, body).expect("a well-formed form").expect("a well-formed form is read");
+    let got = read(&boundary, body)
+        .expect("a well-formed form")
+        .expect("a well-formed form is read");
     assert_eq!(got.context, want.context);
     assert_eq!(got.filename, want.filename);
     assert_eq!(got.metadata, want.metadata);

@@ -39,7 +39,10 @@ impl AsyncRead for Pieces {
 }
 
 fn read_all(input: &Input<'_>, max: usize, keep: bool) -> Vec<Line> {
-    let cut: Vec<Vec<u8>> = pieces(input.data, input.sizes).into_iter().map(<[u8]>::to_vec).collect();
+    let cut: Vec<Vec<u8>> = pieces(input.data, input.sizes)
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
     runtime().block_on(async {
         let mut r = LineReader::new(Pieces(cut), max);
         let mut out = Vec::new();
@@ -54,7 +57,10 @@ fn read_all(input: &Input<'_>, max: usize, keep: bool) -> Vec<Line> {
 
 fuzz_target!(|data: &[u8]| {
     let (control, data) = split(data);
-    let input = Input { data, sizes: control.sizes };
+    let input = Input {
+        data,
+        sizes: control.sizes,
+    };
     let max = match control.cap {
         0 => 8192,
         n => usize::from(n),
@@ -68,20 +74,35 @@ fuzz_target!(|data: &[u8]| {
     for (g, w) in got.iter().zip(&want) {
         match g {
             Line::Full(b) => {
-                assert!(w.len() <= max, "a line of {} bytes passed a cap of {max}", w.len());
+                assert!(
+                    w.len() <= max,
+                    "a line of {} bytes passed a cap of {max}",
+                    w.len()
+                );
                 assert_eq!(b.as_ref(), *w);
             }
             Line::TooLong { prefix, len } => {
-                assert!(w.len() > max, "a line of {} bytes refused under a cap of {max}", w.len());
+                assert!(
+                    w.len() > max,
+                    "a line of {} bytes refused under a cap of {max}",
+                    w.len()
+                );
                 assert_eq!(*len, w.len(), "reported length");
                 assert!(prefix.len() <= PREFIX_BYTES && w.starts_with(prefix));
-                assert!(prefix.len() >= PREFIX_BYTES.min(max + 1), "prefix too short to route");
+                assert!(
+                    prefix.len() >= PREFIX_BYTES.min(max + 1),
+                    "prefix too short to route"
+                );
             }
         }
     }
-    // The reader's 64 KiB buffer, one line under the cap (and its growth), and this harness's
-    // own copy of the input: nothing that grows with the length of a line past the cap.
+    // The reader's 64 KiB buffer, one line under the cap (up to three times it while the buffer
+    // grows: old and doubled copies), and this harness's own copy of the input: nothing that
+    // grows with the length of a line past the cap.
     let (_, peak) = peak_during(|| read_all(&input, max, false));
-    let bound = 64 * 1024 + 2 * max + PREFIX_BYTES + 2 * data.len() + 16 * 1024;
-    assert!(peak <= bound, "line reader held {peak} bytes (bound {bound})");
+    let bound = 64 * 1024 + 4 * max + PREFIX_BYTES + 2 * data.len() + 16 * 1024;
+    assert!(
+        peak <= bound,
+        "line reader held {peak} bytes (bound {bound})"
+    );
 });

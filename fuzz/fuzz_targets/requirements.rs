@@ -13,7 +13,10 @@ fn check(deps: &Dependencies) {
     for line in txt.lines().filter(|l| !l.starts_with('#')) {
         let mut words = line.split_whitespace();
         let spec = words.next().unwrap_or_default();
-        assert!(!spec.starts_with('-'), "an option reaches the installer: {line}");
+        assert!(
+            !spec.starts_with('-'),
+            "an option reaches the installer: {line}"
+        );
         for w in words {
             assert!(
                 w.starts_with("--hash=") || !w.starts_with('-'),
@@ -21,16 +24,24 @@ fn check(deps: &Dependencies) {
             );
         }
     }
-    let again = parse_requirements_txt(&txt).unwrap_or_else(|e| panic!("own output refused: {e}\n{txt}"));
+    let again =
+        parse_requirements_txt(&txt).unwrap_or_else(|e| panic!("own output refused: {e}\n{txt}"));
     let key = |d: &Dependencies| -> Vec<(String, Vec<String>)> {
-        d.requirements.iter().map(|r| (r.spec.clone(), r.hashes.clone())).collect()
+        d.requirements
+            .iter()
+            .map(|r| (r.spec.clone(), r.hashes.clone()))
+            .collect()
     };
     assert_eq!(key(&again), key(deps), "{txt}");
 }
 
 fuzz_target!(|data: (bool, &str)| {
     let (toml, text) = data;
-    let parsed = if toml { parse_pyproject(text) } else { parse_requirements_txt(text) };
+    let parsed = if toml {
+        parse_pyproject(text)
+    } else {
+        parse_requirements_txt(text)
+    };
     if let Ok(deps) = parsed {
         check(&deps);
     }

@@ -53,10 +53,20 @@ fn hmac(secret: &[u8], text: &str) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-fn to_sign(version: u8, ts: u64, nonce: &str, function: &str, session: &str, req: &Input) -> String {
+fn to_sign(
+    version: u8,
+    ts: u64,
+    nonce: &str,
+    function: &str,
+    session: &str,
+    req: &Input,
+) -> String {
     let digest = hex::encode(Sha256::digest(&req.body));
     if version == 2 {
-        format!("v2\n{ts}\n{nonce}\n{function}\n{session}\n{}\n{digest}", req.action)
+        format!(
+            "v2\n{ts}\n{nonce}\n{function}\n{session}\n{}\n{digest}",
+            req.action
+        )
     } else {
         format!("v1\n{ts}\n{session}\n{}\n{digest}", req.action)
     }
@@ -106,7 +116,7 @@ fuzz_target!(|input: Input| {
         Err(e) => {
             let msg = e.to_string();
             for item in input.ring_text.split(',') {
-                if let Some((id, secret)) = item.split_once(':') {
+                if let Some((_, secret)) = item.split_once(':') {
                     let secret = secret.trim();
                     let b64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
                     let in_an_id = input
@@ -140,7 +150,11 @@ fuzz_target!(|input: Input| {
     }
     // Signed here: the verifying side must agree on the accepted cases too, not only refusals.
     let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (session, ts, nonce) = (text(HEADER_SESSION), text(HEADER_TIMESTAMP), text(HEADER_NONCE));
+    let (session, ts, nonce) = (
+        text(HEADER_SESSION),
+        text(HEADER_TIMESTAMP),
+        text(HEADER_NONCE),
+    );
     if let Some((second_key, v2)) = input.sign_with
         && let (Some(session), Some(ts)) = (session, ts)
         && let Ok(ts) = ts.parse::<u64>()
@@ -163,7 +177,10 @@ fuzz_target!(|input: Input| {
     match (&got, &want) {
         (Ok(v), Some((kid, version))) => {
             assert_eq!((&v.key_id, v.version), (kid, *version));
-            assert_eq!(Some(v.session_id.as_str()), h.get(HEADER_SESSION).and_then(|s| s.to_str().ok()));
+            assert_eq!(
+                Some(v.session_id.as_str()),
+                h.get(HEADER_SESSION).and_then(|s| s.to_str().ok())
+            );
             assert!(v.timestamp.abs_diff(input.now) <= max_skew);
         }
         (Err(_), None) => {}
@@ -171,14 +188,30 @@ fuzz_target!(|input: Input| {
     }
 
     // What the ring signs (v2, visible-ASCII session), it verifies.
-    let session: String = input.function.chars().filter(|c| (' '..='~').contains(c)).collect();
+    let session: String = input
+        .function
+        .chars()
+        .filter(|c| (' '..='~').contains(c))
+        .collect();
     if !session.is_empty() {
         let nonce = hex::encode(Sha256::digest(&input.body));
-        let signed = ring.sign_v2(input.now, &nonce, &input.function, &session, &input.action, &input.body);
+        let signed = ring.sign_v2(
+            input.now,
+            &nonce,
+            &input.function,
+            &session,
+            &input.action,
+            &input.body,
+        );
         let mut h = HeaderMap::new();
         signed.apply(&mut h).expect("visible ASCII session");
-        let v = ring.verify(&h, &expected, input.now, 0).expect("own signature verifies");
-        assert_eq!((v.version, v.session_id.as_str(), v.key_id.as_str()), (2, session.as_str(), "k1"));
+        let v = ring
+            .verify(&h, &expected, input.now, 0)
+            .expect("own signature verifies");
+        assert_eq!(
+            (v.version, v.session_id.as_str(), v.key_id.as_str()),
+            (2, session.as_str(), "k1")
+        );
         signing::check_session(&v, &session).unwrap();
     }
 });

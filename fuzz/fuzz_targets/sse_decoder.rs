@@ -11,7 +11,6 @@ use connector::protocol::sse::{self, Decoder, Item};
 use libfuzzer_sys::fuzz_target;
 use sri_fuzz::{peak_during, pieces, split};
 
-
 const KINDS: [EventKind; 6] = [
     EventKind::Start,
     EventKind::Chunk,

@@ -77,7 +77,11 @@ pub struct Control<'a> {
 /// to parse.
 pub fn split(data: &[u8]) -> (Control<'_>, &[u8]) {
     static ZEROS: [u8; CONTROL] = [0; CONTROL];
-    let (head, rest) = if data.len() >= CONTROL { data.split_at(CONTROL) } else { (&ZEROS[..], data) };
+    let (head, rest) = if data.len() >= CONTROL {
+        data.split_at(CONTROL)
+    } else {
+        (&ZEROS[..], data)
+    };
     let control = Control {
         cap: u16::from_le_bytes([head[0], head[1]]),
         flags: head[2],
