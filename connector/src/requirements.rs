@@ -450,6 +450,15 @@ fn requirement(text: &str) -> Result<String, String> {
             text.len()
         ));
     }
+    // pep508_rs 0.9 slices marker text at byte offsets it counts as characters, and panics
+    // inside a multi-byte one; requirements are ASCII (PyPI names, versions, markers).
+    if !text.is_ascii() {
+        return Err(format!(
+            "`{}` holds non-ASCII characters, which no PEP 508 requirement of an index \
+             package needs; {FIX}",
+            echo(text)
+        ));
+    }
     let mut depth = 0usize;
     for c in text.chars() {
         match c {
@@ -622,6 +631,10 @@ mod tests {
             );
         }
         assert_eq!(txt("a.b-c_d[e.f] >=1").unwrap().len(), 1);
+        // Found by the same target: a multi-byte character after a marker made pep508_rs slice
+        // inside it.
+        let err = refused("requests[socks]>=2.31 ; python_version >= \"3.11\"\u{723}");
+        assert!(err.contains("non-ASCII"), "{err}");
     }
 
     #[test]

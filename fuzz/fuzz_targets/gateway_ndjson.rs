@@ -3,8 +3,9 @@
 //! the fuzzer's bytes (in its pieces), and the real router serves the daemon's call.
 //!
 //! Oracle: the SSE decoded independently. A stream that reaches `end` comes out as exactly its
-//! plugin objects, each on one line; any other stream as the objects before the break, then a
-//! session error and `end`. No line holds a line break; nothing follows `end`.
+//! plugin objects, each on one line; any other stream (an object of several `data:` lines
+//! included) as the objects before the break, then a session error and `end`. No line holds a
+//! line break; nothing follows `end`.
 #![no_main]
 
 use axum::Router;
@@ -153,7 +154,7 @@ fn expected(sse: &[u8], max_event: usize) -> (Vec<Bytes>, bool) {
         let Item::Event(ev) = item else { continue };
         match ev.kind {
             EventKind::Start | EventKind::Usage => {}
-            _ if ev.data.len() > MAX_LINE => return (out, false),
+            _ if ev.data.len() > MAX_LINE || ev.data.contains(&b'\n') => return (out, false),
             kind => {
                 out.push(ev.data);
                 if kind == EventKind::End {
