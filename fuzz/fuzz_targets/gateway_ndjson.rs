@@ -152,9 +152,12 @@ fn expected(sse: &[u8], max_event: usize) -> (Vec<Bytes>, bool) {
     let mut out = Vec::new();
     while let Ok(Some(item)) = d.next_item() {
         let Item::Event(ev) = item else { continue };
+        if ev.data.contains(&b'\n') {
+            return (out, false);
+        }
         match ev.kind {
             EventKind::Start | EventKind::Usage => {}
-            _ if ev.data.len() > MAX_LINE || ev.data.contains(&b'\n') => return (out, false),
+            _ if ev.data.len() > MAX_LINE => return (out, false),
             kind => {
                 out.push(ev.data);
                 if kind == EventKind::End {
