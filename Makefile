@@ -17,7 +17,20 @@ MOTO := $(VENV)/moto/bin/moto_server
 # cfn-lint, aws-sam-translator and checkov: the offline lint of infra/ (tests/e2e/infra.rs).
 INFRA_LINT := $(VENV)/infra/bin/checkov
 
-.PHONY: help setup python tools build test demo bench lint lint-infra fmt clean lambda-bootstrap
+# Fuzzing (FUZZING.md): cargo-fuzz, pinned, in the worktree's own tool dir.
+CARGO_FUZZ_VERSION := 0.13.1
+CARGO_FUZZ := $(CURDIR)/.tools/bin/cargo-fuzz
+FUZZ_TARGETS := sse_decoder gateway_ndjson signing envelope launch_multipart intake requirements \
+	manifest function_url_event invoke_stream_prelude eventstream_frames plugin_lines
+FUZZ_SECONDS ?= 180
+FUZZ_CI_SECONDS ?= 6
+# Stable Rust: cargo-fuzz's -Z flags need RUSTC_BOOTSTRAP. No sanitizer by default: the
+# parsers are safe Rust, and ASan halves the executions on two cores (FUZZ_SANITIZER=address).
+FUZZ_SANITIZER ?= none
+FUZZ_BUILD := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) build -s $(FUZZ_SANITIZER)
+FUZZ_RUN := RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run -s $(FUZZ_SANITIZER)
+
+.PHONY: help setup python tools build test demo bench lint lint-infra fmt clean lambda-bootstrap fuzz fuzz-ci fuzz-seeds
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -87,6 +100,7 @@ $(LWA_STAMP):
 
 lint: ## formatting and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # The same checks as tests/e2e/infra.rs, by hand: cfn-lint on the SAM file and on its offline
@@ -105,8 +119,30 @@ lint-infra: $(INFRA_LINT) ## cfn-lint + checkov on infra/template.yaml (offline 
 	  { ids=$$(tr '\n' ' '); echo "canary trips: $$ids"; \
 	    [ "$$ids" = "CKV_AWS_258 E3030 E3717 E6101 W3037 " ] || { echo "canary: expected all of CKV_AWS_258 E3030 E3717 E6101 W3037" >&2; exit 1; }; }
 
+$(CARGO_FUZZ):
+	$(CARGO) install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION) --root $(CURDIR)/.tools
+
+fuzz-seeds: ## write the fuzz targets' seed corpora (fuzz/corpus/<target>) from code
+	$(CARGO) run --locked -p sri-tests --example fuzz_seeds -- fuzz/corpus
+
+fuzz: $(CARGO_FUZZ) fuzz-seeds ## run every fuzz target FUZZ_SECONDS (default 180) each; corpora grow in fuzz/corpus
+	cd fuzz && $(FUZZ_BUILD)
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
+	  $(FUZZ_RUN) $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 || exit 1; \
+	done
+
+fuzz-ci: $(CARGO_FUZZ) fuzz-seeds ## every fuzz target FUZZ_CI_SECONDS (default 6) from its seeds; a crash fails
+	cd fuzz && $(FUZZ_BUILD)
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  new=$$(mktemp -d) && mkdir -p corpus/$$t && \
+	  $(FUZZ_RUN) $$t $$new corpus/$$t -- -max_total_time=$(FUZZ_CI_SECONDS) -timeout=10 || exit 1; \
+	  rm -rf $$new; \
+	done
+
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
 clean:
 	$(CARGO) clean

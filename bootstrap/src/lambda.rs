@@ -283,7 +283,7 @@ async fn report(client: &PooledClient, path: &str, error_type: &str, error: Erro
 /// A Function URL (API Gateway v2) event, or a direct invoke payload of the same shape.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct UrlEvent {
+pub struct UrlEvent {
     raw_path: Option<String>,
     raw_query_string: Option<String>,
     #[serde(default)]
@@ -305,7 +305,8 @@ struct HttpContext {
     path: Option<String>,
 }
 
-fn parse_event(raw: &[u8]) -> Result<UrlEvent, String> {
+/// Reads an invocation's event (public for the fuzz target in `fuzz/`).
+pub fn parse_event(raw: &[u8]) -> Result<UrlEvent, String> {
     serde_json::from_slice(raw).map_err(|e| {
         format!("the event is not a Function URL request ({e}); invoke through the Function URL or send its event shape")
     })

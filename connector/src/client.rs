@@ -498,6 +498,18 @@ impl Client {
                             deadline = tokio::time::Instant::now() + idle;
                             continue;
                         }
+                        // SRI data is one JSON line; joined `data:` lines would reach the
+                        // daemon as lines of their own.
+                        Ok(Some(sse::Item::Event(ev))) if ev.data.contains(&b'\n') => {
+                            return Some((
+                                Err(InvokeError::Broken(format!(
+                                    "a `{}` event's data spans several `data:` lines; SRI data \
+                                     is one JSON line",
+                                    ev.kind
+                                ))),
+                                None,
+                            ));
+                        }
                         Ok(Some(sse::Item::Event(ev))) => {
                             // Nothing after `end` is read: the stream is complete.
                             let rest = (ev.kind != EventKind::End).then_some((bytes, decoder));
@@ -675,5 +687,32 @@ pub(crate) fn rejection(
         status,
         error_type,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::signing::Key;
+
+    /// Found by `fuzz/fuzz_targets/gateway_ndjson.rs`: an event of two `data:` lines reached the
+    /// daemon's NDJSON as two lines.
+    #[tokio::test]
+    async fn an_event_of_several_data_lines_breaks_the_stream() {
+        let ring = KeyRing::new(vec![Key::new("k1", vec![7u8; 32]).unwrap()]).unwrap();
+        let client = Client::new(ring, ClientOptions::default());
+        let wire = Bytes::from_static(
+            b"event: chunk\ndata: {\"a\":1}\n\nevent: chunk\ndata: a\ndata: b\n\n",
+        );
+        let bytes: ByteStream = Box::pin(futures_util::stream::iter([Ok(wire)]));
+        let got: Vec<_> = client.events(bytes).collect().await;
+        assert!(matches!(&got[0], Ok(ev) if ev.data.as_ref() == b"{\"a\":1}"));
+        match &got[1] {
+            Err(InvokeError::Broken(why)) => {
+                assert!(why.contains("several `data:` lines"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(got.len(), 2);
     }
 }

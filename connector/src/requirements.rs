@@ -450,6 +450,15 @@ fn requirement(text: &str) -> Result<String, String> {
             text.len()
         ));
     }
+    // pep508_rs 0.9 slices marker text at byte offsets it counts as characters, and panics
+    // inside a multi-byte one; requirements are ASCII (PyPI names, versions, markers).
+    if !text.is_ascii() {
+        return Err(format!(
+            "`{}` holds non-ASCII characters, which no PEP 508 requirement of an index \
+             package needs; {FIX}",
+            echo(text)
+        ));
+    }
     let mut depth = 0usize;
     for c in text.chars() {
         match c {
@@ -463,6 +472,17 @@ fn requirement(text: &str) -> Result<String, String> {
             ));
         }
     }
+    // pep508_rs 0.9 panics (an `expect`) on a name or extra that ends in `.`, `-` or `_` and is
+    // followed by more text (`a.)`, `a[b.]`): refused here before it is asked. Such names are
+    // invalid PEP 508 anyway, so nothing valid is refused.
+    let head = text
+        .split(['(', '<', '>', '=', '!', '~', ';', '@'])
+        .next()
+        .unwrap_or("");
+    let ident = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    let unfinished = head
+        .split(|c: char| !ident(c))
+        .find(|w| w.ends_with(['.', '-', '_']));
     let looks_like_location = text.starts_with(['.', '/', '~', '\\'])
         || text.contains("://")
         || text
@@ -471,16 +491,27 @@ fn requirement(text: &str) -> Result<String, String> {
             .is_some_and(|head| head.contains('@'))
         || text.contains('\\')
         || text.as_bytes().get(1) == Some(&b':');
+    let location = || {
+        format!(
+            "`{}` is a path or URL, and only requirements from the index are accepted: \
+             depend on a released version (`name==1.2.3`); {FIX}",
+            echo(text)
+        )
+    };
+    match unfinished {
+        Some(_) if looks_like_location => return Err(location()),
+        Some(bad) => {
+            return Err(format!(
+                "the name or extra `{}` must end with a letter or digit (PEP 508); {FIX}",
+                echo(bad)
+            ));
+        }
+        None => {}
+    }
     let parsed = pep508_rs::Requirement::<pep508_rs::VerbatimUrl>::from_str(text);
     let req = match parsed {
         Ok(r) => r,
-        Err(_) if looks_like_location => {
-            return Err(format!(
-                "`{}` is a path or URL, and only requirements from the index are accepted: \
-                 depend on a released version (`name==1.2.3`); {FIX}",
-                echo(text)
-            ));
-        }
+        Err(_) if looks_like_location => return Err(location()),
         Err(e) => {
             return Err(format!(
                 "`{}` is not a PEP 508 requirement ({}); {FIX}",
@@ -582,6 +613,30 @@ mod tests {
 
     /// What `uv export --format requirements-txt --no-emit-project` writes: a header, hashes on
     /// continuation lines, markers, `# via` comments.
+    /// Found by `fuzz/fuzz_targets/requirements.rs`: pep508_rs panics on these (and the
+    /// release build aborts on a panic, so one package line would stop the connector).
+    #[test]
+    fn names_and_extras_ending_in_punctuation_are_refused_not_a_panic() {
+        for line in [
+            "dify_plu_plug0.7.)4,<0.11",
+            "requests-(>=1)",
+            "a_ ==1",
+            "a[b.]",
+            "a[b, c-] >=1",
+        ] {
+            let err = refused(line);
+            assert!(
+                err.contains("must end with a letter or digit"),
+                "{line}: {err}"
+            );
+        }
+        assert_eq!(txt("a.b-c_d[e.f] >=1").unwrap().len(), 1);
+        // Found by the same target: a multi-byte character after a marker made pep508_rs slice
+        // inside it.
+        let err = refused("requests[socks]>=2.31 ; python_version >= \"3.11\"\u{723}");
+        assert!(err.contains("non-ASCII"), "{err}");
+    }
+
     #[test]
     fn a_quote_inside_a_marker_value_is_refused() {
         assert!(quotes_unbalanced("foo ; platform_machine == 'a' --x=1 ''"));

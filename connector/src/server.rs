@@ -355,19 +355,20 @@ async fn launch(State(s): State<Arc<AppState>>, form: Multipart) -> Response {
 
 /// The launch form's `context` (the package) and `verified` parts, or the line saying why not.
 /// The parts of a launch upload the connector reads.
-#[derive(Default)]
-struct Upload {
+#[derive(Debug, Default)]
+pub struct Upload {
     /// The `.difypkg`.
-    context: Option<Bytes>,
+    pub context: Option<Bytes>,
     /// The `context` part's filename (`author@name@version@checksum.difypkg`).
-    filename: Option<String>,
+    pub filename: Option<String>,
     /// `{"plugin_unique_identifier":…}`.
-    metadata: Option<String>,
+    pub metadata: Option<String>,
     /// Whether the daemon verified the package's signature.
-    verified: bool,
+    pub verified: bool,
 }
 
-async fn read_upload(mut form: Multipart) -> Result<Upload, StageLine> {
+/// Reads the launch form (public for the fuzz target in `fuzz/`).
+pub async fn read_upload(mut form: Multipart) -> Result<Upload, StageLine> {
     let mut up = Upload::default();
     loop {
         match form.next_field().await {

@@ -41,7 +41,14 @@ struct DataView<'a> {
 impl Envelope {
     /// Parses `raw` as an envelope, checking what the plugin needs to route it.
     pub fn parse(raw: Bytes) -> Result<Self, Error> {
-        let view: View<'_> = serde_json::from_slice(&raw).map_err(|e| {
+        // Checked whole first: serde skips the fields it does not read without validating
+        // their bytes, and the plugin must never get a line its SDK cannot decode.
+        let text = std::str::from_utf8(&raw).map_err(|e| {
+            Error::Envelope(format!(
+                "body is not UTF-8 ({e}); send the Dify request envelope as JSON"
+            ))
+        })?;
+        let view: View<'_> = serde_json::from_str(text).map_err(|e| {
             Error::Envelope(format!(
                 "body is not a JSON object ({e}); send the Dify request envelope as JSON"
             ))
@@ -138,6 +145,18 @@ mod tests {
         assert_eq!(env.bytes().as_ref(), BODY.as_bytes());
         assert_eq!(&env.to_line()[..BODY.len()], BODY.as_bytes());
         assert_eq!(env.to_line().last(), Some(&b'\n'));
+    }
+
+    /// Found by `fuzz/fuzz_targets/envelope.rs`: bytes that are not UTF-8 inside a field the
+    /// runtime does not read were accepted (serde skips such fields unvalidated) and would
+    /// have reached the plugin's stdin.
+    #[test]
+    fn refuses_bytes_that_are_not_utf8_anywhere() {
+        let mut body = br#"{"session_id":"s","event":"request","x":""#.to_vec();
+        body.extend_from_slice(&[0xfd, 0xfe]);
+        body.extend_from_slice(br#"","data":{}}"#);
+        let err = Envelope::parse(Bytes::from(body)).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
     }
 
     #[test]

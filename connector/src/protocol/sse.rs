@@ -98,6 +98,14 @@ impl Decoder {
                 return Ok(None);
             };
             let end = self.scanned + pos;
+            // The same bound as for a partial line above, so that whether a line is refused
+            // never depends on the read its `\n` arrived in.
+            if end > self.max_line {
+                return Err(Error::Sse(format!(
+                    "a line is over {} bytes",
+                    self.max_line
+                )));
+            }
             let mut line = self.buf.split_to(end + 1).freeze();
             self.scanned = 0;
             line.truncate(line.len() - 1);
@@ -319,6 +327,34 @@ mod tests {
             d.push(b"event: chunk\ndata: 0123456789\ndata: 0123456789\n\n");
             assert!(matches!(d.next_item(), Ok(Some(Item::Event(_)))));
         }
+    }
+
+    /// Found by `fuzz/fuzz_targets/sse_decoder.rs`: a line over the cap was refused when it
+    /// arrived in pieces but accepted when its `\n` came in the same read (a comment or an
+    /// ignored field adds nothing to the event's count), so the outcome hung on TCP segmentation.
+    #[test]
+    fn a_long_line_is_refused_however_it_arrives() {
+        for line in [
+            &b": a comment of twenty bytes"[..],
+            b"retry-or-some-unknown-field",
+        ] {
+            let wire = [line, b"\n\n"].concat();
+            let mut whole = Decoder::new(10);
+            whole.push(&wire);
+            let mut pieces = Decoder::new(10);
+            pieces.push(&wire[..12]);
+            let first = pieces.next_item();
+            let err = whole.next_item().map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("a line is over 10 bytes"), "{err}");
+            assert_eq!(first.map(|_| ()).unwrap_err().to_string(), err);
+        }
+        // A `\r` before the `\n` counts (a piece may end with it), the `\n` does not.
+        let mut d = Decoder::new(10);
+        d.push(b"id: 12345\r\n");
+        assert_eq!(d.next_item().unwrap(), None);
+        let mut d = Decoder::new(10);
+        d.push(b"id: 123456\r\n");
+        assert!(d.next_item().is_err());
     }
 
     #[test]
