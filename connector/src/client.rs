@@ -356,6 +356,7 @@ impl Client {
         );
         let (url, auth) = (&url, &auth);
         self.with_retries(target, move || async move {
+            #[cfg_attr(not(feature = "lambda"), allow(unused_mut))]
             let mut headers = self.headers(call).map_err(Failure::Fatal)?;
             match auth {
                 PlatformAuth::None => {}

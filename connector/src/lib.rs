@@ -17,7 +17,8 @@ pub mod backend;
 pub mod capability;
 #[cfg(feature = "server")]
 pub mod child;
-#[cfg(feature = "server")]
+// The command line offers every backend, the Lambda ones included.
+#[cfg(feature = "lambda")]
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod client;

@@ -1,8 +1,7 @@
 //! The bootstrap's Function URL event parsing (`bootstrap::lambda::parse_event`): on Lambda the
 //! event is whatever the invoker sent.
 //!
-//! Properties: any bytes are parsed or refused with a message, never a panic; with the `lambda`
-//! feature, every event the connector's `invoke-stream` transport writes (any action, headers
+//! Properties: any bytes are parsed or refused with a message, never a panic; every event the connector's `invoke-stream` transport writes (any action, headers
 //! and body) is one the bootstrap parses.
 #![no_main]
 
@@ -12,7 +11,6 @@ fuzz_target!(|raw: &[u8]| {
     if let Err(e) = bootstrap::lambda::parse_event(raw) {
         assert!(e.contains("Function URL"), "{e}");
     }
-    #[cfg(feature = "lambda")]
     {
         let mut u = arbitrary::Unstructured::new(raw);
         let (action, pairs, envelope): (String, Vec<(String, Vec<u8>)>, Vec<u8>) =
@@ -27,7 +25,7 @@ fuzz_target!(|raw: &[u8]| {
             }
         }
         let event =
-            connector::transport::invoke_stream::request_event(&action, &headers, &envelope);
+            connector::transport::wire::request_event(&action, &headers, &envelope);
         bootstrap::lambda::parse_event(&event).expect("the connector's own event parses");
     }
 });

@@ -1,5 +1,5 @@
 //! The response prelude of `InvokeWithResponseStream` payloads
-//! (`connector::transport::invoke_stream::split_prelude`): JSON and 8 NUL bytes that a function
+//! (`connector::transport::wire::split_prelude`): JSON and 8 NUL bytes that a function
 //! writes before its SSE, read by the connector.
 //!
 //! Properties: the answer never changes once given, however many more bytes arrive; the body
@@ -8,7 +8,7 @@
 #![no_main]
 
 use arbitrary::Unstructured;
-use connector::transport::invoke_stream::{Head, MAX_PRELUDE_BYTES, split_prelude};
+use connector::transport::wire::{Head, MAX_PRELUDE_BYTES, split_prelude};
 use libfuzzer_sys::fuzz_target;
 use sri_fuzz::{pieces, split};
 

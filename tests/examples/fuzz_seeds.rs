@@ -155,16 +155,8 @@ fn main() {
         &dir,
         "function_url_event",
         &[
-            connector::transport::invoke_stream::request_event(
-                "invoke_tool",
-                &headers,
-                ENVELOPE.as_bytes(),
-            ),
-            connector::transport::invoke_stream::request_event(
-                "invoke_tool",
-                &headers,
-                &[0xff, 0xfe],
-            ),
+            connector::transport::wire::request_event("invoke_tool", &headers, ENVELOPE.as_bytes()),
+            connector::transport::wire::request_event("invoke_tool", &headers, &[0xff, 0xfe]),
         ],
     );
     write(

@@ -17,6 +17,7 @@
 pub mod invoke_stream;
 #[cfg(feature = "lambda")]
 pub mod sigv4;
+pub mod wire;
 
 /// Where and how the connector sends an SRI v1 invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
