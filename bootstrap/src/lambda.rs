@@ -265,7 +265,12 @@ fn client(api: &str) -> Result<PooledClient, Error> {
 /// Reports an init or restore failure to `path` (the Python error text included) and
 /// returns it.
 async fn report(client: &PooledClient, path: &str, error_type: &str, error: Error) -> Error {
-    tracing::error!(error = %error, error_type, "the runtime could not start");
+    // The emulator backend reads this line to show the daemon what `/runtime/init/error` got.
+    if path == INIT_ERROR {
+        tracing::error!(error = %error, error_type, "initialization failed");
+    } else {
+        tracing::error!(error = %error, error_type, "restore failed");
+    }
     let body = connector::protocol::events::error_body(error_type, &error.to_string(), None);
     let req = build_request()
         .method(Method::POST)
