@@ -162,6 +162,10 @@ impl Client {
                 // default), so that a pooled connection is dropped here before it is closed
                 // there, rather than raced.
                 .pool_idle_timeout(POOL_IDLE)
+                // The bootstrap turns reqwest's gzip on for the whole workspace: the connector
+                // must not ask for it (SSE is streamed as it comes, and every header it sends to a
+                // Function URL is one SigV4 signed).
+                .no_gzip()
         };
         let http = builder()
             .pool_max_idle_per_host(256)

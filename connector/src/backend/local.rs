@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::transport::Target;
 
+use super::record::{self, Meta};
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
 use crate::child;
@@ -49,12 +50,6 @@ pub struct LocalOptions {
     pub install_timeout: Duration,
     /// The plugins' sandbox (`SRI_SANDBOX*`).
     pub sandbox: crate::sandbox::SandboxOptions,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Meta {
-    function: Function,
-    created_at: u64,
 }
 
 struct Running {
@@ -421,34 +416,20 @@ impl Backend for LocalBackend {
         async move {
             let mut removed = Vec::new();
             let functions = self.opts.data_dir.join("functions");
-            let mut entries = tokio::fs::read_dir(&functions)
+            let leftovers = record::leftovers(&functions)
                 .await
                 .map_err(|e| io("reading the data dir".into(), e))?;
-            while let Ok(Some(e)) = entries.next_entry().await {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name.contains(".tmp-") {
-                    let _ = tokio::fs::remove_dir_all(e.path()).await;
-                    removed.push(name);
-                }
+            for (name, path) in leftovers {
+                let _ = tokio::fs::remove_dir_all(path).await;
+                removed.push(name);
             }
-            let mut by_plugin: HashMap<String, Vec<Meta>> = HashMap::new();
-            for r in self.running.lock().expect("running lock").values() {
-                let plugin = r
-                    .meta
-                    .function
-                    .identifier
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                by_plugin.entry(plugin).or_default().push(r.meta.clone());
-            }
-            for (_, mut metas) in by_plugin {
-                metas.sort_by_key(|m| std::cmp::Reverse(m.created_at));
-                for m in metas.into_iter().skip(keep.max(1)) {
-                    self.remove(&m.function.name).await?;
-                    removed.push(m.function.name);
-                }
+            let metas: Vec<Meta> = {
+                let running = self.running.lock().expect("running lock");
+                running.values().map(|r| r.meta.clone()).collect()
+            };
+            for m in record::superseded(metas, keep) {
+                self.remove(&m.function.name).await?;
+                removed.push(m.function.name);
             }
             Ok(removed)
         }

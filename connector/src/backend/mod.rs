@@ -6,6 +6,7 @@ pub mod emulator;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod local;
+pub mod record;
 #[cfg(feature = "lambda")]
 pub mod settings;
 

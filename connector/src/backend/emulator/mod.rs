@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
+use super::record::{self, Meta};
 use super::settings::{Overrides, function_settings, plugin_budget};
 use super::{Backend, Function, Progress, function_name};
 use crate::Error;
@@ -76,12 +77,6 @@ const EMULATOR_DEADLINE_S: i32 = 600;
 
 /// The region Function URL calls are signed for when none is configured.
 pub const DEFAULT_REGION: &str = "us-east-1";
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Meta {
-    function: Function,
-    created_at: u64,
-}
 
 struct Running {
     meta: Meta,
@@ -487,33 +482,17 @@ impl Backend for EmulatorBackend {
         async move {
             let mut removed = Vec::new();
             let functions = self.context.data_dir.join("emulator");
-            if let Ok(mut entries) = tokio::fs::read_dir(&functions).await {
-                while let Ok(Some(e)) = entries.next_entry().await {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') && name.contains(".tmp-") {
-                        let _ = layout::remove(&e.path());
-                        removed.push(name);
-                    }
-                }
+            for (name, path) in record::leftovers(&functions).await.unwrap_or_default() {
+                let _ = layout::remove(&path);
+                removed.push(name);
             }
-            let mut by_plugin: HashMap<String, Vec<Meta>> = HashMap::new();
-            for r in self.running.lock().expect("running lock").values() {
-                let plugin = r
-                    .meta
-                    .function
-                    .identifier
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                by_plugin.entry(plugin).or_default().push(r.meta.clone());
-            }
-            for (_, mut metas) in by_plugin {
-                metas.sort_by_key(|m| std::cmp::Reverse(m.created_at));
-                for m in metas.into_iter().skip(keep.max(1)) {
-                    self.remove(&m.function.name).await?;
-                    removed.push(m.function.name);
-                }
+            let metas: Vec<Meta> = {
+                let running = self.running.lock().expect("running lock");
+                running.values().map(|r| r.meta.clone()).collect()
+            };
+            for m in record::superseded(metas, keep) {
+                self.remove(&m.function.name).await?;
+                removed.push(m.function.name);
             }
             Ok(removed)
         }
