@@ -1,8 +1,9 @@
 //! The bootstrap's Function URL event parsing (`bootstrap::lambda::parse_event`): on Lambda the
 //! event is whatever the invoker sent.
 //!
-//! Properties: any bytes are parsed or refused with a message, never a panic; every event the connector's `invoke-stream` transport writes (any action, headers
-//! and body) is one the bootstrap parses.
+//! Properties: any bytes are parsed or refused with a message, never a panic; every event the
+//! connector's `invoke-stream` transport writes (any action, headers and body) is one the
+//! bootstrap parses.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,8 +25,7 @@ fuzz_target!(|raw: &[u8]| {
                 headers.append(k, v);
             }
         }
-        let event =
-            connector::transport::wire::request_event(&action, &headers, &envelope);
+        let event = connector::transport::wire::request_event(&action, &headers, &envelope);
         bootstrap::lambda::parse_event(&event).expect("the connector's own event parses");
     }
 });
