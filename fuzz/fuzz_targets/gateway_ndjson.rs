@@ -134,6 +134,7 @@ fn setup() -> &'static Setup {
                 start_wait: Duration::from_millis(100),
                 limits: Limits::default(),
                 legacy_endpoints: false,
+                relay_sessions: Default::default(),
             };
             Setup {
                 app: router(Arc::new(state)),
