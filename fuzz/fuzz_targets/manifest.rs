@@ -1,7 +1,7 @@
 //! `manifest.yaml` (`connector::manifest`), read from every package.
 //!
 //! Properties: what is accepted has a valid identity and a Python module entrypoint, and the
-//! same fields written back as YAML parse to the same manifest.
+//! same fields (`resource.memory` included) written back as YAML parse to the same manifest.
 #![no_main]
 
 use connector::manifest::{Manifest, check_identity};
@@ -32,6 +32,11 @@ fuzz_target!(|text: &str| {
     doc.insert("name".into(), m.name.clone().into());
     doc.insert("version".into(), m.version.clone().into());
     doc.insert("meta".into(), meta.into());
+    if let Some(bytes) = m.memory_bytes {
+        let mut resource = serde_yaml_ng::Mapping::new();
+        resource.insert("memory".into(), bytes.into());
+        doc.insert("resource".into(), resource.into());
+    }
     let again = serde_yaml_ng::to_string(&doc).expect("YAML");
     assert_eq!(Manifest::parse(&again).as_ref(), Ok(&m), "{again}");
 });
