@@ -48,6 +48,13 @@ impl Envelope {
                 "body is not UTF-8 ({e}); send the Dify request envelope as JSON"
             ))
         })?;
+        // serde reads a struct from an array too, by position: only an object is an envelope.
+        let is_object = |json: &str| json.trim_start().starts_with('{');
+        if !is_object(text) {
+            return Err(Error::Envelope(
+                "body is not a JSON object; send the Dify request envelope as JSON".into(),
+            ));
+        }
         let view: View<'_> = serde_json::from_str(text).map_err(|e| {
             Error::Envelope(format!(
                 "body is not a JSON object ({e}); send the Dify request envelope as JSON"
@@ -68,6 +75,9 @@ impl Envelope {
         let data = view
             .data
             .ok_or_else(|| Error::Envelope("`data` is missing".into()))?;
+        if !is_object(data.get()) {
+            return Err(Error::Envelope("`data` is not an object".into()));
+        }
         let data: DataView<'_> = serde_json::from_str(data.get())
             .map_err(|e| Error::Envelope(format!("`data` is not an object: {e}")))?;
         let secrets = data
@@ -157,6 +167,23 @@ mod tests {
         body.extend_from_slice(br#"","data":{}}"#);
         let err = Envelope::parse(Bytes::from(body)).unwrap_err().to_string();
         assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    /// Found by the `envelope` fuzz target: serde reads a struct from an array too, by position,
+    /// so `"data": ["r"]` gave the action `r` (and a whole array envelope a session id) that the
+    /// plugin, reading the JSON, would not see.
+    #[test]
+    fn arrays_are_not_objects() {
+        let data = br#"{"session_id":"s","event":"request","data":["r"]}"#;
+        let err = Envelope::parse(Bytes::from_static(data))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`data` is not an object"), "{err}");
+        let whole = br#"["s","request",{}]"#;
+        let err = Envelope::parse(Bytes::from_static(whole))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a JSON object"), "{err}");
     }
 
     #[test]
