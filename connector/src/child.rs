@@ -90,6 +90,41 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Variables of the connector's environment that a function's own processes (its bootstrap,
+/// the emulator) inherit, with `LC_*`: never the connector's secrets.
+pub const FUNCTION_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "TZ",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "RUST_LOG",
+];
+
+/// A command for one of a function's processes, its environment reduced to [`FUNCTION_ENV`]
+/// and the names in `extra`.
+pub fn function_command(program: impl AsRef<OsStr>, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if FUNCTION_ENV.contains(&name.as_ref())
+            || extra.contains(&name.as_ref())
+            || name.starts_with("LC_")
+        {
+            cmd.env(&k, v);
+        }
+    }
+    cmd
+}
+
 /// Points uv or pip at the operator's package index (`SRI_INDEX_URL`). Through their variables
 /// rather than arguments, so that credentials in the URL are not on a command line every local
 /// user can read; `UV_DEFAULT_INDEX` too, since it wins over `UV_INDEX_URL`.

@@ -456,25 +456,6 @@ impl Backend for LocalBackend {
     }
 }
 
-/// Environment variables a function inherits from the connector.
-const PASS_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "LANG",
-    "TZ",
-    "TMPDIR",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "RUST_LOG",
-];
-
 /// Runs the function's bootstrap, restarting it when it dies, until told to stop.
 async fn supervise(
     opts: LocalOptions,
@@ -486,15 +467,8 @@ async fn supervise(
     let mut failures = 0u32;
     loop {
         let started = std::time::Instant::now();
-        let mut cmd = Command::new(&opts.bootstrap);
         // Only what a function needs: never the connector's own secrets.
-        cmd.env_clear();
-        for (k, v) in std::env::vars_os() {
-            let k_str = k.to_string_lossy();
-            if PASS_ENV.contains(&k_str.as_ref()) || k_str.starts_with("LC_") {
-                cmd.env(k, v);
-            }
-        }
+        let mut cmd = child::function_command(&opts.bootstrap, &["HOME", "TMPDIR"]);
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .env("SRI_PLUGIN_DIR", dir.join("plugin"))
             .env("SRI_PYTHON", dir.join("venv").join("bin").join("python"))

@@ -67,38 +67,11 @@ const INIT_EXIT: Duration = Duration::from_secs(5);
 /// How long cargo lambda may take to listen.
 const EMULATOR_START: Duration = Duration::from_secs(30);
 
-/// Variables of the connector's environment a function (or the emulator) inherits: never its
-/// secrets.
-const PASS_ENV: &[&str] = &[
-    "PATH",
-    "LANG",
-    "TZ",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "RUST_LOG",
-];
 /// What cargo (run by cargo lambda to read its manifest) needs besides.
 const CARGO_ENV: &[&str] = &["HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN"];
 
 fn command(program: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.env_clear();
-    for (k, v) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if PASS_ENV.contains(&name.as_ref())
-            || extra.contains(&name.as_ref())
-            || name.starts_with("LC_")
-        {
-            cmd.env(&k, v);
-        }
-    }
+    let mut cmd = crate::child::function_command(program, extra);
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
