@@ -87,8 +87,10 @@ const TOOLS: &[(&str, &str)] = &[
              for _ in range(int(p['n'])):\n            \
                  pid = os.fork()\n            \
                  if pid == 0:\n                \
-                     time.sleep(120)\n                \
-                     os._exit(0)\n            \
+                     try:\n                    \
+                         os.execv('/bin/sleep', ['sleep', '120'])\n                \
+                     finally:\n                    \
+                         os._exit(0)\n            \
                  pids.append(pid)\n    \
          except OSError as e:\n        \
              err = str(e)\n    \
