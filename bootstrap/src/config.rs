@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use connector::logging::{LogFormat, parse_log_format};
 use connector::secret::{self, Secret};
-use std::net::SocketAddr;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,10 +52,11 @@ impl LambdaOptions {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Mode {
     /// Serve SRI over plain HTTP (`POST /invoke`, `GET /health`).
+    #[cfg(feature = "serve")]
     Serve {
         /// Address to listen on.
         #[arg(long, env = "SRI_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// Deadlines and caps of the listener.
         #[command(flatten)]
         limits: ServeLimits,
@@ -69,6 +70,7 @@ pub enum Mode {
 }
 
 /// Deadlines and caps of `bootstrap serve`'s listener, far above what the connector needs.
+#[cfg(feature = "serve")]
 #[derive(Debug, Clone, Copy, Args)]
 pub struct ServeLimits {
     /// Seconds a connection may take to send a request head (and its first bytes).
@@ -190,6 +192,14 @@ impl Config {
     /// arguments are the managed runtime's command line, which is ignored.
     pub fn load() -> Self {
         let args: Vec<String> = std::env::args().collect();
+        #[cfg(not(feature = "serve"))]
+        if args.get(1).is_some_and(|a| a == "serve") {
+            eprintln!(
+                "error: this bootstrap is a Lambda build, without `serve` (--no-default-features); \
+                 build it with the default features (`cargo build -p sri-bootstrap`) to serve HTTP"
+            );
+            std::process::exit(2);
+        }
         let explicit = args.get(1).is_some_and(|a| {
             a.starts_with('-')
                 || a == "serve"
@@ -213,6 +223,17 @@ impl PluginOptions {
             (None, Some(root)) => PathBuf::from(root).join("plugin"),
             (None, None) => PathBuf::from("."),
         }
+    }
+
+    /// The packager's record of the manifest ([`connector::manifest::RECORD_FILE`] at
+    /// `$LAMBDA_TASK_ROOT`), when the plugin is the task root's own (`SRI_PLUGIN_DIR` unset).
+    pub fn manifest_record(&self) -> Option<PathBuf> {
+        if self.plugin_dir.is_some() {
+            return None;
+        }
+        let root = std::env::var_os("LAMBDA_TASK_ROOT")?;
+        let record = PathBuf::from(root).join(connector::manifest::RECORD_FILE);
+        record.is_file().then_some(record)
     }
 
     /// Directories to prepend to `PYTHONPATH`.

@@ -16,6 +16,7 @@ pub mod process;
 pub mod redact;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+#[cfg(feature = "serve")]
 pub mod serve;
 pub mod supervisor;
 
@@ -50,6 +51,7 @@ const STOP_GRACE: Duration = Duration::from_millis(300);
 pub async fn run(config: Config) -> Result<(), Error> {
     let started = Instant::now();
     match config.mode.clone() {
+        #[cfg(feature = "serve")]
         Some(Mode::Serve { listen, limits }) => {
             let handler = build(&config, started)?;
             serve::serve(
@@ -112,7 +114,7 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
     }
     let env = plugin_env(&o.plugin_env)?;
     let plugin_dir = o.plugin_dir();
-    let manifest = connector::manifest::Manifest::load(&plugin_dir)?;
+    let manifest = manifest(o, &plugin_dir)?;
     let redactor = Arc::new(Redactor::default());
     let route = backwards::Route::new(
         o.backwards,
@@ -168,6 +170,29 @@ pub fn build(config: &Config, started: Instant) -> Result<Arc<Handler>, Error> {
         manifest.identity(),
         started,
     )))
+}
+
+/// The plugin's manifest: the packager's record of it in a function zip, else `manifest.yaml`.
+fn manifest(
+    o: &config::PluginOptions,
+    plugin_dir: &std::path::Path,
+) -> Result<connector::manifest::Manifest, Error> {
+    if let Some(record) = o.manifest_record() {
+        return Ok(connector::manifest::Manifest::load_record(&record)?);
+    }
+    #[cfg(feature = "manifest-yaml")]
+    return Ok(connector::manifest::Manifest::load(plugin_dir)?);
+    #[cfg(not(feature = "manifest-yaml"))]
+    Err(connector::Error::Manifest {
+        path: plugin_dir.join("manifest.yaml").display().to_string(),
+        reason: format!(
+            "this Lambda build of the bootstrap reads only the packager's record of the manifest \
+             ({} at LAMBDA_TASK_ROOT), and there is none: package the plugin with `sri package`, \
+             or run a default build of the bootstrap, which reads manifest.yaml",
+            connector::manifest::RECORD_FILE
+        ),
+    }
+    .into())
 }
 
 /// The plugin's sandbox (`bootstrap serve` only: on Lambda, Firecracker is the sandbox).

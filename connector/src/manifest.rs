@@ -1,12 +1,21 @@
 //! The parts of a plugin's `manifest.yaml` the runtime needs: who it is and how to start it.
+//!
+//! Two ways in, one set of rules ([`Manifest::validate`]): the YAML a package ships (feature
+//! `manifest-yaml`: the connector's intake, `bootstrap serve`), and the record of it the packager
+//! writes at a function zip's root ([`RECORD_FILE`], JSON), which lets the Lambda build of the
+//! bootstrap leave a YAML parser out of every function.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::Error;
 
+/// The validated manifest as the packager records it at a function's root (beside `plugin/`).
+pub const RECORD_FILE: &str = "sri-plugin.json";
+
 /// A plugin's identity and runner.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// `author`.
     pub author: String,
@@ -23,42 +32,48 @@ pub struct Manifest {
     pub memory_bytes: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct Raw {
-    author: Option<String>,
-    name: Option<String>,
-    version: Option<serde_yaml_ng::Value>,
-    meta: Option<Meta>,
-    resource: Option<Resource>,
-}
+#[cfg(feature = "manifest-yaml")]
+mod yaml {
+    use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Resource {
-    memory: Option<serde_yaml_ng::Value>,
-}
+    #[derive(Deserialize)]
+    pub(super) struct Raw {
+        pub author: Option<String>,
+        pub name: Option<String>,
+        pub version: Option<serde_yaml_ng::Value>,
+        pub meta: Option<Meta>,
+        pub resource: Option<Resource>,
+    }
 
-#[derive(Deserialize)]
-struct Meta {
-    runner: Option<Runner>,
-}
+    #[derive(Deserialize)]
+    pub(super) struct Resource {
+        pub memory: Option<serde_yaml_ng::Value>,
+    }
 
-#[derive(Deserialize)]
-struct Runner {
-    language: Option<String>,
-    version: Option<serde_yaml_ng::Value>,
-    entrypoint: Option<String>,
-}
+    #[derive(Deserialize)]
+    pub(super) struct Meta {
+        pub runner: Option<Runner>,
+    }
 
-fn scalar(v: serde_yaml_ng::Value) -> Option<String> {
-    match v {
-        serde_yaml_ng::Value::String(s) => Some(s),
-        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
-        _ => None,
+    #[derive(Deserialize)]
+    pub(super) struct Runner {
+        pub language: Option<String>,
+        pub version: Option<serde_yaml_ng::Value>,
+        pub entrypoint: Option<String>,
+    }
+
+    pub(super) fn scalar(v: serde_yaml_ng::Value) -> Option<String> {
+        match v {
+            serde_yaml_ng::Value::String(s) => Some(s),
+            serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
     }
 }
 
 impl Manifest {
     /// Reads `<dir>/manifest.yaml`.
+    #[cfg(feature = "manifest-yaml")]
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let path = dir.join("manifest.yaml");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Manifest {
@@ -71,13 +86,32 @@ impl Manifest {
         })
     }
 
-    /// Parses manifest text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let raw: Raw = serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
-        let field = |v: Option<String>, name: &str| {
-            v.filter(|s| !s.trim().is_empty())
-                .ok_or_else(|| format!("`{name}` is missing"))
+    /// Reads a [`RECORD_FILE`] the packager wrote, held to the same rules as the YAML.
+    pub fn load_record(path: &Path) -> Result<Self, Error> {
+        let err = |reason: String| Error::Manifest {
+            path: path.display().to_string(),
+            reason,
         };
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it ({e})")))?;
+        let m: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            err(format!(
+                "not a manifest record ({e}); rebuild the function with `sri package`"
+            ))
+        })?;
+        m.validate().map_err(err)?;
+        Ok(m)
+    }
+
+    /// The record [`load_record`](Self::load_record) reads.
+    pub fn record(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a manifest serializes")
+    }
+
+    /// Parses manifest text.
+    #[cfg(feature = "manifest-yaml")]
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: yaml::Raw =
+            serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
         let runner = raw
             .meta
             .and_then(|m| m.runner)
@@ -91,22 +125,11 @@ impl Manifest {
             }
             None => return Err("`meta.runner.language` is missing".into()),
         }
-        let entrypoint = field(runner.entrypoint, "meta.runner.entrypoint")?;
-        if !entrypoint
-            .split('.')
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
-        {
-            return Err(format!(
-                "`meta.runner.entrypoint` `{entrypoint}` is not a Python module name"
-            ));
-        }
-        let author = field(raw.author, "author")?;
-        let name = field(raw.name, "name")?;
-        let version = field(raw.version.and_then(scalar), "version")?;
-        check_identity(&author, &name, &version)?;
+        let present =
+            |v: Option<String>, name: &str| v.ok_or_else(|| format!("`{name}` is missing"));
         let memory_bytes = match raw.resource.and_then(|r| r.memory) {
             None | Some(serde_yaml_ng::Value::Null) => None,
-            Some(v) => match scalar(v).and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(v) => match yaml::scalar(v).and_then(|s| s.trim().parse::<u64>().ok()) {
                 Some(0) => None,
                 Some(b) => Some(b),
                 None => {
@@ -116,14 +139,41 @@ impl Manifest {
                 }
             },
         };
-        Ok(Self {
+        let m = Self {
+            entrypoint: present(runner.entrypoint, "meta.runner.entrypoint")?,
+            author: present(raw.author, "author")?,
+            name: present(raw.name, "name")?,
+            version: present(raw.version.and_then(yaml::scalar), "version")?,
+            python_version: runner.version.and_then(yaml::scalar),
             memory_bytes,
-            author,
-            name,
-            version,
-            entrypoint,
-            python_version: runner.version.and_then(scalar),
-        })
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The rules every manifest meets, whichever way it came in: the fields are present, the
+    /// entrypoint is a Python module name, the identity is one the daemon accepts.
+    pub fn validate(&self) -> Result<(), String> {
+        for (v, name) in [
+            (&self.entrypoint, "meta.runner.entrypoint"),
+            (&self.author, "author"),
+            (&self.name, "name"),
+            (&self.version, "version"),
+        ] {
+            if v.trim().is_empty() {
+                return Err(format!("`{name}` is missing"));
+            }
+        }
+        let entrypoint = &self.entrypoint;
+        if !entrypoint
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        {
+            return Err(format!(
+                "`meta.runner.entrypoint` `{entrypoint}` is not a Python module name"
+            ));
+        }
+        check_identity(&self.author, &self.name, &self.version)
     }
 
     /// `author/name:version`, as Dify names a plugin.
@@ -185,7 +235,7 @@ fn is_version(v: &str) -> bool {
         })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 
@@ -254,6 +304,27 @@ mod tests {
         ] {
             let err = Manifest::parse(&text).unwrap_err();
             assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_record_round_trips_and_meets_the_same_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let m = Manifest::parse(&format!("{OK}resource:\n  memory: 268435456\n")).unwrap();
+        std::fs::write(&path, m.record()).unwrap();
+        assert_eq!(Manifest::load_record(&path).unwrap(), m);
+        for (edit, needle) in [
+            (r#""entrypoint": "main""#, r#""entrypoint": "../x""#),
+            (r#""author": "sri""#, r#""author": "Sri""#),
+            (r#""author": "sri""#, r#""author": "sri", "extra": 1"#),
+            (r#""name": "sample""#, r#""name": " ""#),
+        ] {
+            let text = String::from_utf8(m.record()).unwrap().replace(edit, needle);
+            assert_ne!(text.as_bytes(), m.record(), "{edit} is in the record");
+            std::fs::write(&path, text).unwrap();
+            let e = Manifest::load_record(&path).unwrap_err().to_string();
+            assert!(e.contains(RECORD_FILE), "{e}");
         }
     }
 }

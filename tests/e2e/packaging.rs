@@ -139,6 +139,10 @@ fn check_sample_zip(a: &Artifact, arch: Arch) {
     );
     assert_eq!(config["environment"]["SRI_PYTHON"], "/var/lang/bin/python3");
     assert_eq!(serde_json::to_value(&a.config).unwrap(), config);
+    // The manifest as the intake validated it, which the Lambda bootstrap reads instead of YAML.
+    let record: connector::manifest::Manifest =
+        serde_json::from_slice(&files[connector::manifest::RECORD_FILE].1).unwrap();
+    assert_eq!(record, sample().manifest);
     // Sizes as Lambda counts them.
     let unzipped: u64 = files.values().map(|(_, c)| c.len() as u64).sum();
     assert_eq!(a.unzipped_bytes, unzipped);

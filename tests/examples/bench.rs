@@ -591,7 +591,7 @@ impl LambdaBootstrap {
             .env("AWS_LAMBDA_FUNCTION_NAME", harness::emulator::FUNCTION)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096")
-            .env("SRI_PLUGIN_DIR", plugin_dir("sample"))
+            .env("LAMBDA_TASK_ROOT", task_root())
             .env("SRI_PYTHON", Py::Py312.python())
             .env("SRI_SIGNING_KEYS", keys_env(&[SECRET_A, SECRET_B]))
             .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
@@ -692,6 +692,29 @@ async fn cold_sri(bin: &Path, ring: &KeyRing) -> Cold {
         own: Some(own),
         other: Some(init),
     }
+}
+
+/// A task root laid out as a function zip's (`plugin/` and the packager's manifest record):
+/// the dist build, like every Lambda build, reads the record rather than `manifest.yaml`.
+fn task_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = target_dir().join("bench-task-root");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("bench task root");
+        let plugin = plugin_dir("sample");
+        std::os::unix::fs::symlink(&plugin, root.join("plugin")).expect("plugin symlink");
+        let manifest = connector::cli::load(&plugin)
+            .expect("the sample plugin")
+            .manifest;
+        std::fs::write(
+            root.join(connector::manifest::RECORD_FILE),
+            manifest.record(),
+        )
+        .expect("manifest record");
+        root
+    })
+    .clone()
 }
 
 fn spawn_lwa() -> LwaFunction {

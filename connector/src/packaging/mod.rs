@@ -13,6 +13,8 @@
 //! vendor/             uv pip install --target, for the target platform, wheels only
 //! bin/bootstrap       mode 0755
 //! sri-function.json   the resolved FunctionConfig
+//! sri-plugin.json     the validated manifest, as JSON (crate::manifest::RECORD_FILE): the
+//!                     bootstrap's Lambda build reads it and carries no YAML parser
 //! ```
 //!
 //! Zips are deterministic and cached by their inputs (see [`cache`]), so a redeploy of the
@@ -387,6 +389,9 @@ async fn build_in(
         serde_json::to_vec_pretty(&config).expect("config serializes"),
     )
     .map_err(|e| archive::io_err(&config_path, e))?;
+    let record_path = root.join(crate::manifest::RECORD_FILE);
+    std::fs::write(&record_path, pkg.manifest.record())
+        .map_err(|e| archive::io_err(&record_path, e))?;
 
     let entries = archive::entries(&root)?;
     let unzipped_bytes: u64 = entries.iter().map(|e| e.size).sum();
