@@ -82,7 +82,10 @@ impl Route {
 /// Makes backwards invocations for plugin processes.
 #[derive(Debug)]
 pub struct Backwards {
-    client: reqwest::Client,
+    /// Built on first use ([`Backwards::client`]): loading the system's root certificates
+    /// takes ~10 ms, which would otherwise sit on every cold start before the plugin's spawn,
+    /// for functions that may never call back.
+    client: tokio::sync::OnceCell<reqwest::Client>,
     route: Route,
     timeout: Duration,
     max_line: usize,
@@ -94,19 +97,32 @@ pub struct Backwards {
 impl Backwards {
     /// A client for `route`.
     pub fn new(route: Route, timeout: Duration, max_line: usize, redactor: Arc<Redactor>) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .build()
-            .expect("HTTP client builds");
         Self {
-            client,
+            client: tokio::sync::OnceCell::new(),
             route,
             timeout,
             max_line,
             redactor,
             claims: Default::default(),
         }
+    }
+
+    /// The HTTP client, built once (off the async workers: it reads certificate files); calls
+    /// that arrive while it is being built wait for that one build.
+    pub async fn client(&self) -> Result<&reqwest::Client, String> {
+        self.client
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(|| {
+                    reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(10))
+                        .tcp_nodelay(true)
+                        .build()
+                        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+                })
+                .await
+                .map_err(|e| format!("building the HTTP client stopped: {e}"))?
+            })
+            .await
     }
 
     /// Keeps the gateway's claim for `session` (the invocation's `x-sri-relay-claim`), which
@@ -182,7 +198,8 @@ impl Backwards {
             Route::Relay { url, .. } => (url, "the connector's relay"),
         };
         let mut req = self
-            .client
+            .client()
+            .await?
             .post(url)
             .header(HEADER_DAEMON_SESSION, session_id)
             .header(http::header::CONTENT_TYPE, "application/json");

@@ -57,6 +57,11 @@ pub async fn run(
         return Err(report(&client, INIT_ERROR, "Runtime.InitError", e).await);
     }
     let client = if lambda.snap_start() {
+        // Init is not a cold start's first byte here: pay for the backwards client now, so no
+        // restored copy pays for it (it holds no connection yet, nothing to refresh).
+        if let Err(e) = handler.supervisor().backwards().client().await {
+            tracing::warn!(error = %e, "backwards client not built before the snapshot");
+        }
         drop(client);
         let client = restore(api, &handler, ready_timeout).await?;
         if let Some(id) = extension {
@@ -88,7 +93,8 @@ pub async fn run(
 ///
 /// Nothing else in the bootstrap must be refreshed: it holds no random state of its own before
 /// the first event (request ids come from Lambda, nonces from the connector, its hash seeds
-/// protect nothing secret), and no connection but the Runtime API's is opened during init.
+/// protect nothing secret), and no connection but the Runtime API's is opened during init (the
+/// backwards client is built then, but connects only on a call).
 async fn restore(
     api: &str,
     handler: &Handler,
