@@ -21,7 +21,7 @@ INFRA_LINT := $(VENV)/infra/bin/checkov
 CARGO_FUZZ_VERSION := 0.13.1
 CARGO_FUZZ := $(CURDIR)/.tools/bin/cargo-fuzz
 FUZZ_TARGETS := sse_decoder gateway_ndjson signing envelope launch_multipart intake requirements \
-	manifest function_url_event invoke_stream_prelude eventstream_frames plugin_lines
+	manifest function_url_event invoke_stream_prelude eventstream_frames plugin_lines relay_claim
 FUZZ_SECONDS ?= 180
 FUZZ_CI_SECONDS ?= 6
 # CI fuzzes from a fixed seed: the same mutations every run, so a red build is a regression, not luck.
