@@ -306,6 +306,8 @@ pub struct LwaProcesses {
     pub app_stdout: Lines,
     /// The adapter's logs, and the SDK server's stderr (prefixed `[app]`).
     pub adapter_logs: Lines,
+    /// The SDK server's port on 127.0.0.1 (`SERVERLESS_PORT`).
+    pub app_port: u16,
 }
 
 impl LwaProcesses {
@@ -364,6 +366,7 @@ impl LwaProcesses {
             spawned_at,
             app_stdout,
             adapter_logs,
+            app_port,
         }
     }
 
