@@ -519,9 +519,9 @@ fn report(
          adapter's. Where (z) itself takes ~40 ms one at a time, that is the SDK server's gevent \
          WSGI server writing each streamed line in a send of its own without TCP_NODELAY: on a \
          kept-alive connection (LWA keeps its connection to the app alive, as (z)'s client does) \
-         its second write waits for the client's delayed ACK (Nagle). A fresh connection per \
-         call does not show it (curl: ~2.5 ms, measured by hand), so the stall is the peer's \
-         own, in Lambda as here. With more in flight, other calls' traffic hides part of it.\n"
+         its second write waits for the client's delayed ACK (Nagle). Checked by hand with \
+         curl: ~3 ms per call on fresh connections, ~45 ms on one kept-alive connection. The \
+         stall is the peer's own, in Lambda as here. With more in flight, other calls' traffic hides part of it.\n"
     );
     let _ = writeln!(
         r,
