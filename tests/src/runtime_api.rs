@@ -584,3 +584,73 @@ async fn extension_next() -> StatusCode {
     std::future::pending::<()>().await;
     StatusCode::OK
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fake's own contract, as a runtime sees it over HTTP: an extension registers and
+    /// parks, an event is handed out with its request id, and a streamed response completes
+    /// with its prelude split off.
+    #[tokio::test]
+    async fn extensions_park_and_a_streamed_response_completes() {
+        let api = RuntimeApi::start().await;
+        let base = format!("http://{}", api.addr);
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let reg = client
+            .post(format!("{base}{EXT}/register"))
+            .header("lambda-extension-name", "probe")
+            .body(r#"{"events":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reg.status(), 200);
+        let id = reg.headers()["lambda-extension-identifier"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let parked = client
+            .get(format!("{base}{EXT}/event/next"))
+            .header("lambda-extension-identifier", id)
+            .send();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), parked)
+                .await
+                .is_err(),
+            "an extension with no events subscribed stays parked"
+        );
+
+        let inv = api.invoke_unsigned(Bytes::from_static(b"{\"session_id\":\"s\"}"));
+        let next = client
+            .get(format!("{base}{V}/invocation/next"))
+            .send()
+            .await
+            .unwrap();
+        let rid = next.headers()["lambda-runtime-aws-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(rid, inv.request_id);
+        let event: Value = next.json().await.unwrap();
+        assert_eq!(event["rawPath"], "/invoke");
+        assert_eq!(event["requestContext"]["http"]["method"], "POST");
+        let signature = connector::protocol::signing::HEADER_SIGNATURE;
+        assert!(
+            event["headers"].get(signature).is_none(),
+            "unsigned: {event}"
+        );
+        let mut streamed = br#"{"statusCode":200}"#.to_vec();
+        streamed.extend_from_slice(&[0; 8]);
+        streamed.extend_from_slice(b"data");
+        let posted = client
+            .post(format!("{base}{V}/invocation/{rid}/response"))
+            .body(streamed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 202);
+        let done = inv.complete(Duration::from_secs(10)).await;
+        assert_eq!(done.prelude["statusCode"], 200);
+        assert_eq!(&done.body[..], b"data");
+    }
+}
