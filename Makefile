@@ -77,10 +77,11 @@ demo: tools ## sri serve (BACKEND=local|emulator): launch the sample plugin, str
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap
 	SRI_BACKEND=$(BACKEND) tests/tooling/demo.sh
 
-bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~30 s connector, ~30 s intake + packaging, ~30 s relay runs); figures go to BENCHMARKS.md
+bench: setup $(LWA_STAMP) ## benchmarks (release + dist builds, then ~70 s bootstrap + ~2 min concurrency + ~30 s connector, ~30 s intake + packaging, ~30 s relay runs); figures go to BENCHMARKS.md
 	$(CARGO) build --release --locked -p sri-bootstrap
 	$(CARGO) build --profile dist --locked -p sri-bootstrap --no-default-features
 	$(CARGO) run --release --locked -p sri-tests --example bench
+	$(CARGO) run --release --locked -p sri-tests --example bench_concurrency
 	$(CARGO) run --release --locked -p sri-tests --example bench_connector
 	$(CARGO) run --release --locked -p sri-tests --example bench_intake
 	$(CARGO) build --locked -p sri-connector -p sri-bootstrap

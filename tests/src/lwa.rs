@@ -3,6 +3,8 @@
 //! SDK's own serverless HTTP mode, under `cargo lambda watch`.
 //!
 //! Also the pieces it needs, usable on their own:
+//! - [`LwaProcesses`]: the adapter and the SDK server against any Runtime API (the throughput
+//!   benchmark runs them against `harness::runtime_api`'s fake);
 //! - [`Emulator`]: a fresh `cargo lambda watch --only-lambda-apis` on a free loopback port;
 //! - [`RuntimeApiProxy`]: LWA (like `lambda_runtime`) wants a bare `host:port` in
 //!   `AWS_LAMBDA_RUNTIME_API`, while the emulator serves the Runtime API under `/.rt/<fn>`; the
@@ -293,32 +295,30 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     }
 }
 
-/// LWA + the SDK's serverless HTTP server as one Lambda function under a fresh emulator.
-/// Everything is killed on drop.
-pub struct LwaFunction {
+/// LWA + the SDK's serverless HTTP server: the two processes of one Lambda function, against
+/// any Runtime API (`host:port`). Both are killed on drop.
+pub struct LwaProcesses {
     app: Child,
     adapter: Child,
-    proxy: RuntimeApiProxy,
-    emulator: Emulator,
     /// When both processes were spawned (the function's process start).
     pub spawned_at: Instant,
     /// The SDK server's stdout (it prints `* Running on …` right before serving).
     pub app_stdout: Lines,
-    /// The adapter's logs.
+    /// The adapter's logs, and the SDK server's stderr (prefixed `[app]`).
     pub adapter_logs: Lines,
+    /// The SDK server's port on 127.0.0.1 (`SERVERLESS_PORT`).
+    pub app_port: u16,
 }
 
-impl LwaFunction {
-    /// Starts a fresh emulator and the proxy (not counted), then spawns the plugin in
-    /// `INSTALL_METHOD=serverless` and `lambda-adapter` at the same instant, the way the
-    /// managed runtime starts the app while the adapter runs as an extension. Does not wait.
-    pub fn spawn(plugin: &str, py: Py) -> Self {
-        let emulator = Emulator::start();
-        let proxy = RuntimeApiProxy::start(&emulator.runtime_api());
+impl LwaProcesses {
+    /// Spawns the plugin in `INSTALL_METHOD=serverless` and `lambda-adapter` (LWA 1.x,
+    /// `AWS_LWA_*` settings, response streaming) at the same instant, the way the managed
+    /// runtime starts the app while the adapter runs as an extension, with `env` added to the
+    /// adapter's (e.g. `AWS_LAMBDA_MAX_CONCURRENCY`, which LWA 1.x honours through
+    /// `lambda_runtime`'s concurrent mode). Does not wait.
+    pub fn spawn(runtime_api: &str, plugin: &str, py: Py, env: &[(&str, &str)]) -> Self {
         let app_port = free_port();
-        let python = py.python();
-        let adapter_bin = lwa_bin();
-        let mut app_cmd = Command::new(python);
+        let mut app_cmd = Command::new(py.python());
         app_cmd
             .args(["-m", "main"])
             .current_dir(plugin_dir(plugin))
@@ -329,9 +329,9 @@ impl LwaFunction {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut adapter_cmd = Command::new(adapter_bin);
+        let mut adapter_cmd = Command::new(lwa_bin());
         adapter_cmd
-            .env("AWS_LAMBDA_RUNTIME_API", proxy.addr.to_string())
+            .env("AWS_LAMBDA_RUNTIME_API", runtime_api)
             .env("AWS_LAMBDA_FUNCTION_NAME", FUNCTION)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096")
@@ -339,6 +339,7 @@ impl LwaFunction {
             .env("AWS_LWA_READINESS_CHECK_PATH", "/health")
             .env("AWS_LWA_INVOKE_MODE", "response_stream")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -362,52 +363,37 @@ impl LwaFunction {
         Self {
             app,
             adapter,
-            proxy,
-            emulator,
             spawned_at,
             app_stdout,
             adapter_logs,
+            app_port,
         }
     }
 
-    /// The emulated Function URL.
-    pub fn function_url(&self) -> String {
-        self.emulator.function_url()
+    /// Panics, with both processes' logs, if either has exited.
+    pub fn assert_alive(&mut self, when: &str) {
+        for (name, child) in [
+            ("SDK server", &mut self.app),
+            ("lambda-adapter", &mut self.adapter),
+        ] {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{name} exited {when}: {status}; logs:\n{}\n{}",
+                    self.app_stdout.dump(),
+                    self.adapter_logs.dump()
+                );
+            }
+        }
+    }
+
+    /// Both processes' logs (for failure messages).
+    pub fn dump(&self) -> String {
+        format!("{}\n{}", self.app_stdout.dump(), self.adapter_logs.dump())
     }
 
     /// When the SDK server said it serves (`* Running on …`), if it has.
     pub fn app_serving_at(&self) -> Option<Instant> {
         self.app_stdout.find("* Running on").map(|(at, _)| at)
-    }
-
-    /// Waits (bounded) until the adapter polls `/next` (its readiness check passed); returns
-    /// the instant of its first poll.
-    pub fn wait_polling(&mut self, within: Duration) -> Instant {
-        let deadline = Instant::now() + within;
-        loop {
-            // Wakes at the first poll; the slices only let it notice a process that died.
-            if let Some(at) = self.proxy.wait_first_next(Duration::from_millis(100)) {
-                return at;
-            }
-            for (name, child) in [
-                ("SDK server", &mut self.app),
-                ("lambda-adapter", &mut self.adapter),
-            ] {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "{name} exited before the adapter polled /next: {status}; logs:\n{}\n{}",
-                        self.app_stdout.dump(),
-                        self.adapter_logs.dump()
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lambda-adapter did not poll /next within {within:?}; logs:\n{}\n{}",
-                self.app_stdout.dump(),
-                self.adapter_logs.dump()
-            );
-        }
     }
 
     /// The SDK server's pid.
@@ -419,17 +405,86 @@ impl LwaFunction {
     pub fn adapter_pid(&self) -> u32 {
         self.adapter.id()
     }
+}
+
+impl Drop for LwaProcesses {
+    fn drop(&mut self) {
+        stop(&mut self.adapter);
+        stop(&mut self.app);
+    }
+}
+
+/// LWA + the SDK's serverless HTTP server as one Lambda function under a fresh emulator.
+/// Everything is killed on drop.
+pub struct LwaFunction {
+    procs: LwaProcesses,
+    proxy: RuntimeApiProxy,
+    emulator: Emulator,
+    /// When both processes were spawned (the function's process start).
+    pub spawned_at: Instant,
+    /// The SDK server's stdout (it prints `* Running on …` right before serving).
+    pub app_stdout: Lines,
+    /// The adapter's logs.
+    pub adapter_logs: Lines,
+}
+
+impl LwaFunction {
+    /// Starts a fresh emulator and the proxy (not counted), then spawns the two processes
+    /// ([`LwaProcesses::spawn`]) against it. Does not wait.
+    pub fn spawn(plugin: &str, py: Py) -> Self {
+        let emulator = Emulator::start();
+        let proxy = RuntimeApiProxy::start(&emulator.runtime_api());
+        let procs = LwaProcesses::spawn(&proxy.addr.to_string(), plugin, py, &[]);
+        Self {
+            spawned_at: procs.spawned_at,
+            app_stdout: procs.app_stdout.clone(),
+            adapter_logs: procs.adapter_logs.clone(),
+            procs,
+            proxy,
+            emulator,
+        }
+    }
+
+    /// The emulated Function URL.
+    pub fn function_url(&self) -> String {
+        self.emulator.function_url()
+    }
+
+    /// When the SDK server said it serves (`* Running on …`), if it has.
+    pub fn app_serving_at(&self) -> Option<Instant> {
+        self.procs.app_serving_at()
+    }
+
+    /// Waits (bounded) until the adapter polls `/next` (its readiness check passed); returns
+    /// the instant of its first poll.
+    pub fn wait_polling(&mut self, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            // Wakes at the first poll; the slices only let it notice a process that died.
+            if let Some(at) = self.proxy.wait_first_next(Duration::from_millis(100)) {
+                return at;
+            }
+            self.procs.assert_alive("before the adapter polled /next");
+            assert!(
+                Instant::now() < deadline,
+                "lambda-adapter did not poll /next within {within:?}; logs:\n{}",
+                self.procs.dump()
+            );
+        }
+    }
+
+    /// The SDK server's pid.
+    pub fn app_pid(&self) -> u32 {
+        self.procs.app_pid()
+    }
+
+    /// The adapter's pid.
+    pub fn adapter_pid(&self) -> u32 {
+        self.procs.adapter_pid()
+    }
 
     /// The emulator's pid.
     pub fn emulator_pid(&self) -> u32 {
         self.emulator.pid()
-    }
-}
-
-impl Drop for LwaFunction {
-    fn drop(&mut self) {
-        stop(&mut self.adapter);
-        stop(&mut self.app);
-        // The proxy, then the emulator, drop after this (field order).
     }
 }

@@ -4,6 +4,10 @@
 //! after which every connection of the snapshotted environment is gone) and the error
 //! endpoints (`/init/error`, `/restore/error`, `/invocation/{id}/error`).
 //!
+//! It also answers the Extensions API's registration (an extension's `/event/next` stays parked,
+//! as on AWS when no event is subscribed): AWS Lambda Web Adapter, the benchmark's peer, exits
+//! when its registration fails.
+//!
 //! Connections are served one task each so that a simulated restore can drop them all, as a
 //! restored copy finds them.
 
@@ -29,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 const V: &str = "/2018-06-01/runtime";
+const EXT: &str = "/2020-01-01/extension";
 
 /// What the runtime posted to an error endpoint.
 #[derive(Debug, Clone)]
@@ -81,6 +86,16 @@ pub struct Invocation {
     sent: Instant,
 }
 
+/// A response read to its end (see [`Invocation::complete`]).
+pub struct Completed {
+    /// From queueing the event to the end of the runtime's response.
+    pub latency: Duration,
+    /// The prelude's JSON (`statusCode`, `headers`, …).
+    pub prelude: Value,
+    /// The body after the prelude's 8-NUL separator.
+    pub body: Bytes,
+}
+
 impl RuntimeApi {
     /// Listens on a free loopback port.
     pub async fn start() -> Self {
@@ -108,6 +123,8 @@ impl RuntimeApi {
             .route(&format!("{V}/init/error"), post(init_error))
             .route(&format!("{V}/restore/next"), get(restore_next))
             .route(&format!("{V}/restore/error"), post(restore_error))
+            .route(&format!("{EXT}/register"), post(extension_register))
+            .route(&format!("{EXT}/event/next"), get(extension_next))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -163,22 +180,17 @@ impl RuntimeApi {
             )
             .apply(&mut headers)
             .unwrap();
-        let mut h = serde_json::Map::new();
-        for (k, v) in &headers {
-            h.insert(k.as_str().to_owned(), json!(v.to_str().unwrap()));
-        }
-        h.insert("content-type".into(), json!("application/json"));
-        h.insert("accept".into(), json!(connector::protocol::EVENT_STREAM));
-        let event = json!({
-            "version": "2.0",
-            "rawPath": "/invoke",
-            "rawQueryString": "action=invoke_tool",
-            "headers": h,
-            "body": std::str::from_utf8(&body).expect("UTF-8 body"),
-            "isBase64Encoded": false,
-            "requestContext": {"http": {"method": "POST", "path": "/invoke"}},
-        });
-        self.queue(event)
+        headers.insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static(connector::protocol::EVENT_STREAM),
+        );
+        self.queue(function_url_event(&headers, &body))
+    }
+
+    /// Queues the same Function URL request without a signature (for a function that has no
+    /// request authentication, like the SDK's serverless server behind LWA).
+    pub fn invoke_unsigned(&self, body: Bytes) -> Invocation {
+        self.queue(function_url_event(&http::HeaderMap::new(), &body))
     }
 
     /// Queues a raw event.
@@ -204,17 +216,25 @@ impl RuntimeApi {
 
     /// Waits until at least `n` `/invocation/next` polls are parked at once.
     pub async fn wait_polling(&self, n: usize, within: Duration) {
+        if !self.polling_reached(n, within).await {
+            panic!(
+                "{n} polls of /invocation/next were not parked at once within {within:?} \
+                 (now {})",
+                *self.shared.polling.borrow()
+            )
+        }
+    }
+
+    /// Whether at least `n` `/invocation/next` polls are parked at once within `within`.
+    pub async fn polling_reached(&self, n: usize, within: Duration) -> bool {
         let mut rx = self.shared.polling.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|p| *p >= n))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{n} polls of /invocation/next were not parked at once within {within:?} \
-                     (now {})",
-                    *self.shared.polling.borrow()
-                )
-            })
-            .expect("fake alive");
+        match tokio::time::timeout(within, rx.wait_for(|p| *p >= n)).await {
+            Ok(r) => {
+                r.expect("fake alive");
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// `/invocation/next` polls parked now.
@@ -349,6 +369,45 @@ impl Invocation {
         events
     }
 
+    /// Reads the whole response (bounded by `within`): it is complete when the runtime's
+    /// `POST …/response` has ended. Panics, naming the invocation, when it ends without a
+    /// prelude (e.g. the runtime posted to `…/error` instead) or is not done in time.
+    pub async fn complete(mut self, within: Duration) -> Completed {
+        let mut all = Vec::new();
+        let read = async {
+            while let Some(b) = self.body.recv().await {
+                all.extend_from_slice(&b);
+            }
+        };
+        if tokio::time::timeout(within, read).await.is_err() {
+            panic!(
+                "invocation {} did not complete within {within:?} ({} bytes so far)",
+                self.request_id,
+                all.len()
+            );
+        }
+        let latency = self.sent.elapsed();
+        let Some(at) = all.windows(8).position(|w| w == [0u8; 8]) else {
+            panic!(
+                "invocation {} ended without a streamed prelude: {:?}",
+                self.request_id,
+                String::from_utf8_lossy(&all)
+            )
+        };
+        let prelude = serde_json::from_slice(&all[..at]).unwrap_or_else(|e| {
+            panic!(
+                "invocation {}: the prelude is not JSON ({e}): {:?}",
+                self.request_id,
+                String::from_utf8_lossy(&all[..at])
+            )
+        });
+        Completed {
+            latency,
+            prelude,
+            body: Bytes::copy_from_slice(&all[at + 8..]),
+        }
+    }
+
     /// Waits for the first bytes of the response (the runtime has taken the event and
     /// started answering).
     pub async fn started(&mut self, within: Duration) -> Bytes {
@@ -362,6 +421,50 @@ impl Invocation {
             })
             .expect("a response body")
     }
+}
+
+/// A Function URL (payload 2.0) event for `POST /invoke?action=invoke_tool`, shaped as AWS
+/// sends it, so that both `lambda_http` (LWA) and the bootstrap read it as a Function URL
+/// request.
+fn function_url_event(headers: &http::HeaderMap, body: &[u8]) -> Value {
+    let mut h = serde_json::Map::new();
+    for (k, v) in headers {
+        h.insert(k.as_str().to_owned(), json!(v.to_str().unwrap()));
+    }
+    h.insert("content-type".into(), json!("application/json"));
+    h.insert("host".into(), json!("fake.lambda-url.us-east-1.on.aws"));
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/invoke",
+        "rawQueryString": "action=invoke_tool",
+        "headers": h,
+        "queryStringParameters": {"action": "invoke_tool"},
+        "body": std::str::from_utf8(body).expect("UTF-8 body"),
+        "isBase64Encoded": false,
+        "requestContext": {
+            "accountId": "anonymous",
+            "apiId": "fake",
+            "domainName": "fake.lambda-url.us-east-1.on.aws",
+            "domainPrefix": "fake",
+            "requestId": format!("req-{}", crate::nonce()),
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "01/Jan/2026:00:00:00 +0000",
+            "timeEpoch": epoch,
+            "http": {
+                "method": "POST",
+                "path": "/invoke",
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": "sri-tests",
+            },
+        },
+    })
 }
 
 async fn next(State(s): State<Arc<Shared>>) -> Response {
@@ -461,4 +564,93 @@ async fn restore_next(State(s): State<Arc<Shared>>) -> StatusCode {
     // Parked while the environment is snapshotted; answered in each restored copy.
     let _ = rx.await;
     StatusCode::OK
+}
+
+async fn extension_register(State(s): State<Arc<Shared>>) -> Response {
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    (
+        [("lambda-extension-identifier", format!("fake-ext-{n}"))],
+        axum::Json(json!({
+            "functionName": "fake",
+            "functionVersion": "$LATEST",
+            "handler": "bootstrap",
+        })),
+    )
+        .into_response()
+}
+
+async fn extension_next() -> StatusCode {
+    // No event is subscribed to: parked until the connection goes (restore, shutdown, drop).
+    std::future::pending::<()>().await;
+    StatusCode::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fake's own contract, as a runtime sees it over HTTP: an extension registers and
+    /// parks, an event is handed out with its request id, and a streamed response completes
+    /// with its prelude split off.
+    #[tokio::test]
+    async fn extensions_park_and_a_streamed_response_completes() {
+        let api = RuntimeApi::start().await;
+        let base = format!("http://{}", api.addr);
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let reg = client
+            .post(format!("{base}{EXT}/register"))
+            .header("lambda-extension-name", "probe")
+            .body(r#"{"events":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reg.status(), 200);
+        let id = reg.headers()["lambda-extension-identifier"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let parked = client
+            .get(format!("{base}{EXT}/event/next"))
+            .header("lambda-extension-identifier", id)
+            .send();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), parked)
+                .await
+                .is_err(),
+            "an extension with no events subscribed stays parked"
+        );
+
+        let inv = api.invoke_unsigned(Bytes::from_static(b"{\"session_id\":\"s\"}"));
+        let next = client
+            .get(format!("{base}{V}/invocation/next"))
+            .send()
+            .await
+            .unwrap();
+        let rid = next.headers()["lambda-runtime-aws-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(rid, inv.request_id);
+        let event: Value = next.json().await.unwrap();
+        assert_eq!(event["rawPath"], "/invoke");
+        assert_eq!(event["requestContext"]["http"]["method"], "POST");
+        let signature = connector::protocol::signing::HEADER_SIGNATURE;
+        assert!(
+            event["headers"].get(signature).is_none(),
+            "unsigned: {event}"
+        );
+        let mut streamed = br#"{"statusCode":200}"#.to_vec();
+        streamed.extend_from_slice(&[0; 8]);
+        streamed.extend_from_slice(b"data");
+        let posted = client
+            .post(format!("{base}{V}/invocation/{rid}/response"))
+            .body(streamed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 202);
+        let done = inv.complete(Duration::from_secs(10)).await;
+        assert_eq!(done.prelude["statusCode"], 200);
+        assert_eq!(&done.body[..], b"data");
+    }
 }
