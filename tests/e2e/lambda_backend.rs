@@ -648,6 +648,7 @@ async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<
         bootstrap_layer_arn: None,
         invoker_principal: None,
         snap_start: false,
+        sdk_layer: false,
         capacity_provider_arn: None,
         max_concurrency: None,
         bootstrap: Some(harness::stripped_bootstrap()),

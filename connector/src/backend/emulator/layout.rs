@@ -7,6 +7,8 @@
 //!                       task/        the zip, unpacked (LAMBDA_TASK_ROOT), read-only
 //!                       tmp/         TMPDIR, emptied at every start
 //!                       cargo/       Cargo.toml + src/main.rs, cargo lambda's working dir
+//! {data}/emulator/layers/{sha256}/       an SDK layer, unpacked once, read-only: the stand-in
+//!                                        for Lambda's `/opt` (cargo lambda cannot mount it)
 //! ```
 
 use std::io::Read;
@@ -30,14 +32,24 @@ pub fn cargo(dir: &Path) -> PathBuf {
     dir.join("cargo")
 }
 
+/// The directory an SDK layer is unpacked into (`{data}/emulator/layers/{sha256}`).
+pub fn layer(emulator: &Path, sha256: &str) -> PathBuf {
+    emulator.join("layers").join(sha256)
+}
+
 /// Unpacks `zip` into `dir/task`, refusing entries that would land outside it and stopping at
 /// Lambda's unzipped limit, then makes the tree read-only. Blocking: run it off the async
 /// workers.
 pub fn unpack(zip: &Path, dir: &Path) -> Result<u64, Error> {
+    unpack_into(zip, &task(dir))
+}
+
+/// [`unpack`] into `root` itself.
+pub fn unpack_into(zip: &Path, root: &Path) -> Result<u64, Error> {
     let file = std::fs::File::open(zip).map_err(|e| io(format!("opening {}", zip.display()), e))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| Error::Backend(format!("reading {}: {e}", zip.display())))?;
-    let root = task(dir);
+    let root = root.to_path_buf();
     std::fs::create_dir_all(&root).map_err(|e| io(format!("creating {}", root.display()), e))?;
     let mut total = 0u64;
     for i in 0..archive.len() {

@@ -165,6 +165,7 @@ impl EmulatorBackend {
             cache_dir: context.lambda.cache_dir.clone(),
             uv: context.uv.clone(),
             bytecode: true,
+            sdk_layer: context.lambda.sdk_layer,
         };
         let runner = Arc::new(Runner {
             cargo_lambda,
@@ -235,6 +236,28 @@ impl EmulatorBackend {
             &self.context.backwards_env,
         );
         let mut env = settings.env;
+        if let Some(l) = &config.layer {
+            // The stand-in for the `/opt` mount: the layer unpacked once per hash.
+            let site = layout::layer(&self.context.data_dir.join("emulator"), &l.sha256)
+                .join(packaging::layer::SITE);
+            if !site.is_dir() {
+                return Err(Error::Backend(format!(
+                    "the function needs the SDK layer {} (dify_plugin {}), which is not in {}; \
+                     remove the function and launch it again to rebuild it",
+                    l.sha256,
+                    l.sdk_version,
+                    site.display()
+                )));
+            }
+            env.insert(
+                "SRI_PYTHONPATH".into(),
+                format!(
+                    "{}:{}",
+                    layout::task(&dir).join("vendor").display(),
+                    site.display()
+                ),
+            );
+        }
         if settings.timeout_s > EMULATOR_DEADLINE_S {
             // Lambda's limit is 900 s, cargo lambda's own deadline 600 s: the plugin must still
             // give up first, so the caller gets a PluginTimeout rather than a cut stream.
@@ -308,6 +331,9 @@ impl EmulatorBackend {
                 }
             ),
         ));
+        if let Some(l) = &artifact.layer {
+            self.unpack_layer(l).await?;
+        }
         let tmp = self
             .context
             .data_dir
@@ -346,6 +372,45 @@ impl EmulatorBackend {
             ))
         })?;
         Ok(final_dir)
+    }
+
+    /// Unpacks an SDK layer once per hash (read-only, like a task root); later functions of the
+    /// same layer share it.
+    async fn unpack_layer(&self, l: &packaging::layer::Layer) -> Result<(), Error> {
+        let emulator = self.context.data_dir.join("emulator");
+        let dest = layout::layer(&emulator, &l.sha256);
+        if dest.join(packaging::layer::SITE).is_dir() {
+            return Ok(());
+        }
+        let tmp = emulator.join("layers").join(format!(
+            ".{}.tmp-{}-{}",
+            &l.sha256[..16],
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let (zip, t, d) = (l.zip.clone(), tmp.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            if let Err(e) = layout::unpack_into(&zip, &t) {
+                let _ = layout::set_tree_writable(&t, true);
+                let _ = std::fs::remove_dir_all(&t);
+                return Err(e);
+            }
+            // Another launch may have unpacked the same layer meanwhile: either copy is it.
+            if std::fs::rename(&t, &d).is_err() && d.join(packaging::layer::SITE).is_dir() {
+                let _ = layout::set_tree_writable(&t, true);
+                let _ = std::fs::remove_dir_all(&t);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("unpacking the SDK layer stopped: {e}")))??;
+        if !dest.join(packaging::layer::SITE).is_dir() {
+            return Err(Error::Backend(format!(
+                "cannot unpack the SDK layer into {}",
+                dest.display()
+            )));
+        }
+        Ok(())
     }
 
     async fn stop_function(&self, name: &str) {
