@@ -1024,7 +1024,10 @@ async fn the_sdk_layer_is_published_once_reused_by_two_plugins_and_collected_by_
     // gc keeps a layer a function still uses, and deletes it once none does.
     r.remove(&fa.name).await.expect("remove a");
     let removed = r.gc(1).await.expect("gc");
-    assert!(!removed.contains(arn), "b still uses the layer: {removed:?}");
+    assert!(
+        !removed.contains(arn),
+        "b still uses the layer: {removed:?}"
+    );
     assert_eq!(sdk_layer_versions(&lambda, &prefix).await.len(), 1);
     r.remove(&fb.name).await.expect("remove b");
     let removed = r.gc(1).await.expect("gc");

@@ -253,7 +253,17 @@ pub async fn build(pkg: &Package, opts: &Options, progress: &Progress) -> Result
         tracing::info!(key = %key, zip = %hit.zip.display(), target = %target, "packaging cache hit");
         say(
             "archive",
-            format!("cached {} ({})", hit.zip.display(), human(hit.zipped_bytes)),
+            format!(
+                "cached {} ({}){}",
+                hit.zip.display(),
+                human(hit.zipped_bytes),
+                hit.layer.as_ref().map_or(String::new(), |l| format!(
+                    ", with the SDK layer {} (dify_plugin {}, {})",
+                    &l.sha256[..12],
+                    l.manifest.sdk_version,
+                    human(l.zipped_bytes)
+                ))
+            ),
         );
         return Ok(hit);
     }

@@ -316,7 +316,7 @@ impl EmulatorBackend {
         let _ = progress.send((
             "package",
             format!(
-                "{} Lambda zip for {} ({}, {} unzipped{})",
+                "{} Lambda zip for {} ({}, {} unzipped{}{})",
                 if artifact.cache_hit {
                     "cached"
                 } else {
@@ -328,6 +328,14 @@ impl EmulatorBackend {
                 match &artifact.bytecode {
                     Some(v) => format!(", bytecode of Python {v}"),
                     None => ", no bytecode".into(),
+                },
+                match &artifact.layer {
+                    Some(l) => format!(
+                        "; SDK layer dify_plugin {}, {}",
+                        l.manifest.sdk_version,
+                        packaging::human(l.zipped_bytes)
+                    ),
+                    None => String::new(),
                 }
             ),
         ));
