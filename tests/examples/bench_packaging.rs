@@ -73,7 +73,13 @@ fn bare_python() -> PathBuf {
 async fn cold_start(task_root: &Path, python_path: Option<&str>) -> f64 {
     let emu = Emulator::start();
     let t0 = Instant::now();
-    let mut child = Command::new(task_root.join("bin/bootstrap"))
+    let mut cmd = Command::new(task_root.join("bin/bootstrap"));
+    // Without a layer the bootstrap finds `vendor/` itself, as on Lambda.
+    match python_path {
+        Some(p) => cmd.env("SRI_PYTHONPATH", p),
+        None => cmd.env_remove("SRI_PYTHONPATH"),
+    };
+    let mut child = cmd
         // A managed runtime's command line, which the wrapper ignores.
         .args(["/var/runtime/bootstrap", "--handler", "x"])
         .env("AWS_LAMBDA_RUNTIME_API", emu.runtime_api())
@@ -84,7 +90,6 @@ async fn cold_start(task_root: &Path, python_path: Option<&str>) -> f64 {
         .env("AWS_LAMBDA_LOG_FORMAT", "json")
         .env_remove("SRI_PLUGIN_DIR")
         .env_remove("PYTHONPATH")
-        .env("SRI_PYTHONPATH", python_path.unwrap_or(""))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
