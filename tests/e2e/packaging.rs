@@ -422,9 +422,17 @@ fn offline_installs_come_from_the_wheelhouse_alone() {
     assert!(err.contains("offline"), "{err}");
     assert!(stdout.contains("bytecode     none"), "{stdout}");
     let files = unzip(&zip);
-    assert!(files.keys().any(|n| n.starts_with("vendor/dify_plugin/")));
-    assert!(files.keys().any(|n| n.starts_with("vendor/pydantic_core/")));
-    assert!(!files.keys().any(|n| n.ends_with(".pyc")), "--no-bytecode");
+    // The SDK layer (on by default) is built from the wheelhouse alone too.
+    let layer = unzip(&dir.path().join("offline.sdk-layer.zip"));
+    assert!(layer.keys().any(|n| n.starts_with("python/dify_plugin/")));
+    assert!(layer.keys().any(|n| n.starts_with("python/pydantic_core/")));
+    assert!(
+        !files
+            .keys()
+            .chain(layer.keys())
+            .any(|n| n.ends_with(".pyc")),
+        "--no-bytecode"
+    );
 }
 
 #[tokio::test]
@@ -537,8 +545,11 @@ fn dependency_files_are_parsed_before_uv_and_uv_sees_none_of_the_environment() {
         spied.contains("\nHOME=") && spied.contains(".home-"),
         "{spied}"
     );
-    let zip = unzip(&out);
-    assert!(zip.keys().any(|k| k.starts_with("vendor/dify_plugin/")));
+    let mut zip = unzip(&out);
+    // The SDK went into the layer beside it (on by default), installed the same way.
+    let layer = unzip(&out.with_extension("sdk-layer.zip"));
+    assert!(layer.keys().any(|k| k.starts_with("python/dify_plugin/")));
+    zip.extend(layer);
     for (name, (_, bytes)) in &zip {
         assert!(
             !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
