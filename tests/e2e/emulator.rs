@@ -235,9 +235,20 @@ from dify_plugin import Tool
 from dify_plugin.entities.tool import ToolInvokeMessage
 
 
+def write_into_the_sdk():
+    import os
+    try:
+        with open(os.path.join(os.path.dirname(dify_plugin.__file__), "planted.py"), "w") as f:
+            f.write("x = 1\n")
+        return "written"
+    except OSError as e:
+        return str(e)
+
+
 class EchoTool(Tool):
     def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage, None, None]:
         yield self.create_text_message(json.dumps({
+            "sdk_write": write_into_the_sdk(),
             "packaging_file": packaging.__file__,
             "packaging_version": packaging.__version__,
             "packaging_metadata": importlib.metadata.version("packaging"),
@@ -300,6 +311,12 @@ async fn the_sdk_layer_serves_the_sdk_and_a_plugins_own_pin_wins() {
             layer_site.display()
         );
     }
+    // The layer is shared by every function of it: no plugin may change it for the others.
+    let write = plain["sdk_write"].as_str().unwrap();
+    assert!(
+        write.contains("Read-only file system"),
+        "writing into the shared layer: {write}"
+    );
     let layer_packaging = plain["packaging_version"].as_str().unwrap().to_owned();
     assert_ne!(
         layer_packaging, "26.2",

@@ -502,12 +502,15 @@ async fn with_layer(
             if kept.is_empty() {
                 String::new()
             } else {
+                // At most a dozen names: a plugin may keep hundreds.
                 format!(
-                    " ({})",
+                    " ({}{})",
                     kept.iter()
+                        .take(12)
                         .map(|d| format!("{}=={}", d.name, d.version))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    if kept.len() > 12 { ", …" } else { "" }
                 )
             }
         ),

@@ -236,6 +236,7 @@ impl EmulatorBackend {
             &self.context.backwards_env,
         );
         let mut env = settings.env;
+        let mut layer_dir = None;
         if let Some(l) = &config.layer {
             // The stand-in for the `/opt` mount: the layer unpacked once per hash.
             let site = layout::layer(&self.context.data_dir.join("emulator"), &l.sha256)
@@ -257,6 +258,7 @@ impl EmulatorBackend {
                     site.display()
                 ),
             );
+            layer_dir = site.parent().map(Path::to_path_buf);
         }
         if settings.timeout_s > EMULATOR_DEADLINE_S {
             // Lambda's limit is 900 s, cargo lambda's own deadline 600 s: the plugin must still
@@ -271,6 +273,7 @@ impl EmulatorBackend {
             dir,
             memory_mb: settings.memory_mb,
             env,
+            layer: layer_dir,
         };
         let (state_tx, state_rx) = watch::channel(State::Starting);
         let (stop_tx, stop_rx) = watch::channel(false);
