@@ -138,6 +138,8 @@ impl LambdaBackend {
                 if artifact.cache_hit { " (cached)" } else { "" }
             ),
         );
+        // Until the function uses the layer version, this replica's gc leaves it alone.
+        let _layer_in_use = self.layer_use.read().await;
         let sdk_layer = match &artifact.layer {
             Some(l) => Some(self.ensure_layer(l, progress).await?),
             None => None,

@@ -124,6 +124,8 @@ impl LambdaBackend {
     /// Deletes the versions of our SDK layers that no function version uses (any function in
     /// the account, not only ours: a layer someone else attached stays). Returns their ARNs.
     pub(super) async fn collect_layers(&self) -> Result<Vec<String>, Error> {
+        // No deploy of this replica is between choosing a layer version and attaching it.
+        let _no_deploys = self.layer_use.write().await;
         let mut used = HashSet::new();
         let mut marker = None;
         loop {

@@ -221,6 +221,10 @@ pub struct LambdaBackend {
     missed: Mutex<routing::Misses>,
     /// One deploy at a time per Lambda function (two checksums of one plugin share it).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held shared by a deploy from choosing its SDK layer version until its function uses
+    /// it, and exclusively by `gc` deleting layer versions, so this replica's gc never deletes
+    /// a layer version a deploy in progress is about to attach.
+    layer_use: tokio::sync::RwLock<()>,
 }
 
 impl LambdaBackend {
@@ -281,6 +285,7 @@ impl LambdaBackend {
             refreshing: Mutex::new(HashMap::new()),
             missed: Mutex::new(routing::Misses::default()),
             locks: Mutex::new(HashMap::new()),
+            layer_use: tokio::sync::RwLock::new(()),
         });
         this.discover().await?;
         Ok(this)
