@@ -168,12 +168,35 @@ pub fn installed(site: &Path) -> Result<Vec<Installed>, Error> {
     Ok(out)
 }
 
-/// The `dify_plugin` version installed in `site`, if any.
+/// Longest SDK version accepted (it names the layer and goes into its description).
+const MAX_VERSION: usize = 64;
+
+/// The `dify_plugin` version installed in `site`, if any. It comes from a package's resolution,
+/// and becomes a requirement, a layer name and a description, so it must be a PEP 440 version
+/// (what any real release has); anything else is refused.
 pub fn sdk_version(site: &Path) -> Result<Option<String>, Error> {
-    Ok(installed(site)?
+    let Some(v) = installed(site)?
         .into_iter()
         .find(|d| d.name == SDK_DIST)
-        .map(|d| d.version))
+        .map(|d| d.version)
+    else {
+        return Ok(None);
+    };
+    check_version(&v).map(Some)
+}
+
+/// `v` when it is a PEP 440 version of at most [`MAX_VERSION`] characters.
+fn check_version(v: &str) -> Result<String, Error> {
+    let parsed = pep508_rs::pep440_rs::Version::from_str(v).ok();
+    match parsed {
+        Some(p) if v.len() <= MAX_VERSION => Ok(p.to_string()),
+        _ => Err(Error::Packaging(format!(
+            "the dependencies installed dify_plugin with the version `{}`, which is not a PEP 440 \
+             version of at most {MAX_VERSION} characters, so no SDK layer can be built for it; \
+             depend on a released dify_plugin, or set SRI_LAMBDA_SDK_LAYER=false",
+            v.chars().take(MAX_VERSION).collect::<String>()
+        ))),
+    }
 }
 
 /// The paths a `RECORD` lists (first CSV field; quoted fields may hold commas).
@@ -530,6 +553,24 @@ mod tests {
                     )
                 })
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn only_pep_440_sdk_versions_name_a_layer() {
+        assert_eq!(check_version("0.10.2").unwrap(), "0.10.2");
+        assert_eq!(check_version("1.0rc1").unwrap(), "1.0rc1");
+        for bad in [
+            "0.10.2 --index-url=http://evil/",
+            "0.10.2; rm",
+            "",
+            &"1.".repeat(40),
+        ] {
+            let e = check_version(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("PEP 440") && e.contains("SRI_LAMBDA_SDK_LAYER=false"),
+                "{e}"
+            );
         }
     }
 
