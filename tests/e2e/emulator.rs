@@ -285,7 +285,10 @@ async fn report(c: &Connector, endpoint: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn the_sdk_layer_serves_the_sdk_and_a_plugins_own_pin_wins() {
-    let c = Connector::start_with(ConnectorOptions::emulator());
+    // No grace: gc below may remove the layer as soon as no function names it.
+    let c = Connector::start_with(
+        ConnectorOptions::emulator().env("SRI_EMULATOR_LAYER_GRACE_SECS", "0"),
+    );
     let layers = c.data_dir().join("emulator").join("layers");
 
     let (plain_name, plain_endpoint, o) = launch_ok(&c, &where_from("layer_plain", "")).await;
@@ -353,4 +356,42 @@ async fn the_sdk_layer_serves_the_sdk_and_a_plugins_own_pin_wins() {
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .count();
     assert_eq!(count, 1, "both plugins share one unpacked layer");
+
+    // gc keeps the layer while a function names it, and removes it with the last one.
+    let layer_name = format!(
+        "sdk-layer-{}",
+        layer_dirs[0].file_name().unwrap().to_string_lossy()
+    );
+    let http = reqwest::Client::new();
+    let gc = || async {
+        let r = http
+            .post(format!("{}/v1/gc?keep=1", c.url()))
+            .header("authorization", harness::sri::API_KEY)
+            .send()
+            .await
+            .expect("POST /v1/gc");
+        assert!(r.status().is_success(), "gc: {}", r.status());
+        r.text().await.unwrap()
+    };
+    let removed = gc().await;
+    assert!(
+        !removed.contains(&layer_name),
+        "gc removed a used layer: {removed}"
+    );
+    assert!(layer_dirs[0].is_dir());
+    for name in [&plain_name, &pinned_name] {
+        let r = http
+            .delete(format!("{}/v1/functions/{name}", c.url()))
+            .header("authorization", harness::sri::API_KEY)
+            .send()
+            .await
+            .expect("DELETE /v1/functions");
+        assert!(r.status().is_success(), "delete {name}: {}", r.status());
+    }
+    let removed = gc().await;
+    assert!(
+        removed.contains(&layer_name),
+        "gc removed {removed}, not {layer_name}"
+    );
+    assert!(!layer_dirs[0].exists(), "the unused layer is gone");
 }

@@ -121,6 +121,53 @@ pub fn set_tree_writable(root: &Path, writable: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// How long a freshly unpacked SDK layer is kept by gc even when no function names it yet: a
+/// launch unpacks the layer before the function that will use it.
+pub const LAYER_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the unpacked SDK layers under `emulator/layers` that no function directory (complete
+/// or being built) names in its `sri-function.json`, unless unpacked within `grace`; returns
+/// `sdk-layer-{sha256}` of each. Blocking.
+pub fn remove_unused_layers(emulator: &Path, grace: std::time::Duration) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(emulator).into_iter().flatten().flatten() {
+        let config = task(&entry.path()).join("sri-function.json");
+        let layer = std::fs::read(&config)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<crate::packaging::FunctionConfig>(&t).ok())
+            .and_then(|c| c.layer);
+        if let Some(l) = layer {
+            used.insert(l.sha256);
+        }
+    }
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(emulator.join("layers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < grace);
+        if used.contains(&name) || young {
+            continue;
+        }
+        let path = entry.path();
+        let _ = set_tree_writable(&path, true);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => removed.push(format!("sdk-layer-{name}")),
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove an unused SDK layer")
+            }
+        }
+    }
+    removed
+}
+
 /// Removes a function directory, read-only task root included.
 pub fn remove(dir: &Path) -> Result<(), Error> {
     set_tree_writable(&task(dir), true)?;

@@ -46,6 +46,14 @@ pub struct EmulatorOptions {
         env = "SRI_EMULATOR_PYTHON"
     )]
     pub python: Option<PathBuf>,
+    /// Seconds gc keeps an unpacked SDK layer no function uses yet (a launch unpacks the
+    /// layer before the function that will use it).
+    #[arg(
+        long = "emulator-layer-grace-secs",
+        env = "SRI_EMULATOR_LAYER_GRACE_SECS",
+        default_value_t = layout::LAYER_GRACE.as_secs()
+    )]
+    pub layer_grace_secs: u64,
 }
 
 /// What the backend needs from the rest of the connector's configuration.
@@ -90,6 +98,8 @@ pub struct EmulatorBackend {
     runner: Arc<Runner>,
     packaging: packaging::Options,
     running: Mutex<HashMap<String, Running>>,
+    /// See [`EmulatorOptions::layer_grace_secs`].
+    layer_grace: Duration,
 }
 
 /// This host's architecture, as Lambda names it.
@@ -183,6 +193,7 @@ impl EmulatorBackend {
             runner,
             packaging,
             running: Mutex::new(HashMap::new()),
+            layer_grace: Duration::from_secs(options.layer_grace_secs),
         });
         let mut entries = tokio::fs::read_dir(&functions)
             .await
@@ -570,6 +581,13 @@ impl Backend for EmulatorBackend {
                 self.remove(&m.function.name).await?;
                 removed.push(m.function.name);
             }
+            let grace = self.layer_grace;
+            let layers = tokio::task::spawn_blocking(move || {
+                layout::remove_unused_layers(&functions, grace)
+            })
+            .await
+            .unwrap_or_default();
+            removed.extend(layers);
             Ok(removed)
         }
         .boxed()
