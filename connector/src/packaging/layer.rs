@@ -357,11 +357,18 @@ fn cache_dir(opts: &Options) -> PathBuf {
     opts.cache_dir.join("layers")
 }
 
+/// Whether `s` is a hex sha256 (what names a layer, also as a directory name).
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The cached layer for `key`, if a complete one exists.
 pub fn load(cache: &Path, key: &str) -> Option<Layer> {
     let (zip, json) = super::cache::paths(&cache.join("layers"), key);
     let mut layer: Layer = serde_json::from_slice(&std::fs::read(&json).ok()?).ok()?;
-    if std::fs::metadata(&zip).ok()?.len() != layer.zipped_bytes {
+    if !is_sha256(&layer.sha256) || std::fs::metadata(&zip).ok()?.len() != layer.zipped_bytes {
         return None;
     }
     layer.zip = zip;

@@ -249,6 +249,14 @@ impl EmulatorBackend {
         let mut env = settings.env;
         let mut layer_dir = None;
         if let Some(l) = &config.layer {
+            // The hash names a directory: nothing but a hash may get there.
+            if !packaging::layer::is_sha256(&l.sha256) {
+                return Err(Error::Backend(format!(
+                    "the function's sri-function.json names the SDK layer `{}`, not a sha256; \
+                     remove the function and launch it again to rebuild it",
+                    l.sha256.chars().take(80).collect::<String>()
+                )));
+            }
             // The stand-in for the `/opt` mount: the layer unpacked once per hash.
             let site = layout::layer(&self.context.data_dir.join("emulator"), &l.sha256)
                 .join(packaging::layer::SITE);

@@ -125,7 +125,7 @@ pub fn parse_layer_description<'a>(prefix: &str, d: &'a str) -> Option<&'a str> 
         return None;
     }
     let (_, sha) = rest.rsplit_once(" sha256=")?;
-    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then_some(sha)
+    crate::packaging::layer::is_sha256(sha).then_some(sha)
 }
 
 #[cfg(test)]
