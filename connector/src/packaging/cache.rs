@@ -107,9 +107,17 @@ pub fn load(cache_dir: &Path, key: &str) -> Option<Artifact> {
         tracing::warn!(zip = %zip.display(), "cached zip does not match its metadata; rebuilding");
         return None;
     }
-    // A zip trimmed against a layer is only usable with that layer.
+    // A zip trimmed against a layer is only usable with that very layer (same content).
     let layer = match &meta.layer {
-        Some(k) => Some(super::layer::load(cache_dir, k)?),
+        Some(k) => {
+            let l = super::layer::load(cache_dir, k)?;
+            let named = meta.config.layer.as_ref().map(|r| r.sha256.as_str());
+            if named != Some(l.sha256.as_str()) {
+                tracing::warn!(zip = %zip.display(), "cached zip was trimmed against another build of its SDK layer; rebuilding");
+                return None;
+            }
+            Some(l)
+        }
         None => None,
     };
     Some(Artifact {
