@@ -128,12 +128,20 @@ impl LambdaBackend {
         say(
             "build",
             format!(
-                "{:.1} MiB zipped, {:.1} MiB unzipped{}{}",
+                "{:.1} MiB zipped, {:.1} MiB unzipped{}{}{}",
                 artifact.zipped_bytes as f64 / 1048576.0,
                 artifact.unzipped_bytes as f64 / 1048576.0,
                 match &artifact.bytecode {
                     Some(v) => format!(", bytecode by Python {v}"),
                     None => ", no bytecode".into(),
+                },
+                match &artifact.layer {
+                    Some(l) => format!(
+                        ", SDK layer dify_plugin {} ({})",
+                        l.manifest.sdk_version,
+                        packaging::human(l.zipped_bytes)
+                    ),
+                    None => String::new(),
                 },
                 if artifact.cache_hit { " (cached)" } else { "" }
             ),
