@@ -221,3 +221,177 @@ async fn a_call_past_the_function_timeout_is_a_plugin_timeout_and_the_next_succe
         .await;
     assert_eq!(out.texts(), ["chunk 0", "chunk 1"], "{}", out.transcript());
 }
+
+/// A tool that says where `packaging` (a small pure-Python dependency of `dify_plugin`) and the
+/// SDK itself were imported from, and which version of `packaging` the resolution gave.
+const WHERE_FROM: &str = r#"import importlib.metadata
+from collections.abc import Generator
+from typing import Any
+import json
+
+import dify_plugin
+import packaging
+from dify_plugin import Tool
+from dify_plugin.entities.tool import ToolInvokeMessage
+
+
+def write_into_the_sdk():
+    import os
+    try:
+        with open(os.path.join(os.path.dirname(dify_plugin.__file__), "planted.py"), "w") as f:
+            f.write("x = 1\n")
+        return "written"
+    except OSError as e:
+        return str(e)
+
+
+class EchoTool(Tool):
+    def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage, None, None]:
+        yield self.create_text_message(json.dumps({
+            "sdk_write": write_into_the_sdk(),
+            "packaging_file": packaging.__file__,
+            "packaging_version": packaging.__version__,
+            "packaging_metadata": importlib.metadata.version("packaging"),
+            "sdk_file": dify_plugin.__file__,
+        }))
+"#;
+
+/// The sample plugin named `name` whose echo tool reports [`WHERE_FROM`], with `extra`
+/// appended to its requirements.
+fn where_from(name: &str, extra: &str) -> Package {
+    sample_with(|path, content| {
+        let text = String::from_utf8(content.clone()).unwrap_or_default();
+        match path {
+            "manifest.yaml" => text
+                .replacen("\nname: sample\n", &format!("\nname: {name}\n"), 1)
+                .into_bytes(),
+            "tools/echo.py" => WHERE_FROM.as_bytes().to_vec(),
+            "requirements.txt" => format!("{text}{extra}\n").into_bytes(),
+            _ => content,
+        }
+    })
+}
+
+async fn report(c: &Connector, endpoint: &str) -> serde_json::Value {
+    let sid = session_id("where");
+    let data = tool_data("sample", "echo", json!({}), None);
+    let out = daemon(c)
+        .invoke(endpoint, "invoke_tool", &envelope(&sid, data), &sid)
+        .await;
+    let texts = out.texts();
+    assert_eq!(texts.len(), 1, "{}", out.transcript());
+    serde_json::from_str(&texts[0]).unwrap_or_else(|e| panic!("{e}: {}", texts[0]))
+}
+
+#[tokio::test]
+async fn the_sdk_layer_serves_the_sdk_and_a_plugins_own_pin_wins() {
+    // No grace: gc below may remove the layer as soon as no function names it.
+    let c = Connector::start_with(
+        ConnectorOptions::emulator().env("SRI_EMULATOR_LAYER_GRACE_SECS", "0"),
+    );
+    let layers = c.data_dir().join("emulator").join("layers");
+
+    let (plain_name, plain_endpoint, o) = launch_ok(&c, &where_from("layer_plain", "")).await;
+    let said = messages(&o);
+    assert!(
+        said.contains("SDK layer"),
+        "the launch stream does not mention the SDK layer:\n{said}"
+    );
+    let plain = report(&c, &plain_endpoint).await;
+    let layer_dirs: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap_or_else(|e| panic!("{}: {e}", layers.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(layer_dirs.len(), 1, "one unpacked layer: {layer_dirs:?}");
+    let layer_site = layer_dirs[0].join("python");
+    for key in ["packaging_file", "sdk_file"] {
+        let file = plain[key].as_str().unwrap();
+        assert!(
+            file.starts_with(layer_site.to_str().unwrap()),
+            "an unpinned plugin imports {key} from the layer ({}), not {file}",
+            layer_site.display()
+        );
+    }
+    // The layer is shared by every function of it: no plugin may change it for the others.
+    let write = plain["sdk_write"].as_str().unwrap();
+    assert!(
+        write.contains("Read-only file system"),
+        "writing into the shared layer: {write}"
+    );
+    let layer_packaging = plain["packaging_version"].as_str().unwrap().to_owned();
+    assert_ne!(
+        layer_packaging, "26.2",
+        "the layer holds packaging 26.2 itself: the pin below would prove nothing"
+    );
+    let task = |name: &str| c.data_dir().join("emulator").join(name).join("task");
+    assert!(
+        !task(&plain_name).join("vendor/dify_plugin").exists(),
+        "the SDK is not in the plugin's own zip"
+    );
+
+    let (pinned_name, pinned_endpoint, _) =
+        launch_ok(&c, &where_from("layer_pinned", "packaging==26.2")).await;
+    let pinned = report(&c, &pinned_endpoint).await;
+    let vendor = task(&pinned_name).join("vendor");
+    let file = pinned["packaging_file"].as_str().unwrap();
+    assert!(
+        file.starts_with(vendor.to_str().unwrap()),
+        "the pinned plugin imports its own packaging from {}, not {file}",
+        vendor.display()
+    );
+    assert_eq!(pinned["packaging_version"], "26.2", "{pinned}");
+    assert_eq!(pinned["packaging_metadata"], "26.2", "{pinned}");
+    assert!(
+        pinned["sdk_file"]
+            .as_str()
+            .unwrap()
+            .starts_with(layer_site.to_str().unwrap()),
+        "the pinned plugin still takes the SDK from the same layer: {pinned}"
+    );
+    let count = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(count, 1, "both plugins share one unpacked layer");
+
+    // gc keeps the layer while a function names it, and removes it with the last one.
+    let layer_name = format!(
+        "sdk-layer-{}",
+        layer_dirs[0].file_name().unwrap().to_string_lossy()
+    );
+    let http = reqwest::Client::new();
+    let gc = || async {
+        let r = http
+            .post(format!("{}/v1/gc?keep=1", c.url()))
+            .header("authorization", harness::sri::API_KEY)
+            .send()
+            .await
+            .expect("POST /v1/gc");
+        assert!(r.status().is_success(), "gc: {}", r.status());
+        r.text().await.unwrap()
+    };
+    let removed = gc().await;
+    assert!(
+        !removed.contains(&layer_name),
+        "gc removed a used layer: {removed}"
+    );
+    assert!(layer_dirs[0].is_dir());
+    for name in [&plain_name, &pinned_name] {
+        let r = http
+            .delete(format!("{}/v1/functions/{name}", c.url()))
+            .header("authorization", harness::sri::API_KEY)
+            .send()
+            .await
+            .expect("DELETE /v1/functions");
+        assert!(r.status().is_success(), "delete {name}: {}", r.status());
+    }
+    let removed = gc().await;
+    assert!(
+        removed.contains(&layer_name),
+        "gc removed {removed}, not {layer_name}"
+    );
+    assert!(!layer_dirs[0].exists(), "the unused layer is gone");
+}

@@ -389,9 +389,12 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
                 !a.contains('*'),
                 "wildcard action {a} in the connector policy"
             );
-            // Only ListFunctions (no resource-level permissions) may be granted on `*`.
+            // Only the List calls without resource-level permissions may be granted on `*`.
             if resources.iter().any(|r| r == "*") {
-                assert_eq!(a, "lambda:ListFunctions", "{a} is granted on `*`");
+                assert!(
+                    a == "lambda:ListFunctions" || a == "lambda:ListLayers",
+                    "{a} is granted on `*`"
+                );
             }
             if a == "lambda:PassCapacityProvider" {
                 for r in &resources {
@@ -401,9 +404,17 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
                         "{a} is not scoped to the stack's capacity provider: {r}"
                     );
                 }
+            } else if a.contains("Layer") && a != "lambda:ListLayers" {
+                for r in &resources {
+                    let sub = r["Fn::Sub"].as_str().unwrap_or_default();
+                    assert!(
+                        sub.contains(":layer:${Prefix}-"),
+                        "{a} is not scoped to the prefix's layers: {r}"
+                    );
+                }
             } else if a.starts_with("lambda:")
                 && a != "lambda:ListFunctions"
-                && a != "lambda:GetLayerVersion"
+                && a != "lambda:ListLayers"
             {
                 for r in &resources {
                     let sub = r["Fn::Sub"].as_str().unwrap_or_default();
@@ -439,6 +450,10 @@ fn connector_policy_grants_exactly_the_backends_calls_on_prefixed_functions() {
         "lambda:InvokeFunctionUrl",
         "lambda:InvokeFunction",
         "lambda:GetLayerVersion",
+        "lambda:PublishLayerVersion",
+        "lambda:ListLayerVersions",
+        "lambda:DeleteLayerVersion",
+        "lambda:ListLayers",
         "lambda:PassCapacityProvider",
         "iam:PassRole",
         "secretsmanager:GetSecretValue",

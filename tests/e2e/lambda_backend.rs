@@ -632,6 +632,17 @@ async fn zips_over_50_mib_go_through_the_artifact_bucket_or_fail_naming_it() {
 /// [`Setup`] gives the connector process. `route_ttl_ms` 0: the replica asks AWS what `live`
 /// runs before every Function URL call, so what the tests check does not depend on timing.
 async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<LambdaBackend> {
+    replica_with(moto, role, prefix, cache, false).await
+}
+
+/// [`replica`], with the shared SDK layer on or off.
+async fn replica_with(
+    moto: &Moto,
+    role: &str,
+    prefix: &str,
+    cache: &TempDir,
+    sdk_layer: bool,
+) -> Arc<LambdaBackend> {
     let options = LambdaOptions {
         region: Some(harness::moto::REGION.into()),
         endpoint_url: Some(moto.url.clone()),
@@ -648,6 +659,7 @@ async fn replica(moto: &Moto, role: &str, prefix: &str, cache: &TempDir) -> Arc<
         bootstrap_layer_arn: None,
         invoker_principal: None,
         snap_start: false,
+        sdk_layer,
         capacity_provider_arn: None,
         max_concurrency: None,
         bootstrap: Some(harness::stripped_bootstrap()),
@@ -924,5 +936,104 @@ async fn two_replicas_route_every_call_to_the_version_it_was_launched_for() {
         versions.versions().len(),
         4,
         "$LATEST and one version per package"
+    );
+}
+
+/// The versions of this test's SDK layers: (layer version ARN, description).
+async fn sdk_layer_versions(lambda: &Lambda, prefix: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let layers = lambda.list_layers().send().await.expect("ListLayers");
+    for l in layers.layers() {
+        let name = l.layer_name().unwrap_or_default();
+        if !name.starts_with(&format!("{prefix}-sdk-")) {
+            continue;
+        }
+        let versions = lambda
+            .list_layer_versions()
+            .layer_name(name)
+            .send()
+            .await
+            .expect("ListLayerVersions");
+        for v in versions.layer_versions() {
+            out.push((
+                v.layer_version_arn().unwrap_or_default().to_owned(),
+                v.description().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_sdk_layer_is_published_once_reused_by_two_plugins_and_collected_by_gc() {
+    let moto = Moto::start().await;
+    let role = moto.create_role("sri-plugin-exec").await;
+    let prefix = format!("l{}", std::process::id() % 100000);
+    let cache = TempDir::new("layer-cache");
+    // uv's downloads are shared with the packaging tests: only the first run fetches the SDK.
+    let shared = root().join("target/sri-test-uv-cache");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, cache.path().join("uv")).unwrap();
+    let r = replica_with(&moto, &role, &prefix, &cache, true).await;
+    let lambda = Lambda::new(&moto.sdk().await);
+
+    let a = Package::from_files(&sample_as("acme", "layer_a", "0.1.0", true));
+    let b = Package::from_files(&sample_as("acme", "layer_b", "0.1.0", true));
+    let fa = deploy(&r, &a).await;
+    let fb = deploy(&r, &b).await;
+
+    let versions = sdk_layer_versions(&lambda, &prefix).await;
+    assert_eq!(
+        versions.len(),
+        1,
+        "one layer version for two plugins of one SDK version: {versions:?}"
+    );
+    let (arn, description) = &versions[0];
+    assert!(
+        description.contains("dify_plugin=") && description.contains("sha256="),
+        "{description}"
+    );
+    for (name, f) in [("layer_a", &fa), ("layer_b", &fb)] {
+        let aws_name = lambda_function_name(&prefix, "acme", name);
+        let config = lambda
+            .get_function_configuration()
+            .function_name(&aws_name)
+            .send()
+            .await
+            .expect("GetFunctionConfiguration");
+        let layers: Vec<&str> = config.layers().iter().filter_map(|l| l.arn()).collect();
+        assert_eq!(layers, [arn.as_str()], "{} carries the SDK layer", f.name);
+        let env = config.environment().and_then(|e| e.variables()).unwrap();
+        assert_eq!(
+            env.get("SRI_PYTHONPATH").map(String::as_str),
+            Some("/var/task/vendor:/opt/python"),
+            "the plugin's own vendor/ comes first"
+        );
+    }
+
+    // A redeploy, and another replica (a restarted connector), publish nothing.
+    deploy(&r, &a).await;
+    let other = replica_with(&moto, &role, &prefix, &cache, true).await;
+    deploy(&other, &b).await;
+    assert_eq!(
+        sdk_layer_versions(&lambda, &prefix).await,
+        versions,
+        "a redeploy reuses the layer"
+    );
+
+    // gc keeps a layer a function still uses, and deletes it once none does.
+    r.remove(&fa.name).await.expect("remove a");
+    let removed = r.gc(1).await.expect("gc");
+    assert!(
+        !removed.contains(arn),
+        "b still uses the layer: {removed:?}"
+    );
+    assert_eq!(sdk_layer_versions(&lambda, &prefix).await.len(), 1);
+    r.remove(&fb.name).await.expect("remove b");
+    let removed = r.gc(1).await.expect("gc");
+    assert!(removed.contains(arn), "gc removed {removed:?}");
+    assert!(
+        sdk_layer_versions(&lambda, &prefix).await.is_empty(),
+        "no layer version left"
     );
 }

@@ -426,9 +426,17 @@ fn offline_installs_come_from_the_wheelhouse_alone() {
     assert!(err.contains("offline"), "{err}");
     assert!(stdout.contains("bytecode     none"), "{stdout}");
     let files = unzip(&zip);
-    assert!(files.keys().any(|n| n.starts_with("vendor/dify_plugin/")));
-    assert!(files.keys().any(|n| n.starts_with("vendor/pydantic_core/")));
-    assert!(!files.keys().any(|n| n.ends_with(".pyc")), "--no-bytecode");
+    // The SDK layer (on by default) is built from the wheelhouse alone too.
+    let layer = unzip(&dir.path().join("offline.sdk-layer.zip"));
+    assert!(layer.keys().any(|n| n.starts_with("python/dify_plugin/")));
+    assert!(layer.keys().any(|n| n.starts_with("python/pydantic_core/")));
+    assert!(
+        !files
+            .keys()
+            .chain(layer.keys())
+            .any(|n| n.ends_with(".pyc")),
+        "--no-bytecode"
+    );
 }
 
 #[tokio::test]
@@ -541,12 +549,108 @@ fn dependency_files_are_parsed_before_uv_and_uv_sees_none_of_the_environment() {
         spied.contains("\nHOME=") && spied.contains(".home-"),
         "{spied}"
     );
-    let zip = unzip(&out);
-    assert!(zip.keys().any(|k| k.starts_with("vendor/dify_plugin/")));
+    let mut zip = unzip(&out);
+    // The SDK went into the layer beside it (on by default), installed the same way.
+    let layer = unzip(&out.with_extension("sdk-layer.zip"));
+    assert!(layer.keys().any(|k| k.starts_with("python/dify_plugin/")));
+    zip.extend(layer);
     for (name, (_, bytes)) in &zip {
         assert!(
             !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
             "the canary reached {name}"
         );
     }
+}
+
+#[test]
+fn sri_package_writes_the_sdk_layer_beside_a_trimmed_zip() {
+    let dir = TempDir::new("pack-layer");
+    let cache = cache_in(&dir);
+    let x86 = lambda_bootstrap("x86_64");
+    let sample = plugin_dir("sample");
+    let run = |out: &Path, layer: &str| {
+        sri_package(
+            &[
+                sample.to_str().unwrap(),
+                "--arch",
+                "x86_64",
+                "--bootstrap",
+                x86.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--uv",
+                uv().to_str().unwrap(),
+                "--sdk-layer",
+                layer,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = dir.path().join("fn.zip");
+    let (ok, stdout, err) = run(&out, "true");
+    assert!(ok, "{err}");
+    let layer_zip = dir.path().join("fn.sdk-layer.zip");
+    assert!(
+        stdout.contains("sdk layer") && stdout.contains(layer_zip.to_str().unwrap()),
+        "{stdout}"
+    );
+    let layer = unzip(&layer_zip);
+    assert!(
+        layer.contains_key("python/dify_plugin/__init__.py"),
+        "the SDK is in the layer"
+    );
+    assert!(
+        layer.contains_key("python/dify_plugin/__pycache__/__init__.cpython-312.pyc"),
+        "with bytecode"
+    );
+    let manifest: Value = serde_json::from_slice(&layer["sri-layer.json"].1).unwrap();
+    let sdk = manifest["sdk_version"].as_str().unwrap().to_owned();
+    assert_eq!(
+        manifest["distributions"]["dify-plugin"]["version"],
+        sdk.as_str()
+    );
+    assert!(
+        manifest["distributions"]["pydantic"].is_object(),
+        "{manifest}"
+    );
+
+    let files = unzip(&out);
+    assert!(
+        !files
+            .keys()
+            .any(|n| n.starts_with("vendor/dify_plugin") || n.starts_with("vendor/pydantic/")),
+        "the function zip does not carry what the layer holds: {:?}",
+        files
+            .keys()
+            .filter(|n| n.starts_with("vendor/"))
+            .take(20)
+            .collect::<Vec<_>>()
+    );
+    let config: Value = serde_json::from_slice(&files["sri-function.json"].1).unwrap();
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut h, std::fs::read(&layer_zip).unwrap());
+    assert_eq!(
+        config["layer"]["sha256"],
+        hex::encode(sha2::Digest::finalize(h)).as_str(),
+        "the function names its layer by content hash"
+    );
+    assert_eq!(config["layer"]["sdk_version"], sdk.as_str());
+    assert_eq!(
+        config["environment"]["SRI_PYTHONPATH"],
+        "/var/task/vendor:/opt/python"
+    );
+
+    // Off: one self-contained zip, as before the layer existed.
+    let whole = dir.path().join("whole.zip");
+    let (ok, stdout, err) = run(&whole, "false");
+    assert!(ok, "{err}");
+    assert!(!stdout.contains("sdk layer"), "{stdout}");
+    assert!(!dir.path().join("whole.sdk-layer.zip").exists());
+    let files = unzip(&whole);
+    assert!(files.contains_key("vendor/dify_plugin/__init__.py"));
+    let config: Value = serde_json::from_slice(&files["sri-function.json"].1).unwrap();
+    assert!(config.get("layer").is_none(), "{config}");
+    assert!(std::fs::metadata(&whole).unwrap().len() > std::fs::metadata(&out).unwrap().len());
 }

@@ -6,7 +6,9 @@
 //! 2. warm time to the response head of the gateway, p50/p99, over `SRI_BENCH_CALLS` (200)
 //!    interleaved `echo` calls per backend;
 //! 3. cold start of an emulated function (its init, as the launch stream reports it, then the
-//!    first call), with and without shipped bytecode, median of `SRI_BENCH_COLD` (3) launches.
+//!    first call), with and without shipped bytecode, and with the shared SDK layer (the
+//!    default: the trimmed zip, the layer unpacked in place of `/opt`) and without it (one
+//!    self-contained zip), median of `SRI_BENCH_COLD` (3) launches.
 //!
 //! Writes its section of `BENCHMARKS.md` (between `<!-- bench:emulator:begin -->` and
 //! `<!-- bench:emulator:end -->`) and prints it. Needs what `make test` needs (`sri`,
@@ -115,13 +117,24 @@ async fn main() {
     drop(runs);
 
     let mut cold_rows = Vec::new();
-    for (label, bytecode) in [("with bytecode", true), ("without bytecode", false)] {
+    for (label, bytecode, layer) in [
+        ("with bytecode, SDK layer (the default)", true, true),
+        (
+            "with bytecode, self-contained (`SRI_LAMBDA_SDK_LAYER=false`)",
+            true,
+            false,
+        ),
+        ("without bytecode, SDK layer", false, true),
+    ] {
         let mut inits = Vec::new();
         let mut firsts = Vec::new();
         for _ in 0..cold {
             let mut o = options("emulator");
             if !bytecode {
                 o = o.env("SRI_PYTHON_3_12", "none");
+            }
+            if !layer {
+                o = o.env("SRI_LAMBDA_SDK_LAYER", "false");
             }
             let c = Connector::start_with(o);
             let (endpoint, _, init) = launch(&c).await;

@@ -13,6 +13,12 @@
 //!    `--no-bytecode`; median of several fresh starts each, interleaved. Measured from spawning
 //!    the bootstrap to the first `chunk` of an `echo` call that was pending when it first polled.
 //!
+//! 3. The shared SDK layer (`SRI_LAMBDA_SDK_LAYER`): the x86_64 function zip with and without
+//!    it, the layer itself, the cold start of the trimmed zip with the layer unpacked as `/opt`
+//!    (as 2.), and deploy time against `moto_server` (the artifact already cached, so this is
+//!    the upload and the Lambda calls): without the layer, with it for a first plugin (which
+//!    publishes the layer) and for a second one (which reuses it).
+//!
 //! The bootstraps come from `harness::cross` (debug cross builds, or `SRI_BOOTSTRAP_ARM64` /
 //! `SRI_BOOTSTRAP_X86_64`, e.g. the `make lambda-bootstrap` dist builds).
 
@@ -62,11 +68,18 @@ fn bare_python() -> PathBuf {
     std::fs::canonicalize(Py::Py312.python()).expect("py312 interpreter")
 }
 
-/// One cold start of the function unpacked at `task_root`: ms to the first chunk.
-async fn cold_start(task_root: &Path) -> f64 {
+/// One cold start of the function unpacked at `task_root` (with `python_path` as
+/// `SRI_PYTHONPATH` when it uses a layer): ms to the first chunk.
+async fn cold_start(task_root: &Path, python_path: Option<&str>) -> f64 {
     let emu = Emulator::start();
     let t0 = Instant::now();
-    let mut child = Command::new(task_root.join("bin/bootstrap"))
+    let mut cmd = Command::new(task_root.join("bin/bootstrap"));
+    // Without a layer the bootstrap finds `vendor/` itself, as on Lambda.
+    match python_path {
+        Some(p) => cmd.env("SRI_PYTHONPATH", p),
+        None => cmd.env_remove("SRI_PYTHONPATH"),
+    };
+    let mut child = cmd
         // A managed runtime's command line, which the wrapper ignores.
         .args(["/var/runtime/bootstrap", "--handler", "x"])
         .env("AWS_LAMBDA_RUNTIME_API", emu.runtime_api())
@@ -76,7 +89,6 @@ async fn cold_start(task_root: &Path) -> f64 {
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("AWS_LAMBDA_LOG_FORMAT", "json")
         .env_remove("SRI_PLUGIN_DIR")
-        .env_remove("SRI_PYTHONPATH")
         .env_remove("PYTHONPATH")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -152,17 +164,41 @@ fn main() {
     let dir_without = work.path().join("fn-source");
     unzip_to(&with.zip, &dir_with);
     unzip_to(&without.zip, &dir_without);
+    // The same function with the shared SDK layer: the trimmed zip, the layer as `/opt`.
+    let mut layered_opts = x86_opts.clone();
+    layered_opts.sdk_layer = true;
+    let (layered, _) = rt.block_on(build(&pkg, &layered_opts));
+    let layer = layered
+        .layer
+        .clone()
+        .expect("the sample plugin gets the SDK layer");
+    let dir_layer = work.path().join("fn-layer");
+    let dir_opt = work.path().join("opt");
+    unzip_to(&layered.zip, &dir_layer);
+    zip::ZipArchive::new(std::fs::File::open(&layer.zip).unwrap())
+        .unwrap()
+        .extract(&dir_opt)
+        .unwrap();
+    let layer_path = format!(
+        "{}:{}",
+        dir_layer.join("vendor").display(),
+        dir_opt.join("python").display()
+    );
+    println!("bench: deploys against moto…");
+    let deploys = rt.block_on(deploy_times(&x86_opts));
     let trials = knob("SRI_BENCH_PACK_COLD", COLD_TRIALS);
-    let (mut cold_with, mut cold_without) = (Vec::new(), Vec::new());
+    let (mut cold_with, mut cold_without, mut cold_layer) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..trials {
         println!("bench: cold start round {}/{trials}…", i + 1);
         // Alternate the order so that neither row always runs on a just-warmed page cache.
         if i % 2 == 0 {
-            cold_with.push(rt.block_on(cold_start(&dir_with)));
-            cold_without.push(rt.block_on(cold_start(&dir_without)));
+            cold_with.push(rt.block_on(cold_start(&dir_with, None)));
+            cold_without.push(rt.block_on(cold_start(&dir_without, None)));
+            cold_layer.push(rt.block_on(cold_start(&dir_layer, Some(&layer_path))));
         } else {
-            cold_without.push(rt.block_on(cold_start(&dir_without)));
-            cold_with.push(rt.block_on(cold_start(&dir_with)));
+            cold_layer.push(rt.block_on(cold_start(&dir_layer, Some(&layer_path))));
+            cold_without.push(rt.block_on(cold_start(&dir_without, None)));
+            cold_with.push(rt.block_on(cold_start(&dir_with, None)));
         }
     }
     let range = |v: &[f64]| {
@@ -219,8 +255,128 @@ fn main() {
         range(&cold_with),
         range(&cold_without)
     );
+    let _ = writeln!(
+        r,
+        "\nThe shared SDK layer (`SRI_LAMBDA_SDK_LAYER=true`, the default), x86_64: the layer holds \
+         dify_plugin {} and {} distributions; the plugin's zip keeps the plugin, the bootstrap and \
+         what the layer does not hold at the same version. Cold start as above with the layer \
+         unpacked as `/opt` (`SRI_PYTHONPATH=vendor:/opt/python`). Deploy = \
+         `LambdaBackend::deploy` against `moto_server` on this host with the zip already built \
+         (upload, CreateFunction, PublishVersion, alias, URL; and the layer's ListLayerVersions / \
+         PublishLayerVersion), so it measures what is sent, not AWS's own latency.\n",
+        layer.manifest.sdk_version,
+        layer.manifest.distributions.len()
+    );
+    let _ = writeln!(
+        r,
+        "| | per-plugin zip | unzipped | shared layer zip | cold start | deploy |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        r,
+        "| without layer (self-contained) | {} | {} | — | {} | {:.0} ms |",
+        packaging::human(with.zipped_bytes),
+        packaging::human(with.unzipped_bytes),
+        range(&cold_with),
+        ms(deploys.without)
+    );
+    let _ = writeln!(
+        r,
+        "| with layer, first plugin (publishes the layer) | {} | {} | {} ({} unzipped) | {} | {:.0} ms |",
+        packaging::human(layered.zipped_bytes),
+        packaging::human(layered.unzipped_bytes),
+        packaging::human(layer.zipped_bytes),
+        packaging::human(layer.unzipped_bytes),
+        range(&cold_layer),
+        ms(deploys.first)
+    );
+    let _ = writeln!(
+        r,
+        "| with layer, next plugin (layer reused) | {} | {} | — | (same) | {:.0} ms |",
+        packaging::human(layered.zipped_bytes),
+        packaging::human(layered.unzipped_bytes),
+        ms(deploys.next)
+    );
     println!("{r}");
     let out = root().join("BENCHMARKS.md");
     harness::benchmarks::write_section(&out, "packaging", &r).expect("write BENCHMARKS.md");
     println!("wrote the packaging section of {}", out.display());
+}
+
+/// Deploy times against moto: without the layer, with it for a first and a second plugin.
+struct Deploys {
+    without: Duration,
+    first: Duration,
+    next: Duration,
+}
+
+async fn deploy_times(opts: &Options) -> Deploys {
+    use connector::backend::Backend;
+    use connector::backend::lambda::{LambdaBackend, LambdaContext, LambdaOptions, Transport};
+    let moto = harness::moto::Moto::start().await;
+    let role = moto.create_role("sri-bench-exec").await;
+    let sdk = moto.sdk().await;
+    let open = |prefix: &str, sdk_layer: bool| {
+        let options = LambdaOptions {
+            region: Some(harness::moto::REGION.into()),
+            endpoint_url: Some(moto.url.clone()),
+            role_arn: Some(role.clone()),
+            prefix: prefix.into(),
+            arch: opts.target.arch,
+            python: opts.target.python,
+            memory_mb: None,
+            timeout_s: None,
+            transport: Transport::FunctionUrl,
+            route_ttl_ms: 1000,
+            artifact_bucket: None,
+            kms_key_arn: None,
+            bootstrap_layer_arn: None,
+            invoker_principal: None,
+            snap_start: false,
+            sdk_layer,
+            capacity_provider_arn: None,
+            max_concurrency: None,
+            bootstrap: Some(opts.bootstrap.clone()),
+            wheelhouse: None,
+            offline: false,
+            cache_dir: opts.cache_dir.clone(),
+        };
+        let context = LambdaContext {
+            signing_keys: connector::secret::Secret(keys_env(&[SECRET_A])),
+            backwards_env: Vec::new(),
+            uv: opts.uv.clone(),
+            index_url: None,
+            install_timeout: Duration::from_secs(900),
+        };
+        LambdaBackend::open(&sdk, options, context)
+    };
+    let package = |name: &str| {
+        let files = harness::difypkg::sample_as("bench", name, "0.1.0", true);
+        let p = harness::difypkg::Package::from_files(&files);
+        connector::package::Package::read(bytes::Bytes::from(p.bytes)).expect("package")
+    };
+    let timed = |b: std::sync::Arc<LambdaBackend>, p: connector::package::Package| async move {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Instant::now();
+        b.deploy(&p, tx).await.expect("deploy on moto");
+        t.elapsed()
+    };
+    let plain = open("bench-plain", false).await.expect("open on moto");
+    let layered = open("bench-layer", true).await.expect("open on moto");
+    // Warm the artifact caches (packaging is measured above, not here).
+    for sdk_layer in [false, true] {
+        let mut o = opts.clone();
+        o.sdk_layer = sdk_layer;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in ["bench_a", "bench_b"] {
+            packaging::build(&package(n), &o, &tx).await.expect("build");
+        }
+    }
+    let without = timed(plain, package("bench_a")).await;
+    let first = timed(layered.clone(), package("bench_a")).await;
+    let next = timed(layered, package("bench_b")).await;
+    Deploys {
+        without,
+        first,
+        next,
+    }
 }

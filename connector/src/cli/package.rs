@@ -38,6 +38,11 @@ pub struct PackageOptions {
     /// Seconds installing the dependencies may take before uv is killed.
     #[arg(long, env = "SRI_INSTALL_TIMEOUT_SECS", default_value_t = 900)]
     pub install_timeout_secs: u64,
+    /// Put `dify_plugin` and its dependencies in a shared layer zip, written beside the function
+    /// zip (`<zip stem>.sdk-layer.zip`); `false` builds one self-contained zip.
+    #[arg(long, env = "SRI_LAMBDA_SDK_LAYER", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub sdk_layer: bool,
     /// Ship no bytecode even when a matching interpreter is found.
     #[arg(long)]
     pub no_bytecode: bool,
@@ -85,6 +90,7 @@ pub(super) async fn package(o: PackageOptions) -> anyhow::Result<()> {
     opts.index_url = o.index_url;
     opts.install_timeout = Duration::from_secs(o.install_timeout_secs);
     opts.bytecode = !o.no_bytecode;
+    opts.sdk_layer = o.sdk_layer;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
         while let Some((stage, msg)) = rx.recv().await {
@@ -107,8 +113,22 @@ pub(super) async fn package(o: PackageOptions) -> anyhow::Result<()> {
     });
     // A copy: the cached zip stays for the next build.
     std::fs::copy(&a.zip, &out)?;
+    let layer = match &a.layer {
+        Some(l) => {
+            let dest = out.with_extension("sdk-layer.zip");
+            std::fs::copy(&l.zip, &dest)?;
+            format!(
+                "\n  sdk layer    {} (dify_plugin {}, {}, sha256 {}; mount at /opt)",
+                dest.display(),
+                l.manifest.sdk_version,
+                packaging::human(l.zipped_bytes),
+                l.sha256
+            )
+        }
+        None => String::new(),
+    };
     println!(
-        "{} for {target}\n  zip          {}\n  code sha256  {}\n  zipped       {}{}\n  unzipped     {} (limit {})\n  bytecode     {}\n  cache        {}",
+        "{} for {target}\n  zip          {}\n  code sha256  {}\n  zipped       {}{}\n  unzipped     {} (limit {})\n  bytecode     {}\n  cache        {}{layer}",
         pkg.unique_identifier(),
         out.display(),
         a.code_sha256,

@@ -133,12 +133,13 @@ async fn probe(path: &Path) -> Option<String> {
 }
 
 /// Compiles every `.py` below `dirs` (relative to `root`) with paths recorded as they will be
-/// on Lambda (`/var/task/…`). Files that do not compile (e.g. Python 2 test data in some
+/// on Lambda (`root` replaced by `on_lambda`: `/var/task` for a function, `/opt` for a layer). Files that do not compile (e.g. Python 2 test data in some
 /// packages) are left without bytecode; that is reported, not fatal.
 pub async fn compile(
     py: &Interpreter,
     root: &Path,
     dirs: &[&str],
+    on_lambda: &str,
 ) -> Result<Option<String>, Error> {
     let mut cmd = crate::child::command(&py.path);
     cmd.args([
@@ -151,7 +152,7 @@ pub async fn compile(
         "-s",
     ])
     .arg(root)
-    .args(["-p", "/var/task"])
+    .args(["-p", on_lambda])
     .args(dirs.iter().map(|d| root.join(d)))
     .current_dir(root)
     // Never let a user's environment redirect or disable what we write.

@@ -44,6 +44,7 @@ pub fn key(
     field("offline", if opts.offline { "1" } else { "0" });
     field("bytecode", bytecode.unwrap_or("none"));
     field("index", opts.index_url.as_deref().unwrap_or(""));
+    field("sdk-layer", if opts.sdk_layer { "1" } else { "0" });
     field(
         "wheelhouse",
         &match &opts.wheelhouse {
@@ -55,7 +56,7 @@ pub fn key(
 }
 
 /// `name size` of every file in the wheelhouse, sorted: a new or replaced wheel changes it.
-fn wheelhouse_listing(dir: &Path) -> Result<String, Error> {
+pub(super) fn wheelhouse_listing(dir: &Path) -> Result<String, Error> {
     let mut lines = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| {
         Error::Packaging(format!(
@@ -83,6 +84,9 @@ struct Meta {
     bytecode: Option<String>,
     target: Target,
     config: FunctionConfig,
+    /// The cache key of the SDK layer the zip was trimmed against.
+    #[serde(default)]
+    layer: Option<String>,
 }
 
 /// The paths of a cache entry.
@@ -103,6 +107,19 @@ pub fn load(cache_dir: &Path, key: &str) -> Option<Artifact> {
         tracing::warn!(zip = %zip.display(), "cached zip does not match its metadata; rebuilding");
         return None;
     }
+    // A zip trimmed against a layer is only usable with that very layer (same content).
+    let layer = match &meta.layer {
+        Some(k) => {
+            let l = super::layer::load(cache_dir, k)?;
+            let named = meta.config.layer.as_ref().map(|r| r.sha256.as_str());
+            if named != Some(l.sha256.as_str()) {
+                tracing::warn!(zip = %zip.display(), "cached zip was trimmed against another build of its SDK layer; rebuilding");
+                return None;
+            }
+            Some(l)
+        }
+        None => None,
+    };
     Some(Artifact {
         zip,
         code_sha256: meta.code_sha256,
@@ -112,6 +129,7 @@ pub fn load(cache_dir: &Path, key: &str) -> Option<Artifact> {
         cache_hit: true,
         target: meta.target,
         config: meta.config,
+        layer,
     })
 }
 
@@ -126,6 +144,7 @@ pub fn store(cache_dir: &Path, key: &str, built: &Path, a: &Artifact) -> Result<
         bytecode: a.bytecode.clone(),
         target: a.target,
         config: a.config.clone(),
+        layer: a.layer.as_ref().map(|l| l.key.clone()),
     };
     let tmp = json.with_extension(format!("json.tmp{}", std::process::id()));
     let text = serde_json::to_vec_pretty(&meta).expect("metadata serializes");

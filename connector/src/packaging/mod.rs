@@ -19,10 +19,14 @@
 //!
 //! Zips are deterministic and cached by their inputs (see [`cache`]), so a redeploy of the
 //! same package costs a lookup and yields the same `CodeSha256`.
+//!
+//! With [`Options::sdk_layer`], `dify_plugin` and the dependencies it shares with the plugin
+//! go into a separate layer zip instead ([`layer`]), and `vendor/` keeps only the rest.
 
 pub mod archive;
 pub mod bytecode;
 pub mod cache;
+pub mod layer;
 pub mod target;
 pub mod wheels;
 
@@ -63,6 +67,9 @@ pub struct Options {
     pub uv: PathBuf,
     /// Ship bytecode when an interpreter of the target version is found (see [`bytecode`]).
     pub bytecode: bool,
+    /// Put `dify_plugin` and its dependencies in a shared layer ([`layer`]) instead of every
+    /// function zip (`SRI_LAMBDA_SDK_LAYER`).
+    pub sdk_layer: bool,
 }
 
 impl Options {
@@ -79,6 +86,7 @@ impl Options {
             cache_dir: default_cache_dir(),
             uv: default_uv(),
             bytecode: true,
+            sdk_layer: false,
         }
     }
 
@@ -176,6 +184,8 @@ pub struct Artifact {
     pub target: Target,
     /// How the function must be configured.
     pub config: FunctionConfig,
+    /// The SDK layer the function needs (its zip was trimmed against it).
+    pub layer: Option<layer::Layer>,
 }
 
 impl Artifact {
@@ -245,7 +255,17 @@ pub async fn build(pkg: &Package, opts: &Options, progress: &Progress) -> Result
         tracing::info!(key = %key, zip = %hit.zip.display(), target = %target, "packaging cache hit");
         say(
             "archive",
-            format!("cached {} ({})", hit.zip.display(), human(hit.zipped_bytes)),
+            format!(
+                "cached {} ({}){}",
+                hit.zip.display(),
+                human(hit.zipped_bytes),
+                hit.layer.as_ref().map_or(String::new(), |l| format!(
+                    ", with the SDK layer {} (dify_plugin {}, {})",
+                    &l.sha256[..12],
+                    l.manifest.sdk_version,
+                    human(l.zipped_bytes)
+                ))
+            ),
         );
         return Ok(hit);
     }
@@ -348,6 +368,12 @@ async fn build_in(
         std::fs::remove_dir_all(&scripts).map_err(|e| archive::io_err(&scripts, e))?;
     }
 
+    let sdk_layer = if opts.sdk_layer {
+        with_layer(opts, &vendor, interpreter.as_ref(), progress).await?
+    } else {
+        None
+    };
+
     let bytecode = match interpreter {
         Some(py) => {
             say(
@@ -358,7 +384,9 @@ async fn build_in(
                     py.path.display()
                 ),
             );
-            if let Some(failures) = bytecode::compile(&py, &root, &["plugin", "vendor"]).await? {
+            if let Some(failures) =
+                bytecode::compile(&py, &root, &["plugin", "vendor"], "/var/task").await?
+            {
                 // Some files (Python 2 test data in a few packages) do not compile; the rest do.
                 tracing::warn!(python = %py.version, output = %failures, "some files did not compile");
                 say(
@@ -382,7 +410,14 @@ async fn build_in(
     }
     // The manifest's `resource.memory` sizes the function (`SRI_LAMBDA_MEMORY_MB` still
     // overrides it at deploy).
-    let config = FunctionConfig::template(&target).with_manifest_memory(pkg.manifest.memory_bytes);
+    let mut config =
+        FunctionConfig::template(&target).with_manifest_memory(pkg.manifest.memory_bytes);
+    if let Some(l) = &sdk_layer {
+        config.layer = Some(l.reference());
+        config
+            .environment
+            .insert("SRI_PYTHONPATH".into(), layer::PYTHONPATH.into());
+    }
     let config_path = root.join("sri-function.json");
     std::fs::write(
         &config_path,
@@ -395,7 +430,8 @@ async fn build_in(
 
     let entries = archive::entries(&root)?;
     let unzipped_bytes: u64 = entries.iter().map(|e| e.size).sum();
-    check_unzipped(unzipped_bytes)?;
+    // Lambda's limit covers the function and its layers together.
+    check_unzipped(unzipped_bytes + sdk_layer.as_ref().map_or(0, |l| l.unzipped_bytes))?;
     say(
         "archive",
         format!(
@@ -420,6 +456,7 @@ async fn build_in(
         cache_hit: false,
         target,
         config,
+        layer: sdk_layer,
     };
     a.zip = cache::store(&opts.cache_dir, key, &tmp_zip, &a)?;
     say(
@@ -436,6 +473,54 @@ async fn build_in(
         ),
     );
     Ok(a)
+}
+
+/// The SDK layer for what was installed in `vendor` (none when the plugin's resolution has no
+/// `dify_plugin`), built or found in the cache, and `vendor` trimmed against it.
+async fn with_layer(
+    opts: &Options,
+    vendor: &Path,
+    interpreter: Option<&bytecode::Interpreter>,
+    progress: &Progress,
+) -> Result<Option<layer::Layer>, Error> {
+    let Some(sdk) = layer::sdk_version(vendor)? else {
+        let _ = progress.send((
+            "layer",
+            "no dify_plugin among the dependencies: no SDK layer, the zip is self-contained".into(),
+        ));
+        return Ok(None);
+    };
+    let l = layer::build(opts, &sdk, interpreter, progress).await?;
+    let (v, m) = (vendor.to_path_buf(), l.manifest.clone());
+    let removed = tokio::task::spawn_blocking(move || layer::trim(&v, &m))
+        .await
+        .map_err(|e| Error::Packaging(format!("trimming stopped: {e}")))??;
+    let kept = layer::installed(vendor)?;
+    tracing::info!(sdk = %sdk, layer = %l.sha256, removed = removed.len(), kept = kept.len(), "trimmed vendor/ against the SDK layer");
+    let _ = progress.send((
+        "layer",
+        format!(
+            "SDK layer {} (dify_plugin {sdk}): {} distributions come from it, {} stay in the zip{}",
+            &l.sha256[..12],
+            removed.len(),
+            kept.len(),
+            if kept.is_empty() {
+                String::new()
+            } else {
+                // At most a dozen names: a plugin may keep hundreds.
+                format!(
+                    " ({}{})",
+                    kept.iter()
+                        .take(12)
+                        .map(|d| format!("{}=={}", d.name, d.version))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if kept.len() > 12 { ", …" } else { "" }
+                )
+            }
+        ),
+    ));
+    Ok(Some(l))
 }
 
 /// Refuses a function over Lambda's unzipped limit, before anything is uploaded.
@@ -495,6 +580,7 @@ mod tests {
                 arch: Arch::Arm64,
                 python: PythonVersion::Py312,
             }),
+            layer: None,
         };
         assert!(!a.needs_s3());
         a.zipped_bytes += 1;

@@ -228,6 +228,9 @@ pub struct FunctionConfig {
     pub ephemeral_storage_mb: u32,
     /// Environment (without secrets: the backend adds `SRI_SIGNING_KEYS` and the daemon URL).
     pub environment: BTreeMap<String, String>,
+    /// The shared SDK layer the function needs (see [`super::layer`]); `None`: self-contained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<super::layer::LayerRef>,
 }
 
 impl FunctionConfig {

@@ -7,6 +7,8 @@
 //!                       task/        the zip, unpacked (LAMBDA_TASK_ROOT), read-only
 //!                       tmp/         TMPDIR, emptied at every start
 //!                       cargo/       Cargo.toml + src/main.rs, cargo lambda's working dir
+//! {data}/emulator/layers/{sha256}/       an SDK layer, unpacked once, read-only: the stand-in
+//!                                        for Lambda's `/opt` (cargo lambda cannot mount it)
 //! ```
 
 use std::io::Read;
@@ -30,14 +32,24 @@ pub fn cargo(dir: &Path) -> PathBuf {
     dir.join("cargo")
 }
 
+/// The directory an SDK layer is unpacked into (`{data}/emulator/layers/{sha256}`).
+pub fn layer(emulator: &Path, sha256: &str) -> PathBuf {
+    emulator.join("layers").join(sha256)
+}
+
 /// Unpacks `zip` into `dir/task`, refusing entries that would land outside it and stopping at
 /// Lambda's unzipped limit, then makes the tree read-only. Blocking: run it off the async
 /// workers.
 pub fn unpack(zip: &Path, dir: &Path) -> Result<u64, Error> {
+    unpack_into(zip, &task(dir))
+}
+
+/// [`unpack`] into `root` itself.
+pub fn unpack_into(zip: &Path, root: &Path) -> Result<u64, Error> {
     let file = std::fs::File::open(zip).map_err(|e| io(format!("opening {}", zip.display()), e))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| Error::Backend(format!("reading {}: {e}", zip.display())))?;
-    let root = task(dir);
+    let root = root.to_path_buf();
     std::fs::create_dir_all(&root).map_err(|e| io(format!("creating {}", root.display()), e))?;
     let mut total = 0u64;
     for i in 0..archive.len() {
@@ -107,6 +119,53 @@ pub fn set_tree_writable(root: &Path, writable: bool) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// How long a freshly unpacked SDK layer is kept by gc even when no function names it yet: a
+/// launch unpacks the layer before the function that will use it.
+pub const LAYER_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the unpacked SDK layers under `emulator/layers` that no function directory (complete
+/// or being built) names in its `sri-function.json`, unless unpacked within `grace`; returns
+/// `sdk-layer-{sha256}` of each. Blocking.
+pub fn remove_unused_layers(emulator: &Path, grace: std::time::Duration) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(emulator).into_iter().flatten().flatten() {
+        let config = task(&entry.path()).join("sri-function.json");
+        let layer = std::fs::read(&config)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<crate::packaging::FunctionConfig>(&t).ok())
+            .and_then(|c| c.layer);
+        if let Some(l) = layer {
+            used.insert(l.sha256);
+        }
+    }
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(emulator.join("layers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < grace);
+        if used.contains(&name) || young {
+            continue;
+        }
+        let path = entry.path();
+        let _ = set_tree_writable(&path, true);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => removed.push(format!("sdk-layer-{name}")),
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove an unused SDK layer")
+            }
+        }
+    }
+    removed
 }
 
 /// Removes a function directory, read-only task root included.

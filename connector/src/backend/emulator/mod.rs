@@ -46,6 +46,14 @@ pub struct EmulatorOptions {
         env = "SRI_EMULATOR_PYTHON"
     )]
     pub python: Option<PathBuf>,
+    /// Seconds gc keeps an unpacked SDK layer no function uses yet (a launch unpacks the
+    /// layer before the function that will use it).
+    #[arg(
+        long = "emulator-layer-grace-secs",
+        env = "SRI_EMULATOR_LAYER_GRACE_SECS",
+        default_value_t = layout::LAYER_GRACE.as_secs()
+    )]
+    pub layer_grace_secs: u64,
 }
 
 /// What the backend needs from the rest of the connector's configuration.
@@ -90,6 +98,8 @@ pub struct EmulatorBackend {
     runner: Arc<Runner>,
     packaging: packaging::Options,
     running: Mutex<HashMap<String, Running>>,
+    /// See [`EmulatorOptions::layer_grace_secs`].
+    layer_grace: Duration,
 }
 
 /// This host's architecture, as Lambda names it.
@@ -165,6 +175,7 @@ impl EmulatorBackend {
             cache_dir: context.lambda.cache_dir.clone(),
             uv: context.uv.clone(),
             bytecode: true,
+            sdk_layer: context.lambda.sdk_layer,
         };
         let runner = Arc::new(Runner {
             cargo_lambda,
@@ -182,6 +193,7 @@ impl EmulatorBackend {
             runner,
             packaging,
             running: Mutex::new(HashMap::new()),
+            layer_grace: Duration::from_secs(options.layer_grace_secs),
         });
         let mut entries = tokio::fs::read_dir(&functions)
             .await
@@ -235,6 +247,38 @@ impl EmulatorBackend {
             &self.context.backwards_env,
         );
         let mut env = settings.env;
+        let mut layer_dir = None;
+        if let Some(l) = &config.layer {
+            // The hash names a directory: nothing but a hash may get there.
+            if !packaging::layer::is_sha256(&l.sha256) {
+                return Err(Error::Backend(format!(
+                    "the function's sri-function.json names the SDK layer `{}`, not a sha256; \
+                     remove the function and launch it again to rebuild it",
+                    l.sha256.chars().take(80).collect::<String>()
+                )));
+            }
+            // The stand-in for the `/opt` mount: the layer unpacked once per hash.
+            let site = layout::layer(&self.context.data_dir.join("emulator"), &l.sha256)
+                .join(packaging::layer::SITE);
+            if !site.is_dir() {
+                return Err(Error::Backend(format!(
+                    "the function needs the SDK layer {} (dify_plugin {}), which is not in {}; \
+                     remove the function and launch it again to rebuild it",
+                    l.sha256,
+                    l.sdk_version,
+                    site.display()
+                )));
+            }
+            env.insert(
+                "SRI_PYTHONPATH".into(),
+                format!(
+                    "{}:{}",
+                    layout::task(&dir).join("vendor").display(),
+                    site.display()
+                ),
+            );
+            layer_dir = site.parent().map(Path::to_path_buf);
+        }
         if settings.timeout_s > EMULATOR_DEADLINE_S {
             // Lambda's limit is 900 s, cargo lambda's own deadline 600 s: the plugin must still
             // give up first, so the caller gets a PluginTimeout rather than a cut stream.
@@ -248,6 +292,7 @@ impl EmulatorBackend {
             dir,
             memory_mb: settings.memory_mb,
             env,
+            layer: layer_dir,
         };
         let (state_tx, state_rx) = watch::channel(State::Starting);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -293,7 +338,7 @@ impl EmulatorBackend {
         let _ = progress.send((
             "package",
             format!(
-                "{} Lambda zip for {} ({}, {} unzipped{})",
+                "{} Lambda zip for {} ({}, {} unzipped{}{})",
                 if artifact.cache_hit {
                     "cached"
                 } else {
@@ -305,9 +350,20 @@ impl EmulatorBackend {
                 match &artifact.bytecode {
                     Some(v) => format!(", bytecode of Python {v}"),
                     None => ", no bytecode".into(),
+                },
+                match &artifact.layer {
+                    Some(l) => format!(
+                        "; SDK layer dify_plugin {}, {}",
+                        l.manifest.sdk_version,
+                        packaging::human(l.zipped_bytes)
+                    ),
+                    None => String::new(),
                 }
             ),
         ));
+        if let Some(l) = &artifact.layer {
+            self.unpack_layer(l).await?;
+        }
         let tmp = self
             .context
             .data_dir
@@ -346,6 +402,45 @@ impl EmulatorBackend {
             ))
         })?;
         Ok(final_dir)
+    }
+
+    /// Unpacks an SDK layer once per hash (read-only, like a task root); later functions of the
+    /// same layer share it.
+    async fn unpack_layer(&self, l: &packaging::layer::Layer) -> Result<(), Error> {
+        let emulator = self.context.data_dir.join("emulator");
+        let dest = layout::layer(&emulator, &l.sha256);
+        if dest.join(packaging::layer::SITE).is_dir() {
+            return Ok(());
+        }
+        let tmp = emulator.join("layers").join(format!(
+            ".{}.tmp-{}-{}",
+            &l.sha256[..16],
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let (zip, t, d) = (l.zip.clone(), tmp.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            if let Err(e) = layout::unpack_into(&zip, &t) {
+                let _ = layout::set_tree_writable(&t, true);
+                let _ = std::fs::remove_dir_all(&t);
+                return Err(e);
+            }
+            // Another launch may have unpacked the same layer meanwhile: either copy is it.
+            if std::fs::rename(&t, &d).is_err() && d.join(packaging::layer::SITE).is_dir() {
+                let _ = layout::set_tree_writable(&t, true);
+                let _ = std::fs::remove_dir_all(&t);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("unpacking the SDK layer stopped: {e}")))??;
+        if !dest.join(packaging::layer::SITE).is_dir() {
+            return Err(Error::Backend(format!(
+                "cannot unpack the SDK layer into {}",
+                dest.display()
+            )));
+        }
+        Ok(())
     }
 
     async fn stop_function(&self, name: &str) {
@@ -494,6 +589,13 @@ impl Backend for EmulatorBackend {
                 self.remove(&m.function.name).await?;
                 removed.push(m.function.name);
             }
+            let grace = self.layer_grace;
+            let layers = tokio::task::spawn_blocking(move || {
+                layout::remove_unused_layers(&functions, grace)
+            })
+            .await
+            .unwrap_or_default();
+            removed.extend(layers);
             Ok(removed)
         }
         .boxed()

@@ -58,6 +58,8 @@ pub struct Spec {
     pub memory_mb: i32,
     /// The environment the Lambda backend would set (secrets included).
     pub env: BTreeMap<String, String>,
+    /// The unpacked SDK layer it uses (mounted read-only with the task root).
+    pub layer: Option<PathBuf>,
 }
 
 /// How long a function's processes get to stop after SIGTERM.
@@ -310,7 +312,7 @@ async fn start_function(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if runner.readonly_mount {
-        let prepared = Prepared::new(&task);
+        let prepared = Prepared::new(&task).with_layer(spec.layer.as_deref());
         // SAFETY: `enter` makes system calls only, with what was prepared before the fork.
         unsafe {
             cmd.pre_exec(move || prepared.enter());

@@ -18,6 +18,7 @@ use nix::sys::statvfs::{FsFlags, statvfs};
 /// What the child needs, prepared before `fork` (nothing is allocated after it).
 pub struct Prepared {
     task: CString,
+    layer: Option<CString>,
     root: bool,
     uid_map: CString,
     gid_map: CString,
@@ -30,13 +31,20 @@ impl Prepared {
         let gid = nix::unistd::getegid();
         Self {
             task: CString::new(task.as_os_str().as_bytes()).unwrap_or_default(),
+            layer: None,
             root: uid.is_root(),
             uid_map: CString::new(format!("{uid} {uid} 1")).expect("no NUL"),
             gid_map: CString::new(format!("{gid} {gid} 1")).expect("no NUL"),
         }
     }
 
-    /// Enters a new mount namespace where the task root is read-only. Runs in the child
+    /// The SDK layer directory (shared by every function of that layer) read-only too.
+    pub fn with_layer(mut self, layer: Option<&Path>) -> Self {
+        self.layer = layer.and_then(|l| CString::new(l.as_os_str().as_bytes()).ok());
+        self
+    }
+
+    /// Enters a new mount namespace where the task root (and the layer) is read-only. Runs in the child
     /// between `fork` and `exec` (only system calls, nothing allocated).
     pub fn enter(&self) -> std::io::Result<()> {
         let err = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
@@ -57,39 +65,48 @@ impl Prepared {
             None::<&std::ffi::CStr>,
         )
         .map_err(err)?;
-        let task = self.task.as_c_str();
-        mount(
-            Some(task),
-            task,
-            None::<&std::ffi::CStr>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&std::ffi::CStr>,
-        )
-        .map_err(err)?;
-        // A remount must keep the flags the mount is locked with (in a user namespace).
-        let have = statvfs(task).map_err(err)?.flags();
-        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        for (fs, ms) in [
-            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-        ] {
-            if have.contains(fs) {
-                flags |= ms;
-            }
+        bind_readonly(self.task.as_c_str())?;
+        if let Some(layer) = &self.layer {
+            bind_readonly(layer.as_c_str())?;
         }
-        mount(
-            None::<&std::ffi::CStr>,
-            task,
-            None::<&std::ffi::CStr>,
-            flags,
-            None::<&std::ffi::CStr>,
-        )
-        .map_err(err)
+        Ok(())
     }
+}
+
+/// Bind-mounts `dir` onto itself read-only (in the current mount namespace).
+fn bind_readonly(dir: &std::ffi::CStr) -> std::io::Result<()> {
+    let err = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
+    mount(
+        Some(dir),
+        dir,
+        None::<&std::ffi::CStr>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&std::ffi::CStr>,
+    )
+    .map_err(err)?;
+    // A remount must keep the flags the mount is locked with (in a user namespace).
+    let have = statvfs(dir).map_err(err)?.flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (fs, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if have.contains(fs) {
+            flags |= ms;
+        }
+    }
+    mount(
+        None::<&std::ffi::CStr>,
+        dir,
+        None::<&std::ffi::CStr>,
+        flags,
+        None::<&std::ffi::CStr>,
+    )
+    .map_err(err)
 }
 
 fn write(path: &std::ffi::CStr, text: &std::ffi::CStr) -> std::io::Result<()> {

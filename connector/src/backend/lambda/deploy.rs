@@ -27,7 +27,7 @@ use crate::packaging::{self, Artifact};
 
 impl LambdaBackend {
     /// The function settings a package should run with.
-    fn desired(&self, artifact: &Artifact) -> Desired {
+    fn desired(&self, artifact: &Artifact, sdk_layer: Option<String>) -> Desired {
         let settings = function_settings(
             &artifact.config,
             self.options.overrides(),
@@ -40,6 +40,8 @@ impl LambdaBackend {
             layers.push(layer.clone());
             env.insert("AWS_LAMBDA_EXEC_WRAPPER".into(), "/opt/bootstrap".into());
         }
+        // The SDK layer lands in /opt/python, beside the bootstrap layer's /opt/bootstrap.
+        layers.extend(sdk_layer);
         Desired {
             runtime: artifact.config.runtime.clone(),
             handler: artifact.config.handler.clone(),
@@ -126,17 +128,31 @@ impl LambdaBackend {
         say(
             "build",
             format!(
-                "{:.1} MiB zipped, {:.1} MiB unzipped{}{}",
+                "{:.1} MiB zipped, {:.1} MiB unzipped{}{}{}",
                 artifact.zipped_bytes as f64 / 1048576.0,
                 artifact.unzipped_bytes as f64 / 1048576.0,
                 match &artifact.bytecode {
                     Some(v) => format!(", bytecode by Python {v}"),
                     None => ", no bytecode".into(),
                 },
+                match &artifact.layer {
+                    Some(l) => format!(
+                        ", SDK layer dify_plugin {} ({})",
+                        l.manifest.sdk_version,
+                        packaging::human(l.zipped_bytes)
+                    ),
+                    None => String::new(),
+                },
                 if artifact.cache_hit { " (cached)" } else { "" }
             ),
         );
-        let desired = self.desired(&artifact);
+        // Until the function uses the layer version, this replica's gc leaves it alone.
+        let _layer_in_use = self.layer_use.read().await;
+        let sdk_layer = match &artifact.layer {
+            Some(l) => Some(self.ensure_layer(l, progress).await?),
+            None => None,
+        };
+        let desired = self.desired(&artifact, sdk_layer);
         let tags: HashMap<String, String> = [
             (TAG_MANAGED_BY, MANAGED_BY.to_owned()),
             (TAG_PLUGIN, format!("{}/{}", m.author, m.name)),

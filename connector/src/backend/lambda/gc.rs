@@ -1,5 +1,6 @@
 //! Removing deployments: one version (moving `live` off it first), a whole function when its last
-//! version goes, and the garbage collection that keeps the newest few per plugin.
+//! version goes, and the garbage collection that keeps the newest few per plugin (and deletes
+//! the SDK layer versions no function uses any more, see `layers`).
 
 use super::errors::{aws_err, is_not_found};
 use super::{Deployed, LIVE_ALIAS, LambdaBackend};
@@ -55,6 +56,7 @@ impl LambdaBackend {
                 removed.push(d.function.name.clone());
             }
         }
+        removed.extend(self.collect_layers().await?);
         Ok(removed)
     }
 

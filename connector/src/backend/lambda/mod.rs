@@ -12,14 +12,15 @@
 //! `live` not confirmed lately, since another replica may have moved it) goes to the exact
 //! version with `InvokeWithResponseStream`, because a Function URL can only point at an alias.
 //!
-//! The jobs live in submodules: `naming`, `deploy`, `discovery`, `routing`, `gc` and
-//! `errors`.
+//! The jobs live in submodules: `naming`, `deploy`, `discovery`, `routing`, `gc`, `layers`
+//! (the shared SDK layer) and `errors`.
 
 mod deploy;
 mod discovery;
 mod errors;
 mod fastpath;
 mod gc;
+mod layers;
 pub mod naming;
 mod routing;
 
@@ -122,6 +123,12 @@ pub struct LambdaOptions {
     /// The shared bootstrap layer (infra/); the functions then run `/opt/bootstrap`.
     #[arg(long = "bootstrap-layer-arn", env = "SRI_BOOTSTRAP_LAYER_ARN")]
     pub bootstrap_layer_arn: Option<String>,
+    /// Put `dify_plugin` and its dependencies in a shared Lambda layer, published once per
+    /// (SDK version, Python, architecture) and reused by content hash; `false` builds
+    /// self-contained zips. The emulator backend unpacks the layer in place of `/opt`.
+    #[arg(long = "lambda-sdk-layer", env = "SRI_LAMBDA_SDK_LAYER", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub sdk_layer: bool,
     /// Publish versions with SnapStart (python3.12+): a cold start restores a sandbox whose
     /// plugin is already imported.
     #[arg(long = "lambda-snapstart", env = "SRI_LAMBDA_SNAPSTART", default_value_t = false,
@@ -214,6 +221,10 @@ pub struct LambdaBackend {
     missed: Mutex<routing::Misses>,
     /// One deploy at a time per Lambda function (two checksums of one plugin share it).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held shared by a deploy from choosing its SDK layer version until its function uses
+    /// it, and exclusively by `gc` deleting layer versions, so this replica's gc never deletes
+    /// a layer version a deploy in progress is about to attach.
+    layer_use: tokio::sync::RwLock<()>,
 }
 
 impl LambdaBackend {
@@ -254,6 +265,7 @@ impl LambdaBackend {
             cache_dir: options.cache_dir.clone(),
             uv: context.uv.clone(),
             bytecode: true,
+            sdk_layer: options.sdk_layer,
         };
         let s3 = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(sdk)
@@ -273,6 +285,7 @@ impl LambdaBackend {
             refreshing: Mutex::new(HashMap::new()),
             missed: Mutex::new(routing::Misses::default()),
             locks: Mutex::new(HashMap::new()),
+            layer_use: tokio::sync::RwLock::new(()),
         });
         this.discover().await?;
         Ok(this)

@@ -92,6 +92,42 @@ pub fn parse_description(d: &str) -> Option<(String, String)> {
     Some((checksum.to_owned(), id.to_owned()))
 }
 
+/// The Lambda layer name of the SDK layer for `sdk_version` on `target`:
+/// `{prefix}-sdk-{version}-py{3xx}-{arch}`, only `[a-z0-9-]` (at most 24 + 5 + 64 + 12
+/// characters, within Lambda's 140). Versions of one name differ only by build; the content
+/// hash in the description tells them apart.
+pub fn sdk_layer_name(
+    prefix: &str,
+    sdk_version: &str,
+    target: &crate::packaging::Target,
+) -> String {
+    let mut version = clean_name(sdk_version);
+    version.truncate(64);
+    format!(
+        "{}-sdk-{version}-py3{}-{}",
+        clean_name(prefix),
+        target.python.minor(),
+        clean_name(target.arch.lambda_name())
+    )
+}
+
+/// A layer version's description: who made it and the hex sha256 of its zip.
+pub fn layer_description(prefix: &str, sdk_version: &str, sha256: &str) -> String {
+    format!("sri prefix={prefix} dify_plugin={sdk_version} sha256={sha256}")
+}
+
+/// The zip hash in a [`layer_description`] made by the connector with `prefix`; `None` for any
+/// other layer (another prefix, not ours).
+pub fn parse_layer_description<'a>(prefix: &str, d: &'a str) -> Option<&'a str> {
+    let rest = d.strip_prefix("sri prefix=")?;
+    let (p, rest) = rest.split_once(' ')?;
+    if p != prefix {
+        return None;
+    }
+    let (_, sha) = rest.rsplit_once(" sha256=")?;
+    crate::packaging::layer::is_sha256(sha).then_some(sha)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +175,34 @@ mod tests {
         for bad in ["", "SRI", "a_b", "a,b", &"p".repeat(MAX_PREFIX + 1)] {
             assert!(check_prefix(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sdk_layer_names_and_descriptions() {
+        use crate::packaging::{Arch, PythonVersion, Target};
+        let t = Target {
+            arch: Arch::X86_64,
+            python: PythonVersion::Py312,
+        };
+        assert_eq!(
+            sdk_layer_name("sri", "0.10.2", &t),
+            "sri-sdk-0-10-2-py312-x86-64"
+        );
+        let long = sdk_layer_name(&"p".repeat(MAX_PREFIX), &"9".repeat(300), &t);
+        assert!(long.len() <= 140, "{long}");
+        let sha = "ab".repeat(32);
+        let d = layer_description("sri", "0.10.2", &sha);
+        assert!(d.len() <= 256, "Lambda's description limit");
+        assert_eq!(parse_layer_description("sri", &d), Some(sha.as_str()));
+        assert_eq!(
+            parse_layer_description("sri-sdk", &d),
+            None,
+            "another prefix's"
+        );
+        assert_eq!(
+            parse_layer_description("sri", "a layer of someone else"),
+            None
+        );
     }
 
     #[test]
