@@ -13,20 +13,6 @@ use std::time::{Duration, Instant};
 
 const START: Duration = Duration::from_secs(90);
 
-/// The plugin processes the bootstrap `pid` runs (its direct children).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("bootstrap alive") {
-        let path = task.unwrap().path().join("children");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            out.extend(s.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 /// Waits (bounded) until a log line contains `needle`.
 async fn wait_log(logs: &Arc<Mutex<Vec<String>>>, needle: &str, within: Duration) {
     let until = Instant::now() + within;
@@ -91,7 +77,7 @@ async fn eight_workers_share_one_plugin_and_a_stuck_invocation_holds_none_back()
         Options::new("sample").env("AWS_LAMBDA_MAX_CONCURRENCY", "8"),
     );
     api.wait_polling(8, START).await;
-    let plugin = children(rt.child.id());
+    let plugin = harness::child_pids(rt.child.id());
     assert_eq!(plugin.len(), 1, "one plugin process: {plugin:?}");
 
     // One invocation that never completes (its second chunk is days away)…
@@ -123,7 +109,7 @@ async fn eight_workers_share_one_plugin_and_a_stuck_invocation_holds_none_back()
         "the seven ran one after another ({elapsed:?})"
     );
     assert_eq!(
-        children(rt.child.id()),
+        harness::child_pids(rt.child.id()),
         plugin,
         "still the one plugin process"
     );
@@ -145,7 +131,7 @@ async fn snapstart_initialises_once_then_serves_after_the_restore_on_new_connect
         0,
         "no invocation is polled for before the snapshot"
     );
-    let plugin = children(rt.child.id());
+    let plugin = harness::child_pids(rt.child.id());
     assert_eq!(plugin.len(), 1, "one plugin process: {plugin:?}");
 
     // The restored copy: the answer to /restore/next, then every old connection gone.
@@ -191,7 +177,7 @@ async fn a_failed_restore_is_reported_on_restore_error_with_the_python_error() {
     let main = dir.join("main.py");
     let code = std::fs::read_to_string(&main).unwrap();
     std::fs::write(&main, format!("import sri_restore_canary_missing\n{code}")).unwrap();
-    let plugin = children(child.id());
+    let plugin = harness::child_pids(child.id());
     assert_eq!(plugin.len(), 1, "{plugin:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(plugin[0] as i32),

@@ -57,13 +57,8 @@ const COMMAND: &str = "make bench (= cargo install --locked lambda_web_adapter -
 
 fn main() {
     install_cleanup("bench");
-    let release = target_dir().join("release/bootstrap");
+    let release = harness::benchmarks::release_bootstrap();
     let dist = target_dir().join("dist/bootstrap");
-    assert!(
-        release.exists(),
-        "{} is missing: `make bench` builds it (cargo build --release -p sri-bootstrap)",
-        release.display()
-    );
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { std::env::set_var("SRI_BOOTSTRAP_BIN", &release) };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -21,8 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use harness::benchmarks::{
-    cmd_out, dify_plugin_version, install_cleanup, knob, loadavg, ms, pct, run_lines, target_dir,
-    track,
+    cmd_out, dify_plugin_version, install_cleanup, knob, loadavg, ms, pct, run_lines, track,
 };
 use harness::emulator::spawn_runtime;
 use harness::lwa::{LwaProcesses, lwa_version};
@@ -53,12 +52,8 @@ const USER_HZ: f64 = 100.0;
 
 fn main() {
     install_cleanup("bench_concurrency");
-    let release = target_dir().join("release/bootstrap");
-    assert!(
-        release.exists(),
-        "{} is missing: `make bench` builds it (cargo build --release -p sri-bootstrap)",
-        release.display()
-    );
+    let release = harness::benchmarks::release_bootstrap();
+
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { std::env::set_var("SRI_BOOTSTRAP_BIN", &release) };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -197,7 +192,7 @@ impl Function {
         }
         let pids = match &proc {
             Proc::Sri { child, .. } => {
-                let plugin = children(child.id());
+                let plugin = harness::child_pids(child.id());
                 assert_eq!(plugin.len(), 1, "(x) one plugin process: {plugin:?}");
                 track(plugin[0]);
                 vec![child.id(), plugin[0]]
@@ -338,20 +333,6 @@ impl Drop for Proc {
         }
         // LwaProcesses stops its own.
     }
-}
-
-/// The direct children of `pid` (the bootstrap's plugin process).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("bootstrap alive") {
-        let path = task.unwrap().path().join("children");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            out.extend(s.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// User + system CPU time of `pid` (all its threads), in USER_HZ ticks.

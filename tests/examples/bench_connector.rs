@@ -39,7 +39,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use harness::benchmarks::{
     cmd_out, dify_plugin_version, http_client, install_cleanup, knob, loadavg, median, mib, ms,
-    pct, run_lines, target_dir, track,
+    pct, run_lines, track,
 };
 use harness::*;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -738,12 +738,8 @@ fn main() {
         None => {}
     }
     install_cleanup("bench_connector");
-    let release = target_dir().join("release/bootstrap");
-    assert!(
-        release.exists(),
-        "{} is missing: `make bench` builds it (cargo build --release -p sri-bootstrap)",
-        release.display()
-    );
+    let release = harness::benchmarks::release_bootstrap();
+
     let asked = knob("SRI_BENCH_STREAMS", STREAMS);
     // Each stream is one socket here and one in the gateway (its streams to the function share
     // a few h2c connections); the children

@@ -205,6 +205,17 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
+/// `target/release/bootstrap`, which `make bench` builds before running the benches.
+pub fn release_bootstrap() -> PathBuf {
+    let release = target_dir().join("release/bootstrap");
+    assert!(
+        release.exists(),
+        "{} is missing: `make bench` builds it (cargo build --release -p sri-bootstrap)",
+        release.display()
+    );
+    release
+}
+
 /// Shared by the benches.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

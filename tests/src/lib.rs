@@ -640,3 +640,17 @@ pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::
     }
     found
 }
+
+/// The direct children of `pid` (a bootstrap's plugin processes), from `/proc`.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("process alive") {
+        let path = task.unwrap().path().join("children");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            out.extend(s.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
