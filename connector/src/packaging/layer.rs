@@ -67,6 +67,26 @@ pub struct Manifest {
     pub distributions: BTreeMap<String, Dist>,
 }
 
+impl Manifest {
+    /// What the layer whose packages are installed in `site` holds.
+    fn of(sdk_version: &str, target: Target, site: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            sdk_version: sdk_version.to_owned(),
+            target,
+            distributions: installed(site)?
+                .into_iter()
+                .map(|d| {
+                    let dist = Dist {
+                        version: d.version,
+                        record: d.record,
+                    };
+                    (d.name, dist)
+                })
+                .collect(),
+        })
+    }
+}
+
 /// A built layer zip.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Layer {
@@ -441,22 +461,7 @@ async fn build_in(
     {
         tracing::warn!(python = %py.version, output = %failures, "some layer files did not compile");
     }
-    let manifest = Manifest {
-        sdk_version: sdk_version.to_owned(),
-        target: opts.target,
-        distributions: installed(&site)?
-            .into_iter()
-            .map(|d| {
-                (
-                    d.name,
-                    Dist {
-                        version: d.version,
-                        record: d.record,
-                    },
-                )
-            })
-            .collect(),
-    };
+    let manifest = Manifest::of(sdk_version, opts.target, &site)?;
     let manifest_path = root.join(MANIFEST);
     std::fs::write(
         &manifest_path,
@@ -541,26 +546,15 @@ mod tests {
     }
 
     fn manifest_of(site: &Path) -> Manifest {
-        Manifest {
-            sdk_version: "0.10.2".into(),
-            target: Target {
+        Manifest::of(
+            "0.10.2",
+            Target {
                 arch: Arch::X86_64,
                 python: PythonVersion::Py312,
             },
-            distributions: installed(site)
-                .unwrap()
-                .into_iter()
-                .map(|d| {
-                    (
-                        d.name,
-                        Dist {
-                            version: d.version,
-                            record: d.record,
-                        },
-                    )
-                })
-                .collect(),
-        }
+            site,
+        )
+        .unwrap()
     }
 
     #[test]

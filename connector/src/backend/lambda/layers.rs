@@ -6,7 +6,9 @@
 //! instead of publishing the same content again.
 
 use aws_sdk_lambda::primitives::Blob;
-use aws_sdk_lambda::types::{Architecture, FunctionVersion, LayerVersionContentInput, Runtime};
+use aws_sdk_lambda::types::{
+    Architecture, FunctionVersion, LayerVersionContentInput, LayerVersionsListItem, Runtime,
+};
 use std::collections::HashSet;
 
 use super::LambdaBackend;
@@ -30,34 +32,15 @@ impl LambdaBackend {
         // which end in a hash).
         let lock = self.lock_for(&name);
         let _guard = lock.lock().await;
-        let mut marker = None;
-        loop {
-            let page = match self
-                .lambda
-                .list_layer_versions()
-                .layer_name(&name)
-                .set_marker(marker)
-                .send()
-                .await
-            {
-                Ok(p) => p,
-                Err(e) if e.as_service_error().is_some_and(is_not_found) => break,
-                Err(e) => return Err(aws_err(format!("ListLayerVersions {name}"), &e)),
-            };
-            let found = page.layer_versions().iter().find(|v| {
-                v.description()
-                    .and_then(|d| parse_layer_description(&self.options.prefix, d))
-                    == Some(layer.sha256.as_str())
-            });
-            if let Some(arn) = found.and_then(|v| v.layer_version_arn()) {
-                tracing::info!(layer = %arn, "reusing the SDK layer");
-                let _ = progress.send(("deploy", format!("reusing SDK layer {arn}")));
-                return Ok(arn.to_owned());
-            }
-            marker = page.next_marker().map(str::to_owned);
-            if marker.is_none() {
-                break;
-            }
+        let found = self.layer_versions(&name).await?.into_iter().find(|v| {
+            v.description()
+                .and_then(|d| parse_layer_description(&self.options.prefix, d))
+                == Some(layer.sha256.as_str())
+        });
+        if let Some(arn) = found.as_ref().and_then(|v| v.layer_version_arn()) {
+            tracing::info!(layer = %arn, "reusing the SDK layer");
+            let _ = progress.send(("deploy", format!("reusing SDK layer {arn}")));
+            return Ok(arn.to_owned());
         }
         let content = if layer.needs_s3() {
             let Some(bucket) = &self.options.artifact_bucket else {
@@ -172,24 +155,7 @@ impl LambdaBackend {
         for name in names {
             let lock = self.lock_for(&name);
             let _guard = lock.lock().await;
-            let mut versions = Vec::new();
-            let mut marker = None;
-            loop {
-                let page = self
-                    .lambda
-                    .list_layer_versions()
-                    .layer_name(&name)
-                    .set_marker(marker)
-                    .send()
-                    .await
-                    .map_err(|e| aws_err(format!("ListLayerVersions {name}"), &e))?;
-                versions.extend(page.layer_versions().iter().cloned());
-                marker = page.next_marker().map(str::to_owned);
-                if marker.is_none() {
-                    break;
-                }
-            }
-            for v in versions {
+            for v in self.layer_versions(&name).await? {
                 let (Some(arn), Some(d)) = (v.layer_version_arn(), v.description()) else {
                     continue;
                 };
@@ -214,5 +180,31 @@ impl LambdaBackend {
             }
         }
         Ok(removed)
+    }
+
+    /// Every version of the layer `name`, all pages; none when the layer does not exist.
+    async fn layer_versions(&self, name: &str) -> Result<Vec<LayerVersionsListItem>, Error> {
+        let mut versions = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = match self
+                .lambda
+                .list_layer_versions()
+                .layer_name(name)
+                .set_marker(marker)
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if e.as_service_error().is_some_and(is_not_found) => break,
+                Err(e) => return Err(aws_err(format!("ListLayerVersions {name}"), &e)),
+            };
+            versions.extend(page.layer_versions().iter().cloned());
+            marker = page.next_marker().map(str::to_owned);
+            if marker.is_none() {
+                break;
+            }
+        }
+        Ok(versions)
     }
 }
