@@ -161,7 +161,8 @@ pub fn installed(site: &Path) -> Result<Vec<Installed>, Error> {
         if !is_dir || !entry.file_name().to_string_lossy().ends_with(".dist-info") {
             continue;
         }
-        let Ok(metadata) = std::fs::read_to_string(path.join("METADATA")) else {
+        // A dependency's wheel writes these files: read no more of them than a real one needs.
+        let Some(metadata) = read_capped(&path.join("METADATA"), MAX_METADATA_HEAD) else {
             continue;
         };
         let (mut name, mut version) = (None, None);
@@ -176,16 +177,37 @@ pub fn installed(site: &Path) -> Result<Vec<Installed>, Error> {
         let (Some(name), Some(version)) = (name, version) else {
             continue;
         };
-        let record = std::fs::read_to_string(path.join("RECORD")).unwrap_or_default();
+        // An oversized RECORD matches no layer's: its distribution is never trimmed.
+        let record = match read_capped(&path.join("RECORD"), MAX_RECORD) {
+            Some(r) if r.len() < MAX_RECORD => record_digest(&r),
+            _ => "oversized".to_owned(),
+        };
         out.push(Installed {
             name,
             version,
-            record: record_digest(&record),
+            record,
             dist_info: path,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// How much of a `METADATA` is read: its headers come first, and real ones fit many times over.
+const MAX_METADATA_HEAD: usize = 256 * 1024;
+/// Largest `RECORD` read (real ones, thousands of files, are well under 1 MiB).
+const MAX_RECORD: usize = 16 * 1024 * 1024;
+
+/// At most `cap` bytes of the file at `path` (lossy UTF-8), or `None` when it cannot be read.
+fn read_capped(path: &Path, cap: usize) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(cap as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Longest SDK version accepted (it names the layer and goes into its description).
@@ -264,18 +286,33 @@ fn record_digest(record: &str) -> String {
 /// directories that became empty. Returns `name==version` of what was removed. A `RECORD` path
 /// leaving `vendor` (absolute, `..`) or through a link is never followed.
 pub fn trim(vendor: &Path, layer: &Manifest) -> Result<Vec<String>, Error> {
+    let (same, kept): (Vec<Installed>, Vec<Installed>) =
+        installed(vendor)?.into_iter().partition(|d| {
+            layer
+                .distributions
+                .get(&d.name)
+                .is_some_and(|l| l.version == d.version && l.record == d.record)
+        });
+    // Files a distribution that stays also lists (a shared `__init__.py`, two builds of one
+    // package): taking them away would break it, so their owner is not trimmed either.
+    let shared: std::collections::HashSet<String> = kept
+        .iter()
+        .flat_map(|d| record_rows(&read_record(&d.dist_info)))
+        .map(|(path, _)| path)
+        .collect();
     let mut removed = Vec::new();
-    for d in installed(vendor)? {
-        let same = layer
-            .distributions
-            .get(&d.name)
-            .is_some_and(|l| l.version == d.version && l.record == d.record);
-        if !same {
+    for d in same {
+        let record = read_record(&d.dist_info);
+        let rows = record_rows(&record);
+        // Trimmed whole or not at all: a half-removed package would shadow the layer's copy.
+        let intact = rows
+            .iter()
+            .all(|(path, hash)| !shared.contains(path) && as_installed(vendor, path, hash));
+        if !intact {
             continue;
         }
-        let record = std::fs::read_to_string(d.dist_info.join("RECORD")).unwrap_or_default();
         let mut parents = Vec::new();
-        for (path, _) in record_rows(&record) {
+        for (path, _) in rows {
             let rel = Path::new(&path);
             if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
                 continue;
@@ -304,6 +341,46 @@ pub fn trim(vendor: &Path, layer: &Manifest) -> Result<Vec<String>, Error> {
         removed.push(format!("{}=={}", d.name, d.version));
     }
     Ok(removed)
+}
+
+/// A distribution's `RECORD`, within [`MAX_RECORD`].
+fn read_record(dist_info: &Path) -> String {
+    read_capped(&dist_info.join("RECORD"), MAX_RECORD).unwrap_or_default()
+}
+
+/// Whether the file `rel` under `root` is as its `RECORD` line says (`sha256=` urlsafe base64,
+/// unpadded). A line without a hash (the `RECORD` itself, bytecode) says nothing to check; a
+/// path that leaves `root` or passes through a link is not checked here (never removed).
+fn as_installed(root: &Path, rel: &str, hash: &str) -> bool {
+    use base64::Engine;
+    if hash.is_empty() {
+        return true;
+    }
+    let rel_path = Path::new(rel);
+    if !rel_path
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+        || through_link(root, rel_path)
+    {
+        return true;
+    }
+    let Some(want) = hash.strip_prefix("sha256=") else {
+        return false;
+    };
+    let full = root.join(rel_path);
+    match std::fs::symlink_metadata(&full) {
+        Ok(m) if m.is_file() => {}
+        // Gone already, or a link: nothing of the file's content to protect.
+        Ok(_) | Err(_) => return true,
+    }
+    let Ok(mut file) = std::fs::File::open(&full) else {
+        return false;
+    };
+    let mut hasher = Sha256::new();
+    if std::io::copy(&mut file, &mut hasher).is_err() {
+        return false;
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hasher.finalize()) == want
 }
 
 /// Whether any directory between `root` and `root/rel` is a link.
@@ -537,7 +614,10 @@ mod tests {
             };
             record.push_str(&format!(
                 "{quoted},sha256={},{}\n",
-                hex::encode(Sha256::digest(content.as_bytes())),
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    Sha256::digest(content.as_bytes())
+                ),
                 content.len()
             ));
         }
@@ -702,6 +782,75 @@ mod tests {
         );
         assert_eq!(sdk_version(&layer).unwrap().as_deref(), Some("0.10.2"));
         assert_eq!(sdk_version(&vendor).unwrap(), None);
+    }
+
+    /// Found in review: a distribution was trimmed by its RECORD alone, taking away files that
+    /// a distribution staying in `vendor/` also installed or had overwritten.
+    #[test]
+    fn only_whole_unshared_unchanged_distributions_are_trimmed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (layer, vendor) = (tmp.path().join("layer"), tmp.path().join("vendor"));
+        for site in [&layer, &vendor] {
+            install(site, "shared", "shared", "1.0", &[("ns/__init__.py", "")]);
+            install(
+                site,
+                "changed",
+                "changed",
+                "1.0",
+                &[("changed.py", "as built")],
+            );
+            install(site, "plain", "plain", "1.0", &[("plain.py", "p")]);
+        }
+        // Staying in vendor/ (not in the layer): lists the same `ns/__init__.py`.
+        install(
+            &vendor,
+            "other",
+            "other",
+            "2.0",
+            &[("ns/__init__.py", ""), ("ns/o.py", "o")],
+        );
+        // Overwritten after `changed` was installed (a later distribution wrote it).
+        std::fs::write(vendor.join("changed.py"), "overwritten").unwrap();
+        let removed = trim(&vendor, &manifest_of(&layer)).unwrap();
+        assert_eq!(removed, ["plain==1.0"]);
+        assert!(vendor.join("ns/__init__.py").exists(), "shared file kept");
+        assert!(
+            vendor.join("shared-1.0.dist-info").exists(),
+            "its owner kept whole"
+        );
+        assert_eq!(
+            std::fs::read_to_string(vendor.join("changed.py")).unwrap(),
+            "overwritten"
+        );
+        assert!(vendor.join("changed-1.0.dist-info").exists());
+        assert!(!vendor.join("plain.py").exists());
+    }
+
+    /// Found in review: METADATA and RECORD come from a dependency's wheel and were read whole.
+    #[test]
+    fn oversized_metadata_and_records_are_read_only_so_far() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (layer, vendor) = (tmp.path().join("layer"), tmp.path().join("vendor"));
+        for site in [&layer, &vendor] {
+            install(site, "big", "big", "1.0", &[("big.py", "b")]);
+        }
+        let info = vendor.join("big-1.0.dist-info");
+        let mut metadata = std::fs::read_to_string(info.join("METADATA")).unwrap();
+        metadata.push_str(&"description\n".repeat(MAX_METADATA_HEAD));
+        std::fs::write(info.join("METADATA"), metadata).unwrap();
+        let listed = installed(&vendor).unwrap();
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].version.as_str()),
+            ("big", "1.0")
+        );
+        let mut record = std::fs::read_to_string(info.join("RECORD")).unwrap();
+        record.push_str(&"x.py,,\n".repeat(MAX_RECORD / 6));
+        std::fs::write(info.join("RECORD"), record).unwrap();
+        assert!(trim(&vendor, &manifest_of(&layer)).unwrap().is_empty());
+        assert!(
+            vendor.join("big.py").exists(),
+            "an oversized RECORD is never trimmed by"
+        );
     }
 
     #[test]

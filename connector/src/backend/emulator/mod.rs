@@ -410,6 +410,10 @@ impl EmulatorBackend {
         let emulator = self.context.data_dir.join("emulator");
         let dest = layout::layer(&emulator, &l.sha256);
         if dest.join(packaging::layer::SITE).is_dir() {
+            // Reused: new again for gc's grace period (SRI_EMULATOR_LAYER_GRACE_SECS), which
+            // must not take it before this launch's function names it.
+            let _ = std::fs::File::open(&dest)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(());
         }
         let tmp = emulator.join("layers").join(format!(
@@ -562,7 +566,9 @@ impl Backend for EmulatorBackend {
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         async move {
             let dir = self.dir(crate::names::check(name)?);
-            if !dir.exists() {
+            // A function's directory holds its meta.json; `layers/` (the unpacked SDK layers,
+            // a valid name too) and anything else there is not a function.
+            if !dir.join("meta.json").is_file() {
                 return Err(Error::Backend(format!("no function named `{name}`")));
             }
             self.stop_function(name).await;
