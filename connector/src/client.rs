@@ -492,7 +492,8 @@ impl Client {
     /// function cannot make the caller hold an arbitrarily long line.
     fn events(&self, bytes: ByteStream) -> EventStream {
         let idle = self.options.idle_timeout;
-        let decoder = sse::Decoder::new(self.options.max_event_bytes);
+        // SRI data is one JSON line: an event of several `data:` lines breaks the stream.
+        let decoder = sse::Decoder::new(self.options.max_event_bytes).one_data_line();
         let stream =
             futures_util::stream::unfold(Some((bytes, decoder)), move |state| async move {
                 let (mut bytes, mut decoder) = state?;
@@ -502,18 +503,6 @@ impl Client {
                         Ok(Some(sse::Item::Comment)) => {
                             deadline = tokio::time::Instant::now() + idle;
                             continue;
-                        }
-                        // SRI data is one JSON line; joined `data:` lines would reach the
-                        // daemon as lines of their own.
-                        Ok(Some(sse::Item::Event(ev))) if ev.data.contains(&b'\n') => {
-                            return Some((
-                                Err(InvokeError::Broken(format!(
-                                    "a `{}` event's data spans several `data:` lines; SRI data \
-                                     is one JSON line",
-                                    ev.kind
-                                ))),
-                                None,
-                            ));
                         }
                         Ok(Some(sse::Item::Event(ev))) => {
                             // Nothing after `end` is read: the stream is complete.

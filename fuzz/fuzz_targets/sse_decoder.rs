@@ -1,6 +1,7 @@
 //! The SSE decoder (`connector::protocol::sse`), which reads whatever a function sends.
 //!
-//! Properties: the items decoded do not depend on how the bytes were cut into pieces; what the
+//! Properties: the items decoded do not depend on how the bytes were cut into pieces; with
+//! `one_data_line`, nothing changes but that joined data refuses the stream; what the
 //! encoder wrote decodes to the same events whatever the cuts; the decoder holds memory bounded
 //! by its cap and the piece size, not by the stream's length.
 #![no_main]
@@ -22,7 +23,10 @@ const KINDS: [EventKind; 6] = [
 
 /// Every item up to the first error (the decoder is done after one), and that error.
 fn decode(chunks: &[&[u8]], max_line: usize) -> (Vec<Item>, Option<String>) {
-    let mut d = Decoder::new(max_line);
+    decode_with(Decoder::new(max_line), chunks)
+}
+
+fn decode_with(mut d: Decoder, chunks: &[&[u8]]) -> (Vec<Item>, Option<String>) {
     let mut items = Vec::new();
     for c in chunks {
         d.push(c);
@@ -47,6 +51,24 @@ fuzz_target!(|data: &[u8]| {
     let whole = decode(&[raw], max_line);
     let split = decode(&cut, max_line);
     assert_eq!(whole, split, "the pieces changed what was decoded");
+
+    // One data line (the gateway's client): the same items up to the first event whose data
+    // was joined, where the stream is refused; a stream it does not refuse decodes the same.
+    let (items, err) = decode_with(Decoder::new(max_line).one_data_line(), &cut);
+    let joined = whole
+        .0
+        .iter()
+        .position(|i| matches!(i, Item::Event(e) if e.data.contains(&b'\n')));
+    assert_eq!(
+        items[..],
+        whole.0[..joined.unwrap_or(whole.0.len()).min(items.len())]
+    );
+    match (joined, &err) {
+        (Some(_), Some(e)) => assert!(e.contains("several `data:` lines"), "{e}"),
+        (Some(k), None) => panic!("event {k}'s data was joined, and not refused"),
+        (None, None) => assert_eq!((&items, &err), (&whole.0, &whole.1)),
+        (None, Some(_)) => {}
+    }
 
     // Memory: O(cap + piece), never O(stream): the buffered line and the fields of one event
     // (each may pin a buffer of up to twice the cap plus a piece), whatever the stream's length.
