@@ -49,8 +49,10 @@ pub enum Item {
     Comment,
 }
 
-/// Lines from this length on start in a buffer of their own, sized for them (shorter ones are
-/// copied on by the gateway and dropped at once, so their buffer is reused in place).
+/// Lines from this length (or a quarter of the cap, if less) on start in a buffer of their
+/// own, sized for them (shorter ones are copied on by the gateway and dropped at once, so their
+/// buffer is reused in place). The quarter of the cap is what lets a fuzzer, with its small
+/// inputs and caps, reach this path.
 const LONG_LINE: usize = 64 * 1024;
 
 /// Buffers kept for reuse besides the one in use: while one long event is decoded, the one
@@ -129,6 +131,10 @@ impl Decoder {
             self.make_room(bytes.len());
         }
         self.buf.extend_from_slice(bytes);
+    }
+
+    fn long_line(&self) -> usize {
+        LONG_LINE.min(self.max_line / 4)
     }
 
     /// Makes room for `incoming` more bytes after the partial line `buf` holds: in place if
@@ -223,7 +229,7 @@ impl Decoder {
             self.longest = self.longest.max(line.len());
             self.scanned = 0;
             let room = line.len() + line.len() / 2;
-            if line.len() >= LONG_LINE
+            if line.len() >= self.long_line()
                 && self.buf.len() <= line.len() / 2
                 && self.buf.capacity() < room
             {
@@ -290,7 +296,7 @@ impl Decoder {
     fn dispatch(&mut self) -> Result<Option<Item>, Error> {
         self.pending = 0;
         self.expect = std::mem::take(&mut self.longest);
-        if self.expect < LONG_LINE {
+        if self.expect < self.long_line() {
             // Short lines are copied on and dropped at once: their buffer is reclaimed in place.
             self.spares.clear();
         }
