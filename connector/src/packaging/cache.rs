@@ -4,7 +4,9 @@
 //!
 //! The key covers every input that changes the zip. Both files are written to a temporary name
 //! and renamed into place, the metadata last: an interrupted build leaves no entry, never a
-//! truncated one.
+//! truncated one. Builds of one key take turns ([`lock`]): two at once (two installs of a
+//! plugin, or two plugins wanting the same SDK layer) could otherwise leave one's zip under the
+//! other's metadata.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -89,6 +91,31 @@ struct Meta {
     layer: Option<String>,
 }
 
+/// Held while a cache entry is looked up and, if missing, built and stored; released on drop.
+#[derive(Debug)]
+pub struct KeyLock {
+    _file: std::fs::File,
+}
+
+/// Waits for the turn to build `key` in `cache_dir` (an advisory lock on `<key>.lock`, so other
+/// connector processes sharing the cache take turns too). Whoever comes second then finds the
+/// first one's entry instead of building it again.
+pub async fn lock(cache_dir: &Path, key: &str) -> Result<KeyLock, Error> {
+    let path = cache_dir.join(format!("{key}.lock"));
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        file.lock().map_err(|e| io_err(&path, e))?;
+        Ok(KeyLock { _file: file })
+    })
+    .await
+    .map_err(|e| Error::Packaging(format!("waiting for the packaging cache lock: {e}")))?
+}
+
 /// The paths of a cache entry.
 pub fn paths(cache_dir: &Path, key: &str) -> (PathBuf, PathBuf) {
     (
@@ -171,5 +198,34 @@ pub fn sweep_tmp(cache_dir: &Path) {
             tracing::info!(dir = %e.path().display(), "removing an interrupted build's work directory");
             let _ = std::fs::remove_dir_all(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn builds_of_one_key_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock(dir.path(), "k").await.unwrap();
+        let other = lock(dir.path(), "other").await.unwrap();
+        let second = tokio::spawn({
+            let dir = dir.path().to_owned();
+            async move { lock(&dir, "k").await.unwrap() }
+        });
+        // A lock on the same key is not granted while the first is held...
+        let path = dir.path().join("k.lock");
+        let probe = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(probe.try_lock().is_err(), "the first holder has it");
+        drop(first);
+        // ...and is once it is released.
+        let held = tokio::time::timeout(std::time::Duration::from_secs(10), second)
+            .await
+            .expect("the second build got its turn within 10 s")
+            .unwrap();
+        assert!(probe.try_lock().is_err(), "now the second holder has it");
+        drop((held, other));
+        assert!(probe.try_lock().is_ok());
     }
 }

@@ -485,6 +485,9 @@ pub async fn build(
         let _ = progress.send(("layer", msg));
     };
     let key = key(opts, sdk_version, interpreter.map(|i| i.version.as_str()))?;
+    let dir = cache_dir(opts);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let _turn = super::cache::lock(&dir, &key).await?;
     if let Some(hit) = load(&opts.cache_dir, &key) {
         say(format!(
             "cached SDK layer dify_plugin {sdk_version} ({})",
@@ -492,8 +495,6 @@ pub async fn build(
         ));
         return Ok(hit);
     }
-    let dir = cache_dir(opts);
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     let work = opts.cache_dir.join("tmp").join(format!(
         "layer-{}-{}-{}",
         &key[..16],

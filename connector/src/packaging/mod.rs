@@ -251,6 +251,7 @@ pub async fn build(pkg: &Package, opts: &Options, progress: &Progress) -> Result
         &bootstrap_sha,
         interpreter.as_ref().map(|i| i.version.as_str()),
     )?;
+    let _turn = cache::lock(&opts.cache_dir, &key).await?;
     if let Some(hit) = cache::load(&opts.cache_dir, &key) {
         tracing::info!(key = %key, zip = %hit.zip.display(), target = %target, "packaging cache hit");
         say(

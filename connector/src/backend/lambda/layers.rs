@@ -3,12 +3,14 @@
 //!
 //! A layer version is found again by its description ([`layer_description`]: our prefix and the
 //! hex sha256 of its zip), so a restarted connector, or another replica, reuses what exists
-//! instead of publishing the same content again.
+//! instead of publishing the same content again; it is reused only once Lambda's own hash of
+//! its content agrees.
 
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{
     Architecture, FunctionVersion, LayerVersionContentInput, LayerVersionsListItem, Runtime,
 };
+use base64::Engine as _;
 use std::collections::HashSet;
 
 use super::LambdaBackend;
@@ -32,15 +34,20 @@ impl LambdaBackend {
         // which end in a hash).
         let lock = self.lock_for(&name);
         let _guard = lock.lock().await;
-        let found = self.layer_versions(&name).await?.into_iter().find(|v| {
+        let described = self.layer_versions(&name).await?.into_iter().filter(|v| {
             v.description()
                 .and_then(|d| parse_layer_description(&self.options.prefix, d))
                 == Some(layer.sha256.as_str())
         });
-        if let Some(arn) = found.as_ref().and_then(|v| v.layer_version_arn()) {
-            tracing::info!(layer = %arn, "reusing the SDK layer");
-            let _ = progress.send(("deploy", format!("reusing SDK layer {arn}")));
-            return Ok(arn.to_owned());
+        for arn in described.filter_map(|v| v.layer_version_arn().map(str::to_owned)) {
+            // The description is only a claim: reuse the version only if Lambda holds the very
+            // zip (a version published by hand, or half-written, may say anything).
+            if self.layer_content_is(&arn, &layer.sha256).await? {
+                tracing::info!(layer = %arn, "reusing the SDK layer");
+                let _ = progress.send(("deploy", format!("reusing SDK layer {arn}")));
+                return Ok(arn);
+            }
+            tracing::warn!(layer = %arn, sha256 = %layer.sha256, "an SDK layer version's description names our zip but its content differs; publishing a new version");
         }
         let content = if layer.needs_s3() {
             let Some(bucket) = &self.options.artifact_bucket else {
@@ -183,6 +190,22 @@ impl LambdaBackend {
     }
 
     /// Every version of the layer `name`, all pages; none when the layer does not exist.
+    /// Whether the layer version `arn` holds the zip whose hex sha256 is `sha256` (Lambda's
+    /// `CodeSha256` is the same digest in base64).
+    async fn layer_content_is(&self, arn: &str, sha256: &str) -> Result<bool, Error> {
+        let out = self
+            .lambda
+            .get_layer_version_by_arn()
+            .arn(arn)
+            .send()
+            .await
+            .map_err(|e| aws_err(format!("GetLayerVersionByArn {arn}"), &e))?;
+        let want = hex::decode(sha256)
+            .map(|d| base64::engine::general_purpose::STANDARD.encode(d))
+            .unwrap_or_default();
+        Ok(out.content().and_then(|c| c.code_sha256()) == Some(want.as_str()))
+    }
+
     async fn layer_versions(&self, name: &str) -> Result<Vec<LayerVersionsListItem>, Error> {
         let mut versions = Vec::new();
         let mut marker = None;
