@@ -1036,4 +1036,36 @@ async fn the_sdk_layer_is_published_once_reused_by_two_plugins_and_collected_by_
         sdk_layer_versions(&lambda, &prefix).await.is_empty(),
         "no layer version left"
     );
+
+    // A version that claims the layer's hash in its description but holds other content (one
+    // published by hand, say) is not reused: the deploy publishes the real one beside it.
+    // arn:aws:lambda:{region}:{account}:layer:{name}:{version}
+    let layer_name = arn.split(':').nth(6).unwrap();
+    let forged = lambda
+        .publish_layer_version()
+        .layer_name(layer_name)
+        .description(description)
+        .content(
+            aws_sdk_lambda::types::LayerVersionContentInput::builder()
+                .zip_file(aws_sdk_lambda::primitives::Blob::new(
+                    harness::difypkg::zip_files(&[("python/x.py".into(), b"x = 1\n".to_vec())]),
+                ))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("PublishLayerVersion by hand");
+    let forged = forged.layer_version_arn().unwrap().to_owned();
+    let fa = deploy(&r, &a).await;
+    let versions = sdk_layer_versions(&lambda, &prefix).await;
+    assert_eq!(versions.len(), 2, "forged {forged}: {versions:?}");
+    let config = lambda
+        .get_function_configuration()
+        .function_name(lambda_function_name(&prefix, "acme", "layer_a"))
+        .send()
+        .await
+        .expect("GetFunctionConfiguration");
+    let layers: Vec<&str> = config.layers().iter().filter_map(|l| l.arn()).collect();
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    assert_ne!(layers[0], forged, "{} got the forged layer", fa.name);
 }

@@ -74,7 +74,7 @@ const IDLE_PROBE_SECS: u64 = 2;
 /// MiB streamed per throughput run and path (`SRI_BENCH_BULK_MIB` overrides).
 const BULK_MIB: usize = 256;
 /// Throughput runs per path and event size.
-const BULK_RUNS: usize = 5;
+const BULK_RUNS: usize = 9;
 /// Raw bytes of a large blob chunk: 768 KiB, 1 MiB as base64.
 const BIG_RAW: usize = 768 * 1024;
 /// Raw bytes of the blob chunks the SDK sends (`dify-wire.md`: ≤ 8192).

@@ -39,10 +39,16 @@ impl LambdaBackend {
                 .and_then(|d| parse_layer_description(&self.options.prefix, d))
                 == Some(layer.sha256.as_str())
         });
-        for arn in described.filter_map(|v| v.layer_version_arn().map(str::to_owned)) {
+        for v in described {
+            let Some(arn) = v.layer_version_arn().map(str::to_owned) else {
+                continue;
+            };
             // The description is only a claim: reuse the version only if Lambda holds the very
             // zip (a version published by hand, or half-written, may say anything).
-            if self.layer_content_is(&arn, &layer.sha256).await? {
+            if self
+                .layer_content_is(&name, v.version(), &layer.sha256)
+                .await?
+            {
                 tracing::info!(layer = %arn, "reusing the SDK layer");
                 let _ = progress.send(("deploy", format!("reusing SDK layer {arn}")));
                 return Ok(arn);
@@ -190,16 +196,22 @@ impl LambdaBackend {
     }
 
     /// Every version of the layer `name`, all pages; none when the layer does not exist.
-    /// Whether the layer version `arn` holds the zip whose hex sha256 is `sha256` (Lambda's
-    /// `CodeSha256` is the same digest in base64).
-    async fn layer_content_is(&self, arn: &str, sha256: &str) -> Result<bool, Error> {
+    /// Whether version `version` of layer `name` holds the zip whose hex sha256 is `sha256`
+    /// (Lambda's `CodeSha256` is the same digest in base64).
+    async fn layer_content_is(
+        &self,
+        name: &str,
+        version: i64,
+        sha256: &str,
+    ) -> Result<bool, Error> {
         let out = self
             .lambda
-            .get_layer_version_by_arn()
-            .arn(arn)
+            .get_layer_version()
+            .layer_name(name)
+            .version_number(version)
             .send()
             .await
-            .map_err(|e| aws_err(format!("GetLayerVersionByArn {arn}"), &e))?;
+            .map_err(|e| aws_err(format!("GetLayerVersion {name}:{version}"), &e))?;
         let want = hex::decode(sha256)
             .map(|d| base64::engine::general_purpose::STANDARD.encode(d))
             .unwrap_or_default();
