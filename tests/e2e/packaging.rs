@@ -172,9 +172,17 @@ async fn arm64_zip_has_aarch64_wheels_and_a_warm_rebuild_is_a_cache_hit() {
     let dir = TempDir::new("pack-arm");
     let opts = options(Arch::Arm64, cache_in(&dir));
     let pkg = sample();
-    let (a, lines) = build(&pkg, &opts).await;
+    // Two builds of one key at once (two installs of a plugin): one builds, the other waits
+    // for it and finds its zip, never one's zip under the other's metadata.
+    let ((a, lines), (twin, _)) = tokio::join!(build(&pkg, &opts), build(&pkg, &opts));
     let a = a.unwrap_or_else(|e| panic!("{e}\n{}", lines.join("\n")));
-    assert!(!a.cache_hit);
+    let twin = twin.unwrap();
+    let (a, twin) = if a.cache_hit { (twin, a) } else { (a, twin) };
+    assert!(
+        !a.cache_hit && twin.cache_hit,
+        "exactly one of the two built"
+    );
+    assert_eq!((&twin.zip, &twin.code_sha256), (&a.zip, &a.code_sha256));
     check_sample_zip(&a, Arch::Arm64);
     // The template README promises bytecode where the interpreter exists; pyenv has 3.12 here.
     assert!(a.bytecode.is_some(), "{}", lines.join("\n"));
