@@ -536,7 +536,7 @@ fn requirement(text: &str) -> Result<String, String> {
             req.name, req.name
         ));
     }
-    let spec = req.to_string();
+    let spec = settle(req.to_string()).map_err(|why| format!("`{}` {why}; {FIX}", echo(text)))?;
     // The canonical form is what the installer reads: it must stay one plain requirement.
     // pep508_rs prints marker values in single quotes without escaping, so a value holding one
     // (or an option after a space) would end the value early and hand pip the rest as options.
@@ -551,6 +551,34 @@ fn requirement(text: &str) -> Result<String, String> {
         ));
     }
     Ok(spec)
+}
+
+/// pep508_rs's printed form, printed again until it reads back as itself.
+///
+/// Its printing is not always a fixed point (a marker it prints as `python_version < '0'` reads
+/// back as `python_full_version < '0'`, found by fuzzing); what the installer is handed must be
+/// what a re-read of that file gives. Printing never changes what a requirement means, and one
+/// round has been enough for everything seen; a form that keeps changing is refused.
+fn settle(mut spec: String) -> Result<String, String> {
+    for _ in 0..3 {
+        let again = pep508_rs::Requirement::<pep508_rs::VerbatimUrl>::from_str(&spec)
+            .map_err(|e| {
+                format!(
+                    "prints as `{}`, which does not read back ({})",
+                    echo(&spec),
+                    e.message
+                )
+            })?
+            .to_string();
+        if again == spec {
+            return Ok(spec);
+        }
+        spec = again;
+    }
+    Err(format!(
+        "prints differently every time it is read back (last `{}`)",
+        echo(&spec)
+    ))
 }
 
 /// Whether a canonical requirement has a quote inside a quoted marker value: every value is
@@ -635,6 +663,22 @@ mod tests {
         // inside it.
         let err = refused("requests[socks]>=2.31 ; python_version >= \"3.11\"\u{723}");
         assert!(err.contains("non-ASCII"), "{err}");
+    }
+
+    /// Found by `fuzz/fuzz_targets/requirements.rs` (its 30-minute run, after 3 min): pep508_rs
+    /// printed this marker as `python_version < '0'`, which it reads back as
+    /// `python_full_version < '0'`, so what the installer got was not what a re-read gives.
+    #[test]
+    fn the_requirement_handed_on_reads_back_as_itself() {
+        for line in [
+            "r2.31 ; python_version  ~= \"6.6.12\" ",
+            "r2-31 ; python_version < '0'",
+        ] {
+            let first = txt(line).unwrap();
+            let spec = &first[0].0;
+            let again = txt(spec).unwrap();
+            assert_eq!(&again[0].0, spec, "{line}");
+        }
     }
 
     #[test]
