@@ -59,6 +59,10 @@ const LONG_LINE: usize = 64 * 1024;
 /// before may still be being written on.
 const SPARES: usize = 2;
 
+/// Spares are kept only while buffers are at most this large: past a few MiB a new allocation
+/// costs little beside the line it holds, and a stream of such lines should not hold three.
+const MAX_SPARE: usize = 4 * 1024 * 1024;
+
 /// An incremental SSE decoder: feed it bytes, take items.
 #[derive(Debug)]
 pub struct Decoder {
@@ -175,7 +179,9 @@ impl Decoder {
         next.extend_from_slice(&self.buf);
         let mut previous = std::mem::replace(&mut self.buf, next);
         previous.clear();
-        if previous.capacity() > 0 {
+        if want > MAX_SPARE {
+            self.spares.clear();
+        } else if previous.capacity() > 0 {
             if self.spares.len() == SPARES {
                 self.spares.remove(0);
             }
@@ -582,6 +588,21 @@ mod tests {
         assert!(!d.spares.is_empty(), "long events keep spares");
         d.push(&encode(&Event::new(EventKind::End, None, "{}")));
         assert!(matches!(d.next_item(), Ok(Some(Item::Event(_)))));
+        assert!(d.spares.is_empty(), "{} spare buffers", d.spares.len());
+    }
+
+    #[test]
+    fn lines_of_megabytes_keep_no_spares() {
+        let mut d = Decoder::new(DEFAULT_MAX_LINE);
+        let event = encode(&Event::new(EventKind::Chunk, None, vec![b'x'; 3 << 20]));
+        let mut held = Vec::new();
+        for piece in event.repeat(4).chunks(1 << 20) {
+            d.push(piece);
+            while let Some(item) = d.next_item().unwrap() {
+                held.push(item);
+            }
+        }
+        assert_eq!(held.len(), 4);
         assert!(d.spares.is_empty(), "{} spare buffers", d.spares.len());
     }
 
