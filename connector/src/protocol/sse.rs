@@ -75,9 +75,11 @@ pub struct Decoder {
     expect: usize,
     /// The longest line of the event being assembled.
     longest: usize,
-    /// Earlier buffers (empty), taken back once the lines split off them are dropped, while
-    /// the stream's events are long (see [`Decoder::switch`]).
-    spares: Vec<BytesMut>,
+    /// The size `buf`'s allocation was made with (its views only show what is left of it).
+    buf_size: usize,
+    /// Earlier buffers (empty) and their allocations' sizes, taken back once the lines split
+    /// off them are dropped, while the stream's events are long (see [`Decoder::switch`]).
+    spares: Vec<(BytesMut, usize)>,
     max_line: usize,
     /// Bytes the event being assembled holds so far (field values and the joining newlines).
     pending: usize,
@@ -103,6 +105,7 @@ impl Decoder {
             scanned: 0,
             expect: 0,
             longest: 0,
+            buf_size: 0,
             spares: Vec::new(),
             max_line,
             pending: 0,
@@ -165,27 +168,33 @@ impl Decoder {
     /// copying the partial line again whenever it outgrew one. Kept as spares, two earlier
     /// buffers are usually free again when needed.
     fn switch(&mut self, want: usize) {
-        let free = self.spares.iter_mut().position(|b| b.try_reclaim(want));
-        let mut next = match free {
+        let free = self
+            .spares
+            .iter_mut()
+            .position(|(b, _)| b.try_reclaim(want));
+        let (mut next, size) = match free {
             Some(i) => self.spares.swap_remove(i),
             None => {
                 #[cfg(test)]
                 {
                     self.allocations += 1;
                 }
-                BytesMut::with_capacity(want)
+                let fresh = BytesMut::with_capacity(want);
+                let size = fresh.capacity();
+                (fresh, size)
             }
         };
         next.extend_from_slice(&self.buf);
         let mut previous = std::mem::replace(&mut self.buf, next);
+        let previous_size = std::mem::replace(&mut self.buf_size, size);
         previous.clear();
         if want > MAX_SPARE {
             self.spares.clear();
-        } else if previous.capacity() > 0 {
+        } else if previous_size > 0 && previous_size <= MAX_SPARE {
             if self.spares.len() == SPARES {
                 self.spares.remove(0);
             }
-            self.spares.push(previous);
+            self.spares.push((previous, previous_size));
         }
     }
 
@@ -202,6 +211,7 @@ impl Decoder {
             self.failed = true;
             self.buf = BytesMut::new();
             self.spares = Vec::new();
+            self.buf_size = 0;
             self.event = None;
             self.id = None;
             self.data = None;
@@ -259,6 +269,8 @@ impl Decoder {
             return self.dispatch();
         }
         if line[0] == b':' {
+            // A keepalive: the stream is idle, and need not hold spare buffers through it.
+            self.spares.clear();
             return Ok(Some(Item::Comment));
         }
         let (name, value) = match memchr::memchr(b':', &line) {
@@ -276,8 +288,11 @@ impl Decoder {
             )));
         }
         match name.as_ref() {
-            b"event" => self.event = Some(value),
-            b"id" => self.id = Some(value),
+            // Copied, not sliced: a field waiting for its event's end would otherwise hold the
+            // whole buffer its line came in (and a hostile stream could spread its fields over
+            // several), for the sake of a few bytes.
+            b"event" => self.event = Some(Bytes::copy_from_slice(&value)),
+            b"id" => self.id = Some(Bytes::copy_from_slice(&value)),
             b"data" => match (&self.data, &mut self.extra_data) {
                 (None, _) => self.data = Some(value),
                 (Some(_), _) if self.one_data_line => {
