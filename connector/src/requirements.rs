@@ -537,6 +537,16 @@ fn requirement(text: &str) -> Result<String, String> {
         ));
     }
     let spec = settle(req.to_string()).map_err(|why| format!("`{}` {why}; {FIX}", echo(text)))?;
+    // Written out in full (`1.0post` is `1.0.post0`) a requirement can outgrow the limit it
+    // was read under; what the installer reads must pass the same limit.
+    if spec.len() > MAX_REQUIREMENT_BYTES {
+        return Err(format!(
+            "a requirement of {} bytes once written out in full (`{}…`), over the \
+             {MAX_REQUIREMENT_BYTES}-byte limit; {FIX}",
+            spec.len(),
+            echo(&spec[..spec.len().min(60)])
+        ));
+    }
     // The canonical form is what the installer reads: it must stay one plain requirement.
     // pep508_rs prints marker values in single quotes without escaping, so a value holding one
     // (or an option after a space) would end the value early and hand pip the rest as options.
@@ -679,6 +689,17 @@ mod tests {
             let again = txt(spec).unwrap();
             assert_eq!(&again[0].0, spec, "{line}");
         }
+    }
+
+    /// Found by the same target's second 30-minute run (after 26 min): a requirement under the
+    /// 4096-byte limit as written grew past it once printed in full, so our own output was
+    /// refused when read back.
+    #[test]
+    fn a_requirement_is_within_the_limit_as_handed_on() {
+        let line = format!("a<1.0post{}", ",<1.0post".repeat(449));
+        assert!(line.len() <= MAX_REQUIREMENT_BYTES, "{}", line.len());
+        let err = refused(&line);
+        assert!(err.contains("once written out in full"), "{err}");
     }
 
     #[test]
