@@ -306,11 +306,17 @@ impl Decoder {
             b"data" => match (&self.data, &mut self.extra_data) {
                 (None, _) => self.data = Some(value),
                 (Some(_), _) if self.one_data_line => {
-                    let kind = self.event.as_deref().unwrap_or(b"message");
+                    // Named only if it is an SRI event: the name is the function's text, and
+                    // goes on to the daemon and the logs.
+                    let kind = self
+                        .event
+                        .as_deref()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .and_then(|k| k.parse::<EventKind>().ok())
+                        .map_or("an".to_owned(), |k| format!("a `{k}`"));
                     return Err(Error::Sse(format!(
-                        "a `{}` event's data spans several `data:` lines; SRI data is one JSON \
-                         line",
-                        String::from_utf8_lossy(kind)
+                        "{kind} event's data spans several `data:` lines; SRI data is one JSON \
+                         line"
                     )));
                 }
                 (Some(first), extra) => {
@@ -494,6 +500,12 @@ mod tests {
             err.contains("a `chunk` event's data spans several"),
             "{err}"
         );
+        // A name that is no SRI event is not echoed (it is the function's text).
+        let mut one = Decoder::new(1 << 20).one_data_line();
+        one.push(format!("event: {}\ndata: a\ndata: b\n", "x".repeat(1000)).as_bytes());
+        let err = one.next_item().unwrap_err().to_string();
+        assert!(err.contains(": an event's data spans several"), "{err}");
+        assert!(!err.contains("xxx"), "{err}");
     }
 
     #[tokio::test]
