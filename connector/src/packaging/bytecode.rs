@@ -14,7 +14,9 @@
 //! sources.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 
 use super::{PythonVersion, run};
 use crate::Error;
@@ -132,38 +134,93 @@ async fn probe(path: &Path) -> Option<String> {
     out.status.success().then(|| out.stdout.trim().to_owned())
 }
 
+/// `.py` files per compiling process. Fixed, not derived from this machine's cores, so that a
+/// tree always splits the same way (see [`compile`]).
+const FILES_PER_PROCESS: usize = 128;
+
 /// Compiles every `.py` below `dirs` (relative to `root`) with paths recorded as they will be
-/// on Lambda (`root` replaced by `on_lambda`: `/var/task` for a function, `/opt` for a layer). Files that do not compile (e.g. Python 2 test data in some
-/// packages) are left without bytecode; that is reported, not fatal.
+/// on Lambda (`root` replaced by `on_lambda`: `/var/task` for a function, `/opt` for a layer).
+/// Files that do not compile (e.g. Python 2 test data in some packages) are left without
+/// bytecode; that is reported, not fatal.
+///
+/// The bytes of a `.pyc` depend on what its process compiled before: marshal flags an object
+/// for back-reference by its reference count, which earlier compiles raise (a frozenset constant
+/// shared by two functions is enough). `compileall -j0` hands files to workers as they free up,
+/// so its output changed from build to build and so did the zip's `CodeSha256`. Here the sorted
+/// file list is cut into fixed runs of [`FILES_PER_PROCESS`], each compiled in order by a fresh
+/// interpreter: the same tree gives the same bytes on any machine, still on every core.
 pub async fn compile(
     py: &Interpreter,
     root: &Path,
     dirs: &[&str],
     on_lambda: &str,
 ) -> Result<Option<String>, Error> {
-    let mut cmd = crate::child::command(&py.path);
-    cmd.args([
-        "-m",
-        "compileall",
-        "-q",
-        "-j0",
-        "--invalidation-mode",
-        "unchecked-hash",
-        "-s",
-    ])
-    .arg(root)
-    .args(["-p", on_lambda])
-    .args(dirs.iter().map(|d| root.join(d)))
-    .current_dir(root)
-    // Never let a user's environment redirect or disable what we write.
-    .env_remove("PYTHONPYCACHEPREFIX")
-    .env_remove("PYTHONDONTWRITEBYTECODE")
-    .env_remove("PYTHONPATH");
-    let out = run(cmd, COMPILE_TIMEOUT, "python -m compileall").await?;
-    if out.status.success() {
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    compile_with(py, root, dirs, on_lambda, parallel).await
+}
+
+async fn compile_with(
+    py: &Interpreter,
+    root: &Path,
+    dirs: &[&str],
+    on_lambda: &str,
+    parallel: usize,
+) -> Result<Option<String>, Error> {
+    let mut sources = Vec::new();
+    for dir in dirs.iter().map(|d| root.join(d)).filter(|d| d.is_dir()) {
+        sources.extend(
+            super::archive::entries(&dir)?
+                .into_iter()
+                .filter(|e| e.name.ends_with(".py") && !e.name.contains("__pycache__/"))
+                .map(|e| e.path),
+        );
+    }
+    let deadline = Instant::now() + COMPILE_TIMEOUT;
+    let commands: Vec<_> = sources
+        .chunks(FILES_PER_PROCESS)
+        .map(|files| {
+            let mut cmd = crate::child::command(&py.path);
+            cmd.args([
+                "-m",
+                "compileall",
+                "-q",
+                "--invalidation-mode",
+                "unchecked-hash",
+                "-s",
+            ])
+            .arg(root)
+            .args(["-p", on_lambda])
+            .args(files)
+            .current_dir(root)
+            // Never let a user's environment redirect or disable what we write.
+            .env_remove("PYTHONPYCACHEPREFIX")
+            .env_remove("PYTHONDONTWRITEBYTECODE")
+            .env_remove("PYTHONPATH")
+            // Set constants are written in hash order.
+            .env("PYTHONHASHSEED", "0");
+            cmd
+        })
+        .collect();
+    let runs = commands.into_iter().map(|cmd| async move {
+        let left = deadline.saturating_duration_since(Instant::now());
+        run(cmd, left, "python -m compileall").await
+    });
+    let outputs: Vec<_> = futures_util::stream::iter(runs)
+        .buffered(parallel.max(1))
+        .collect()
+        .await;
+    let mut text = String::new();
+    for out in outputs {
+        let out = out?;
+        if !out.status.success() {
+            text.push_str(&out.stdout);
+            text.push_str(&out.stderr);
+        }
+    }
+    if text.is_empty() {
         return Ok(None);
     }
-    let text = crate::child::redact(&(out.stdout + &out.stderr));
+    let text = crate::child::redact(&text);
     let tail: Vec<&str> = text.lines().rev().take(10).collect();
     Ok(Some(tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
 }
@@ -198,5 +255,70 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(got[0].to_string_lossy().contains("3.12.10"), "{got:?}");
+    }
+
+    /// A module whose bytecode differs when its process compiled it (or anything interning
+    /// `SRI_K23`) before: the marshal flag of a shared frozenset follows reference counts.
+    const SENSITIVE: &str = "def f(k, v):
+    if k in {'SRI_K33', 'SRI_K23'}:
+        return ('SRI_K9', None, 'SRI_K33')
+    return {'SRI_K23': k}.get('SRI_K9', v)
+
+def g(k, v):
+    if k in {'SRI_K33', 'SRI_K23'}:
+        return ('SRI_K10', None, 'SRI_K33')
+    return {'SRI_K23': k}.get('SRI_K10', v)
+";
+
+    /// Every `.pyc` below `root`: path relative to it → bytes.
+    fn pycs(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        super::super::archive::entries(root)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.name.ends_with(".pyc"))
+            .map(|e| (e.name, std::fs::read(&e.path).unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_same_tree_compiles_to_the_same_bytes_on_any_number_of_cores() {
+        let py = find(PythonVersion::Py312)
+            .await
+            .unwrap_or_else(|e| panic!("this test needs Python 3.12 (tried {:?})", e.tried));
+        let tmp = tempfile::tempdir().unwrap();
+        let mut trees = Vec::new();
+        for parallel in [1, 2, 5] {
+            let root = tmp.path().join(format!("cores{parallel}"));
+            let pkg = root.join("vendor/pkg");
+            std::fs::create_dir_all(&pkg).unwrap();
+            for i in 0..3 * FILES_PER_PROCESS + 7 {
+                std::fs::write(pkg.join(format!("m{i:04}.py")), SENSITIVE).unwrap();
+            }
+            std::fs::write(root.join("vendor/broken.py"), "def (:\n").unwrap();
+            let failures = compile_with(&py, &root, &["plugin", "vendor"], "/var/task", parallel)
+                .await
+                .unwrap();
+            assert!(
+                failures.as_deref().is_some_and(|f| f.contains("broken.py")),
+                "{failures:?}"
+            );
+            trees.push(pycs(&root));
+        }
+        assert_eq!(trees[0].len(), 3 * FILES_PER_PROCESS + 7);
+        for pair in trees.windows(2) {
+            let differ: Vec<_> = pair[0]
+                .iter()
+                .filter(|(name, bytes)| pair[1].get(*name) != Some(bytes))
+                .map(|(name, _)| name)
+                .collect();
+            assert!(
+                differ.is_empty(),
+                "{} .pyc differ: {differ:?}",
+                differ.len()
+            );
+        }
+        // Paths are recorded as they will be on Lambda.
+        let one = &trees[0]["vendor/pkg/__pycache__/m0000.cpython-312.pyc"];
+        assert!(one.windows(16).any(|w| w == b"/var/task/vendor"));
     }
 }
