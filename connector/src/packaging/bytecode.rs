@@ -190,6 +190,8 @@ async fn compile_with(
             ])
             .arg(root)
             .args(["-p", on_lambda])
+            // Names come from the package and the wheels: never read as options.
+            .arg("--")
             .args(files)
             .current_dir(root)
             // Never let a user's environment redirect or disable what we write.
@@ -295,6 +297,7 @@ def g(k, v):
                 std::fs::write(pkg.join(format!("m{i:04}.py")), SENSITIVE).unwrap();
             }
             std::fs::write(root.join("vendor/broken.py"), "def (:\n").unwrap();
+            std::fs::write(root.join("vendor/--version.py"), "X = 1\n").unwrap();
             let failures = compile_with(&py, &root, &["plugin", "vendor"], "/var/task", parallel)
                 .await
                 .unwrap();
@@ -304,7 +307,8 @@ def g(k, v):
             );
             trees.push(pycs(&root));
         }
-        assert_eq!(trees[0].len(), 3 * FILES_PER_PROCESS + 7);
+        assert_eq!(trees[0].len(), 3 * FILES_PER_PROCESS + 8);
+        assert!(trees[0].contains_key("vendor/__pycache__/--version.cpython-312.pyc"));
         for pair in trees.windows(2) {
             let differ: Vec<_> = pair[0]
                 .iter()
