@@ -11,8 +11,9 @@
 //!    function that sends `start` and then only keepalive comments; VmRSS of the gateway before
 //!    and with all of them open;
 //! 3. relay throughput: a fake function streaming large `chunk` events as fast as it can, read
-//!    as fast as possible directly, through the gateway, and through a byte proxy (the least any
-//!    relay does: the ceiling for the gateway), with each process's CPU time per byte.
+//!    as fast as possible directly, through the gateway, and through a byte proxy (the least a
+//!    relay that reads what it relays does: the ceiling for the gateway), with each process's CPU
+//!    time per byte.
 //!
 //! The gateway runs alone in a child process (this binary re-executed with `--gateway-child`:
 //! `connector::server::serve`, the router of `sri serve`, with a backend of fixed targets), so
@@ -447,9 +448,9 @@ fn function_child() {
 /// byte proxy makes as few system calls as it can.
 const PROXY_BUF: usize = 1024 * 1024;
 
-/// `--proxy-child host:port`: the least any process between the daemon and a function does,
-/// reading every byte and writing it on unchanged (no HTTP, no decoding), on 127.0.0.1:0. Its
-/// throughput is the ceiling for any relay, the gateway included, on this machine.
+/// `--proxy-child host:port`: the least a process between the daemon and a function does if it
+/// reads what it relays (the gateway must, to rewrite SSE as NDJSON): every byte read and written
+/// on unchanged (no HTTP, no decoding), on 127.0.0.1:0. Its throughput is the gateway's ceiling.
 fn proxy_child(target: &str) {
     exit_with_stdin();
     let target = target.to_owned();
@@ -1546,7 +1547,8 @@ async fn run(streams: usize, asked: usize, nofile: NoFile) -> String {
         r,
         "*Through a byte proxy* is the direct call through a child that reads every byte and \
          writes it on unchanged (`tokio::io::copy_bidirectional`, {} KiB buffers; no HTTP, no \
-         decoding): the least any relay does, so its throughput is the ceiling for the gateway \
+         decoding): the least a relay that reads what it relays does (the gateway must, to rewrite \
+         SSE as NDJSON), so its throughput is the ceiling for the gateway \
          on this machine. The three paths take turns in rotating order.\n",
         PROXY_BUF / 1024
     );
