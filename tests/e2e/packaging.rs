@@ -79,8 +79,20 @@ fn sample() -> connector::package::Package {
 
 /// Runs `sri package …` with `env`, returning (success, stdout, stderr).
 fn sri_package(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    sri_package_in(None, args, env)
+}
+
+/// [`sri_package`] run from `cwd` (else this process's directory).
+fn sri_package_in(
+    cwd: Option<&Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let mut cmd = Command::new(fresh_sri());
     cmd.arg("package").args(args);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -661,4 +673,47 @@ fn sri_package_writes_the_sdk_layer_beside_a_trimmed_zip() {
     let config: Value = serde_json::from_slice(&files["sri-function.json"].1).unwrap();
     assert!(config.get("layer").is_none(), "{config}");
     assert!(std::fs::metadata(&whole).unwrap().len() > std::fs::metadata(&out).unwrap().len());
+}
+
+#[test]
+fn relative_paths_are_taken_from_where_sri_runs() {
+    // uv and Python run in a scratch directory of their own: `--cache-dir c` and
+    // `--uv tools/uv` must still name the operator's.
+    let dir = TempDir::new("pack-relative");
+    cache_in(&dir);
+    std::fs::create_dir_all(dir.path().join("tools")).unwrap();
+    std::os::unix::fs::symlink(uv(), dir.path().join("tools/uv")).unwrap();
+    let x86 = lambda_bootstrap("x86_64");
+    let sample = plugin_dir("sample");
+    let (ok, _, err) = sri_package_in(
+        Some(dir.path()),
+        &[
+            sample.to_str().unwrap(),
+            "--arch",
+            "x86_64",
+            "--bootstrap",
+            x86.to_str().unwrap(),
+            "--cache-dir",
+            "cache",
+            "--uv",
+            "tools/uv",
+            "--sdk-layer",
+            "false",
+            "-o",
+            "fn.zip",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let files = unzip(&dir.path().join("fn.zip"));
+    assert!(
+        files
+            .keys()
+            .any(|n| n.starts_with("vendor/dify_plugin/__pycache__/")),
+        "dependencies installed and compiled"
+    );
+    assert!(
+        std::fs::read_dir(dir.path().join("cache")).unwrap().count() > 1,
+        "the relative cache was used"
+    );
 }

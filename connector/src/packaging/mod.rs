@@ -75,6 +75,24 @@ pub struct Options {
 impl Options {
     /// Defaults for `target`: [`default_bootstrap`], [`default_cache_dir`], [`default_uv`],
     /// bytecode on, the default index, no wheelhouse.
+    /// The same options with the paths that uv and Python are handed made absolute: they run
+    /// in a scratch directory of their own, where a path relative to ours (`--cache-dir c`,
+    /// `--uv .venv/tools/bin/uv`, the `.sri-cache` default) names nothing. A bare program name
+    /// (`uv`) stays as it is, to be looked up on `PATH`.
+    pub fn absolute(&self) -> Result<Self, Error> {
+        let abs = |p: &Path| {
+            std::path::absolute(p)
+                .map_err(|e| Error::Packaging(format!("cannot make {} absolute: {e}", p.display())))
+        };
+        let mut o = self.clone();
+        o.cache_dir = abs(&self.cache_dir)?;
+        o.wheelhouse = self.wheelhouse.as_deref().map(abs).transpose()?;
+        if self.uv.components().count() > 1 {
+            o.uv = abs(&self.uv)?;
+        }
+        Ok(o)
+    }
+
     pub fn new(target: Target) -> Self {
         Self {
             target,
@@ -199,6 +217,7 @@ impl Artifact {
 /// Builds (or finds in the cache) the Lambda zip of `pkg` for `opts.target`, reporting stages
 /// on `progress` (`package`, `dependencies`, `bytecode`, `archive`).
 pub async fn build(pkg: &Package, opts: &Options, progress: &Progress) -> Result<Artifact, Error> {
+    let opts = &opts.absolute()?;
     let started = Instant::now();
     let say = |stage: &'static str, msg: String| {
         let _ = progress.send((stage, msg));
@@ -557,6 +576,27 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_paths_become_absolute_but_a_bare_program_name_does_not() {
+        let mut o = Options::new(Target {
+            arch: Arch::Arm64,
+            python: PythonVersion::Py312,
+        });
+        o.cache_dir = PathBuf::from("c");
+        o.wheelhouse = Some(PathBuf::from("wh"));
+        o.uv = PathBuf::from("tools/uv");
+        let a = o.absolute().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(a.cache_dir, cwd.join("c"));
+        assert_eq!(a.wheelhouse, Some(cwd.join("wh")));
+        assert_eq!(a.uv, cwd.join("tools/uv"));
+        o.uv = PathBuf::from("uv");
+        o.cache_dir = PathBuf::from("/var/cache/sri");
+        let a = o.absolute().unwrap();
+        assert_eq!(a.uv, PathBuf::from("uv"), "looked up on PATH");
+        assert_eq!(a.cache_dir, PathBuf::from("/var/cache/sri"));
+    }
 
     #[test]
     fn size_limits_say_what_to_do() {
