@@ -24,8 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::protocol::envelope::Envelope;
 use crate::protocol::events::{Event, EventKind};
 use crate::protocol::signing::KeyRing;
-use crate::protocol::sse::{self, PiecedEvent};
-use crate::protocol::{EVENT_STREAM, INVOKE_PATH, JSON};
+use crate::protocol::{EVENT_STREAM, INVOKE_PATH, JSON, sse};
 use crate::transport::{Target, aws_hint, invoke_query};
 #[cfg(feature = "lambda")]
 use crate::transport::{invoke_stream, sigv4};
@@ -90,15 +89,6 @@ pub enum InvokeError {
 
 /// A stream of SRI events.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, InvokeError>> + Send>>;
-
-/// A stream of SRI events whose data is still in the pieces it arrived in: the gateway's, which
-/// writes an object on without joining it into one buffer first.
-pub type PiecedStream = Pin<Box<dyn Stream<Item = Result<PiecedEvent, InvokeError>> + Send>>;
-
-/// The events of `stream` with their data in one buffer each.
-fn joined(stream: PiecedStream) -> EventStream {
-    Box::pin(stream.map(|r| r.map(PiecedEvent::into_event)))
-}
 
 /// The bytes of an SRI event stream as a transport delivers them, failures already worded.
 pub(crate) type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, InvokeError>> + Send>>;
@@ -267,13 +257,11 @@ impl Client {
             Envelope::parse(envelope).map_err(|e| InvokeError::BadEnvelope(e.to_string()))?;
         self.invoke_envelope(function, target, action, &parsed, traceparent, None)
             .await
-            .map(joined)
     }
 
     /// [`Client::invoke_function`] with an envelope the caller has already parsed (the
     /// gateway needs its session id too, and parses it once), also sending the relay's session
-    /// claim (see [`crate::relay::claim`]) when there is one. The events' data comes in the
-    /// pieces it arrived in.
+    /// claim (see [`crate::relay::claim`]) when there is one.
     pub async fn invoke_envelope(
         &self,
         function: &str,
@@ -282,7 +270,7 @@ impl Client {
         parsed: &Envelope,
         traceparent: Option<&str>,
         claim: Option<&str>,
-    ) -> Result<PiecedStream, InvokeError> {
+    ) -> Result<EventStream, InvokeError> {
         crate::transport::check_request_size(target, parsed.bytes().len()).map_err(|message| {
             InvokeError::Rejected {
                 status: 413,
@@ -364,7 +352,7 @@ impl Client {
         base: &str,
         auth: PlatformAuth,
         call: &Call<'_>,
-    ) -> Result<PiecedStream, InvokeError> {
+    ) -> Result<EventStream, InvokeError> {
         let url = format!(
             "{}{INVOKE_PATH}?{}",
             base.trim_end_matches('/'),
@@ -468,7 +456,7 @@ impl Client {
         &self,
         target: &Target,
         mut attempt: F,
-    ) -> Result<PiecedStream, InvokeError>
+    ) -> Result<EventStream, InvokeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<ByteStream, Failure>>,
@@ -502,7 +490,7 @@ impl Client {
     /// would reword a transport's error as an SSE syntax error. The idle timeout restarts with
     /// every item, comments (keepalives) included; the decoder bounds the line length, so a
     /// function cannot make the caller hold an arbitrarily long line.
-    fn events(&self, bytes: ByteStream) -> PiecedStream {
+    fn events(&self, bytes: ByteStream) -> EventStream {
         let idle = self.options.idle_timeout;
         // SRI data is one JSON line: an event of several `data:` lines breaks the stream.
         let decoder = sse::Decoder::new(self.options.max_event_bytes).one_data_line();
@@ -511,7 +499,7 @@ impl Client {
                 let (mut bytes, mut decoder) = state?;
                 let mut deadline = tokio::time::Instant::now() + idle;
                 loop {
-                    match decoder.next_pieced() {
+                    match decoder.next_item() {
                         Ok(Some(sse::Item::Comment)) => {
                             deadline = tokio::time::Instant::now() + idle;
                             continue;
@@ -526,7 +514,7 @@ impl Client {
                     }
                     let failed = match tokio::time::timeout_at(deadline, bytes.next()).await {
                         Ok(Some(Ok(chunk))) => {
-                            decoder.push_bytes(chunk);
+                            decoder.push(&chunk);
                             continue;
                         }
                         Ok(Some(Err(e))) => e,
@@ -712,7 +700,7 @@ mod tests {
         );
         let bytes: ByteStream = Box::pin(futures_util::stream::iter([Ok(wire)]));
         let got: Vec<_> = client.events(bytes).collect().await;
-        assert!(matches!(&got[0], Ok(ev) if ev.data.to_bytes() == b"{\"a\":1}"[..]));
+        assert!(matches!(&got[0], Ok(ev) if ev.data.as_ref() == b"{\"a\":1}"));
         match &got[1] {
             Err(InvokeError::Broken(why)) => {
                 assert!(why.contains("several `data:` lines"), "{why}")

@@ -25,7 +25,6 @@ use std::time::Instant;
 use crate::client::InvokeError;
 use crate::protocol::envelope::Envelope;
 use crate::protocol::events::{self, EventKind};
-use crate::protocol::sse::Pieces;
 use crate::server::AppState;
 
 /// The daemon's longest response line (`PLUGIN_RUNTIME_MAX_BUFFER_SIZE`).
@@ -271,7 +270,7 @@ fn refusal(state: &AppState, e: InvokeError) -> Response {
 /// Rewrites SRI events as NDJSON lines, guaranteeing an `end` after an explicit error when
 /// the function's stream breaks off.
 fn ndjson(
-    stream: crate::client::PiecedStream,
+    stream: crate::client::EventStream,
     session_id: String,
     state: Arc<AppState>,
     started: Instant,
@@ -311,17 +310,20 @@ fn ndjson(
                         Some(Err(e)) => {
                             guard.0.metrics.error("FunctionStreamBroken");
                             return Some((
-                                vec![truncated(&session_id, &e.to_string())],
+                                (truncated(&session_id, &e.to_string()), None),
                                 (None, first, true, guard),
                             ));
                         }
                         None => {
                             guard.0.metrics.error("FunctionStreamTruncated");
                             return Some((
-                                vec![truncated(
-                                    &session_id,
-                                    "the function's stream ended without `end`",
-                                )],
+                                (
+                                    truncated(
+                                        &session_id,
+                                        "the function's stream ended without `end`",
+                                    ),
+                                    None,
+                                ),
                                 (None, first, true, guard),
                             ));
                         }
@@ -338,11 +340,10 @@ fn ndjson(
                                         ev.data.len()
                                     ),
                                 );
-                                return Some((vec![line], (None, first, true, guard)));
+                                return Some(((line, None), (None, first, true, guard)));
                             }
                             if ev.kind == EventKind::Error
-                                && let Some(e) =
-                                    events::SessionError::from_event_data(&ev.data.to_bytes())
+                                && let Some(e) = events::SessionError::from_event_data(&ev.data)
                             {
                                 guard.0.metrics.error(&e.error_type);
                             }
@@ -354,30 +355,26 @@ fn ndjson(
             }
         },
     );
-    lines.flat_map(|frames| futures_util::stream::iter(frames.into_iter().map(Ok)))
+    lines.flat_map(|(line, rest)| {
+        futures_util::stream::iter(std::iter::once(line).chain(rest).map(Ok))
+    })
 }
 
-/// Objects this large go out as they came (the pieces the function's reads brought, then
-/// `\n\n` as a frame of its own) rather than copied into one line: at ~1 MiB per object the
-/// copy was a large part of the gateway's work, while for small objects one write beats several
-/// frames.
+/// Objects this large go out as they came (`data`, then `\n\n` as a frame of its own) rather
+/// than copied into one line: at ~1 MiB per object the copy was a large part of the gateway's
+/// work, while for small objects one write beats two frames.
 const ZERO_COPY_FROM: usize = 64 * 1024;
 
-/// One NDJSON line for the daemon, as the frames to write: the event's data and the blank line
-/// that ends it.
-fn ndjson_line(data: Pieces) -> Vec<Bytes> {
+/// One NDJSON line for the daemon: the event's data and the blank line that ends it.
+fn ndjson_line(data: Bytes) -> (Bytes, Option<Bytes>) {
     const END: &[u8] = b"\n\n";
     if data.len() >= ZERO_COPY_FROM {
-        let mut frames = data.into_parts();
-        frames.push(Bytes::from_static(END));
-        return frames;
+        return (data, Some(Bytes::from_static(END)));
     }
     let mut line = Vec::with_capacity(data.len() + END.len());
-    for p in data.parts() {
-        line.extend_from_slice(p);
-    }
+    line.extend_from_slice(&data);
     line.extend_from_slice(END);
-    vec![line.into()]
+    (line.into(), None)
 }
 
 /// A session error and `end` for a stream that cannot be completed.
@@ -400,38 +397,19 @@ fn truncated(session_id: &str, why: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::events::Event;
-    use crate::protocol::sse;
 
     #[test]
-    fn a_line_is_the_data_and_a_blank_line_in_one_frame_or_as_it_came() {
+    fn a_line_is_the_data_and_a_blank_line_in_one_or_two_frames() {
         for len in [0, 1, ZERO_COPY_FROM - 1, ZERO_COPY_FROM, 3 * ZERO_COPY_FROM] {
-            let bytes: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            // The data as a decoder hands it on: in the pieces its reads brought.
-            let wire = sse::encode(&Event::new(EventKind::Chunk, None, bytes.clone()));
-            let mut d = sse::Decoder::new(sse::DEFAULT_MAX_LINE);
-            for piece in wire.chunks(50_000) {
-                d.push_bytes(wire.slice_ref(piece));
-            }
-            let Ok(Some(sse::Item::Event(ev))) = d.next_pieced() else {
-                panic!("no event")
-            };
-            let parts: Vec<Bytes> = ev.data.parts().to_vec();
-            let frames = ndjson_line(ev.data);
-            assert_eq!(
-                frames.concat(),
-                [&bytes[..], b"\n\n"].concat(),
-                "{len} bytes"
-            );
-            if len >= ZERO_COPY_FROM {
-                // Large data goes out as it came: the same buffers, not a copy.
-                assert!(parts.len() > 1, "{len} bytes");
-                assert_eq!(frames.len(), parts.len() + 1, "{len} bytes");
-                for (frame, part) in frames.iter().zip(&parts) {
-                    assert_eq!(frame.as_ptr(), part.as_ptr(), "{len} bytes");
-                }
-            } else {
-                assert_eq!(frames.len(), 1, "{len} bytes");
+            let data = Bytes::from(vec![b'x'; len]);
+            let (first, rest) = ndjson_line(data.clone());
+            let mut line = first.to_vec();
+            line.extend_from_slice(rest.as_deref().unwrap_or_default());
+            assert_eq!(line, [&data[..], b"\n\n"].concat(), "{len} bytes");
+            // Large data goes out as it came: the same buffer, not a copy.
+            assert_eq!(rest.is_some(), len >= ZERO_COPY_FROM, "{len} bytes");
+            if rest.is_some() {
+                assert_eq!(first.as_ptr(), data.as_ptr());
             }
         }
     }

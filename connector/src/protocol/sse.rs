@@ -4,16 +4,14 @@
 //! a partial line from its start on every network read, which is quadratic in the line length
 //! (48 MB/s relaying 1 MiB events, measured in `BENCHMARKS.md`), buffers lines without bound,
 //! and hides comments — which carry the keepalives that must reset an idle timeout. This
-//! decoder is linear, bounded, reports comments, and copies no long line: data that spanned
-//! several reads is handed on as views of those reads ([`Pieces`]).
+//! decoder is linear, zero-copy for single-line data, bounded, and reports comments.
 //!
 //! Lines end in `\n` or `\r\n` (what every SRI producer writes; a lone `\r` is not a line end).
 //! Both a line and a whole event (whose `data:` lines are joined) are bounded by the same cap, so
 //! that an endless event of short lines is refused as surely as one endless line.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use std::collections::VecDeque;
 
 use super::events::{Event, EventKind};
 use crate::Error;
@@ -42,181 +40,58 @@ pub fn encode(event: &Event) -> Bytes {
     buf.freeze()
 }
 
-/// What the decoder yields: by default events with their data in one buffer ([`Event`]); from
-/// [`Decoder::next_pieced`], events with their data in the pieces it arrived in.
+/// What the decoder yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Item<E = Event> {
+pub enum Item {
     /// A complete event.
-    Event(E),
+    Event(Event),
     /// A comment line (e.g. a keepalive): proof of life, no data.
     Comment,
 }
 
-impl Item<PiecedEvent> {
-    /// The same item with its event's data in one buffer.
-    pub fn joined(self) -> Item {
-        match self {
-            Self::Event(e) => Item::Event(e.into_event()),
-            Self::Comment => Item::Comment,
-        }
-    }
-}
+/// Lines from this length (or a quarter of the cap, if less) on start in a buffer of their
+/// own, sized for them (shorter ones are copied on by the gateway and dropped at once, so their
+/// buffer is reused in place). The quarter of the cap is what lets a fuzzer, with its small
+/// inputs and caps, reach this path.
+const LONG_LINE: usize = 64 * 1024;
 
-/// An [`Event`] whose data is still in the pieces it arrived in: what the gateway writes on to
-/// the daemon, piece by piece, without joining a long object into one buffer first.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PiecedEvent {
-    /// What the event is.
-    pub kind: EventKind,
-    /// Sequence number (1, 2, … within a stream).
-    pub id: Option<u64>,
-    /// One line of JSON text, in pieces.
-    pub data: Pieces,
-}
+/// Buffers kept for reuse besides the one in use: while one long event is decoded, the one
+/// before may still be being written on.
+const SPARES: usize = 2;
 
-impl PiecedEvent {
-    /// The event with its data in one buffer (a copy only if it came in several pieces).
-    pub fn into_event(self) -> Event {
-        Event::new(self.kind, self.id, self.data.into_bytes())
-    }
-}
-
-/// Bytes in the pieces they arrived in, in order: views of the reads themselves, except that
-/// pieces shorter than the decoder's minimum are joined by copying (so that a peer trickling
-/// bytes cannot make the list long, nor pin a large read buffer with a few bytes). No piece is
-/// empty. Equal when the bytes are, however they are cut.
-#[derive(Clone, Debug, Default)]
-pub struct Pieces {
-    parts: Vec<Bytes>,
-    len: usize,
-}
-
-impl Pieces {
-    /// How many bytes the pieces hold together.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether there are no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The pieces, in order.
-    pub fn parts(&self) -> &[Bytes] {
-        &self.parts
-    }
-
-    /// The pieces, in order, to write on as they are.
-    pub fn into_parts(self) -> Vec<Bytes> {
-        self.parts
-    }
-
-    /// The bytes in one buffer: the only piece itself, or a copy of several joined.
-    pub fn into_bytes(mut self) -> Bytes {
-        if self.parts.len() <= 1 {
-            return self.parts.pop().unwrap_or_default();
-        }
-        self.to_bytes()
-    }
-
-    /// The bytes in one buffer, leaving the pieces as they are.
-    pub fn to_bytes(&self) -> Bytes {
-        match &self.parts[..] {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            parts => {
-                let mut joined = Vec::with_capacity(self.len);
-                for p in parts {
-                    joined.extend_from_slice(p);
-                }
-                joined.into()
-            }
-        }
-    }
-
-    fn push(&mut self, piece: Bytes) {
-        if !piece.is_empty() {
-            self.len += piece.len();
-            self.parts.push(piece);
-        }
-    }
-
-    /// Drops the first `n` bytes, which lie in the first piece.
-    fn skip(&mut self, n: usize) {
-        let first = &mut self.parts[0];
-        debug_assert!(n <= first.len());
-        first.advance(n);
-        self.len -= n;
-        if first.is_empty() {
-            self.parts.remove(0);
-        }
-    }
-
-    /// Drops a `\r` at the end (the `\r` of a `\r\n` line end).
-    fn strip_cr(&mut self) {
-        if let Some(last) = self.parts.last_mut()
-            && last.last() == Some(&b'\r')
-        {
-            last.truncate(last.len() - 1);
-            self.len -= 1;
-            if last.is_empty() {
-                self.parts.pop();
-            }
-        }
-    }
-}
-
-impl From<Bytes> for Pieces {
-    fn from(bytes: Bytes) -> Self {
-        let mut p = Self::default();
-        p.push(bytes);
-        p
-    }
-}
-
-impl PartialEq for Pieces {
-    fn eq(&self, other: &Self) -> bool {
-        self.len == other.len
-            && self
-                .parts
-                .iter()
-                .flat_map(|p| p.iter())
-                .eq(other.parts.iter().flat_map(|p| p.iter()))
-    }
-}
-
-impl Eq for Pieces {}
-
-/// Pieces of a line shorter than this (or than a sixteenth of the cap, if less) are copied
-/// together rather than kept as views: it bounds the pieces of a line at about 2 × cap / this,
-/// and a few bytes do not hold a read's whole buffer. The sixteenth of the cap is what lets a
-/// fuzzer, with its small inputs and caps, reach the path of several pieces.
-const MIN_PIECE: usize = 4096;
+/// Spares are kept only while buffers are at most this large: past a few MiB a new allocation
+/// costs little beside the line it holds, and a stream of such lines should not hold three.
+const MAX_SPARE: usize = 4 * 1024 * 1024;
 
 /// An incremental SSE decoder: feed it bytes, take items.
-///
-/// It copies no long line: a line that arrives over several reads is kept as views of those
-/// reads ([`Pieces`]) until its end arrives. (Joining them into one buffer, as this decoder did
-/// before, copied every byte of a long object once more: 15% of the gateway's CPU time relaying
-/// ~1 MiB objects.)
 #[derive(Debug)]
 pub struct Decoder {
-    /// Bytes pushed and not yet searched for a line end, in order.
-    input: VecDeque<Bytes>,
-    /// The line being received, as far as it has arrived (no piece holds a line end)...
-    partial: Pieces,
-    /// ...followed by its latest short pieces, copied together.
-    tail: BytesMut,
+    buf: BytesMut,
+    /// How far `buf` has been searched for a line end.
+    scanned: usize,
+    /// The longest line (with its line end) of the last event: what a new buffer is sized
+    /// for, since the events of one stream are alike (a plugin's blob chunks are all of one
+    /// size), so that a long line is copied into it once instead of once per growth.
+    expect: usize,
+    /// The longest line of the event being assembled.
+    longest: usize,
+    /// The size `buf`'s allocation was made with (its views only show what is left of it).
+    buf_size: usize,
+    /// Earlier buffers (empty) and their allocations' sizes, taken back once the lines split
+    /// off them are dropped, while the stream's events are long (see [`Decoder::switch`]).
+    spares: Vec<(BytesMut, usize)>,
     max_line: usize,
     /// Bytes the event being assembled holds so far (field values and the joining newlines).
     pending: usize,
     event: Option<Bytes>,
     id: Option<Bytes>,
-    data: Option<Pieces>,
+    data: Option<Bytes>,
     extra_data: Option<BytesMut>,
     /// Set by [`Decoder::one_data_line`].
     one_data_line: bool,
+    /// Buffers allocated (tests count them).
+    #[cfg(test)]
+    allocations: usize,
     /// Set by the first error: the stream is refused, and nothing after it is kept (a caller
     /// that went on pushing would otherwise make the buffer as long as the stream).
     failed: bool,
@@ -226,9 +101,12 @@ impl Decoder {
     /// A decoder refusing lines, and events, over `max_line` bytes.
     pub fn new(max_line: usize) -> Self {
         Self {
-            input: VecDeque::new(),
-            partial: Pieces::default(),
-            tail: BytesMut::new(),
+            buf: BytesMut::new(),
+            scanned: 0,
+            expect: 0,
+            longest: 0,
+            buf_size: 0,
+            spares: Vec::new(),
             max_line,
             pending: 0,
             event: None,
@@ -237,6 +115,8 @@ impl Decoder {
             extra_data: None,
             failed: false,
             one_data_line: false,
+            #[cfg(test)]
+            allocations: 0,
         }
     }
 
@@ -249,37 +129,88 @@ impl Decoder {
         self
     }
 
-    /// Adds received bytes (copied; see [`Decoder::push_bytes`]).
+    /// Adds received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            self.push_bytes(Bytes::copy_from_slice(bytes));
+        if self.failed {
+            return;
+        }
+        if self.buf.capacity() - self.buf.len() < bytes.len() {
+            self.make_room(bytes.len());
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn long_line(&self) -> usize {
+        LONG_LINE.min(self.max_line / 4)
+    }
+
+    /// Makes room for `incoming` more bytes after the partial line `buf` holds: in place if
+    /// every line split off the buffer is gone, else in another buffer sized for the longest
+    /// line of the last event and half again, or for double the partial line (so that an
+    /// unexpectedly long line still costs linear time).
+    fn make_room(&mut self, incoming: usize) {
+        let partial = self.buf.len();
+        if self.expect < self.long_line() && partial < self.long_line() {
+            // Short lines are copied on and dropped at once, so `reserve` finds the buffer
+            // unshared and reuses it in place, doubling it when too small: after a few events
+            // it no longer allocates. (Sized as below instead, it allocated on most reads, and
+            // relaying the SDK's 11 KB objects was ~15% slower.) Its allocation is no longer
+            // known, so it is never kept as a spare.
+            self.buf.reserve(incoming.max(partial));
+            self.buf_size = 0;
+            return;
+        }
+        let want = (partial + incoming)
+            .max(self.expect + self.expect / 2)
+            .max(2 * partial);
+        if !self.buf.try_reclaim(want - partial) {
+            self.switch(want);
         }
     }
 
-    /// Adds received bytes without copying them: events, comments and lines refer to them.
-    pub fn push_bytes(&mut self, bytes: Bytes) {
-        if !self.failed && !bytes.is_empty() {
-            self.input.push_back(bytes);
+    /// Moves the partial line to a buffer of at least `want` bytes: a spare whose lines are
+    /// all gone, or a new one.
+    ///
+    /// The lines split off a buffer share its allocation until their consumer drops them, and
+    /// the gateway holds a relayed line until it has been written on, so a buffer that long
+    /// lines went through is seldom free again by the time the next line needs room. Left to
+    /// `BytesMut::reserve`, that meant a new allocation (and its page faults) per event, and
+    /// copying the partial line again whenever it outgrew one. Kept as spares, two earlier
+    /// buffers are usually free again when needed.
+    fn switch(&mut self, want: usize) {
+        let free = self
+            .spares
+            .iter_mut()
+            .position(|(b, _)| b.try_reclaim(want));
+        let (mut next, size) = match free {
+            Some(i) => self.spares.swap_remove(i),
+            None => {
+                #[cfg(test)]
+                {
+                    self.allocations += 1;
+                }
+                let fresh = BytesMut::with_capacity(want);
+                let size = fresh.capacity();
+                (fresh, size)
+            }
+        };
+        next.extend_from_slice(&self.buf);
+        let mut previous = std::mem::replace(&mut self.buf, next);
+        let previous_size = std::mem::replace(&mut self.buf_size, size);
+        previous.clear();
+        if want > MAX_SPARE {
+            self.spares.clear();
+        } else if previous_size > 0 && previous_size <= MAX_SPARE {
+            if self.spares.len() == SPARES {
+                self.spares.remove(0);
+            }
+            self.spares.push((previous, previous_size));
         }
     }
 
-    fn min_piece(&self) -> usize {
-        MIN_PIECE.min(self.max_line / 16).max(1)
-    }
-
-    fn partial_len(&self) -> usize {
-        self.partial.len() + self.tail.len()
-    }
-
-    /// The next complete item, if the bytes so far hold one, with its data in one buffer.
-    /// After an error the decoder is done: every later call says so, and what is pushed is
-    /// dropped.
+    /// The next complete item, if the bytes so far hold one. After an error the decoder is
+    /// done: every later call says so, and what is pushed is dropped.
     pub fn next_item(&mut self) -> Result<Option<Item>, Error> {
-        Ok(self.next_pieced()?.map(Item::joined))
-    }
-
-    /// [`Decoder::next_item`], with the event's data in the pieces it arrived in.
-    pub fn next_pieced(&mut self) -> Result<Option<Item<PiecedEvent>>, Error> {
         if self.failed {
             return Err(Error::Sse(
                 "the stream was refused earlier; nothing after that is read".into(),
@@ -288,9 +219,9 @@ impl Decoder {
         let item = self.scan();
         if item.is_err() {
             self.failed = true;
-            self.input = VecDeque::new();
-            self.partial = Pieces::default();
-            self.tail = BytesMut::new();
+            self.buf = BytesMut::new();
+            self.spares = Vec::new();
+            self.buf_size = 0;
             self.event = None;
             self.id = None;
             self.data = None;
@@ -299,93 +230,65 @@ impl Decoder {
         item
     }
 
-    fn scan(&mut self) -> Result<Option<Item<PiecedEvent>>, Error> {
-        while let Some(mut read) = self.input.pop_front() {
-            let Some(pos) = memchr::memchr(b'\n', &read) else {
-                self.keep(read);
-                if self.partial_len() > self.max_line {
+    fn scan(&mut self) -> Result<Option<Item>, Error> {
+        loop {
+            let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max_line {
                     return Err(Error::Sse(format!(
                         "a line is over {} bytes",
                         self.max_line
                     )));
                 }
-                continue;
+                return Ok(None);
             };
+            let end = self.scanned + pos;
             // The same bound as for a partial line above, so that whether a line is refused
             // never depends on the read its `\n` arrived in.
-            if self.partial_len() + pos > self.max_line {
+            if end > self.max_line {
                 return Err(Error::Sse(format!(
                     "a line is over {} bytes",
                     self.max_line
                 )));
             }
-            let mut head = read.split_to(pos + 1);
-            if !read.is_empty() {
-                self.input.push_front(read);
+            let mut line = self.buf.split_to(end + 1).freeze();
+            self.longest = self.longest.max(line.len());
+            self.scanned = 0;
+            let room = line.len() + line.len() / 2;
+            if line.len() >= self.long_line()
+                && self.buf.len() <= line.len() / 2
+                && self.buf.capacity() < room
+            {
+                // Start the next long line at the head of a buffer that can hold it whole,
+                // moving only what the read that ended this one brought of it (at most half a
+                // line, so the copying stays linear however the bytes arrive).
+                self.switch(room);
             }
-            head.truncate(pos);
-            let mut line = self.take_line(head);
-            line.strip_cr();
+            line.truncate(line.len() - 1);
+            if line.last() == Some(&b'\r') {
+                line.truncate(line.len() - 1);
+            }
             if let Some(item) = self.line(line)? {
                 return Ok(Some(item));
             }
         }
-        Ok(None)
     }
 
-    /// Adds a read with no line end to the partial line.
-    fn keep(&mut self, piece: Bytes) {
-        if piece.len() < self.min_piece() {
-            self.tail.extend_from_slice(&piece);
-            return;
-        }
-        if !self.tail.is_empty() {
-            self.partial.push(self.tail.split().freeze());
-        }
-        self.partial.push(piece);
-    }
-
-    /// The partial line completed by `head`, the read's bytes up to its line end.
-    fn take_line(&mut self, head: Bytes) -> Pieces {
-        if self.partial.is_empty() && self.tail.is_empty() {
-            return Pieces::from(head);
-        }
-        let mut line = std::mem::take(&mut self.partial);
-        if !self.tail.is_empty() {
-            if head.len() < self.min_piece() {
-                self.tail.extend_from_slice(&head);
-                line.push(self.tail.split().freeze());
-                return line;
-            }
-            line.push(self.tail.split().freeze());
-        }
-        line.push(head);
-        line
-    }
-
-    fn line(&mut self, mut line: Pieces) -> Result<Option<Item<PiecedEvent>>, Error> {
-        let Some(first) = line.parts.first() else {
+    fn line(&mut self, line: Bytes) -> Result<Option<Item>, Error> {
+        if line.is_empty() {
             return self.dispatch();
-        };
-        if first[0] == b':' {
+        }
+        if line[0] == b':' {
+            // A keepalive: the stream is idle, and need not hold spare buffers through it.
+            self.spares.clear();
             return Ok(Some(Item::Comment));
         }
-        // A field's name, its colon and the space after it are read from the first piece. If a
-        // read ended among them, the line is joined first: a copy, but a rare one, since reads
-        // are long and names short.
-        if line.parts.len() > 1 && memchr::memchr(b':', first).is_none_or(|i| i + 1 >= first.len())
-        {
-            line = Pieces::from(line.to_bytes());
-        }
-        let first = &line.parts[0];
-        let (name, value) = match memchr::memchr(b':', first) {
+        let (name, value) = match memchr::memchr(b':', &line) {
             Some(i) => {
-                let skip = usize::from(first.get(i + 1) == Some(&b' '));
-                let name = first.slice(..i);
-                line.skip(i + 1 + skip);
-                (name, line)
+                let skip = usize::from(line.get(i + 1) == Some(&b' '));
+                (line.slice(..i), line.slice(i + 1 + skip..))
             }
-            None => (line.into_bytes(), Pieces::default()),
+            None => (line.clone(), Bytes::new()),
         };
         self.pending += value.len() + 1;
         if self.pending > self.max_line {
@@ -395,11 +298,11 @@ impl Decoder {
             )));
         }
         match name.as_ref() {
-            // Copied, not kept as views: a field waiting for its event's end would otherwise
-            // hold the whole read its line came in (and a hostile stream could spread its
-            // fields over several), for the sake of a few bytes.
-            b"event" => self.event = Some(Bytes::copy_from_slice(&value.to_bytes())),
-            b"id" => self.id = Some(Bytes::copy_from_slice(&value.to_bytes())),
+            // Copied, not sliced: a field waiting for its event's end would otherwise hold the
+            // whole buffer its line came in (and a hostile stream could spread its fields over
+            // several), for the sake of a few bytes.
+            b"event" => self.event = Some(Bytes::copy_from_slice(&value)),
+            b"id" => self.id = Some(Bytes::copy_from_slice(&value)),
             b"data" => match (&self.data, &mut self.extra_data) {
                 (None, _) => self.data = Some(value),
                 (Some(_), _) if self.one_data_line => {
@@ -417,11 +320,9 @@ impl Decoder {
                     )));
                 }
                 (Some(first), extra) => {
-                    let buf = extra.get_or_insert_with(|| BytesMut::from(&first.to_bytes()[..]));
+                    let buf = extra.get_or_insert_with(|| BytesMut::from(first.as_ref()));
                     buf.put_u8(b'\n');
-                    for p in value.parts() {
-                        buf.put_slice(p);
-                    }
+                    buf.put_slice(&value);
                 }
             },
             _ => {}
@@ -429,12 +330,17 @@ impl Decoder {
         Ok(None)
     }
 
-    fn dispatch(&mut self) -> Result<Option<Item<PiecedEvent>>, Error> {
+    fn dispatch(&mut self) -> Result<Option<Item>, Error> {
         self.pending = 0;
+        self.expect = std::mem::take(&mut self.longest);
+        if self.expect < self.long_line() {
+            // Short lines are copied on and dropped at once: their buffer is reclaimed in place.
+            self.spares.clear();
+        }
         let event = self.event.take();
         let id = self.id.take();
         let data = match (self.data.take(), self.extra_data.take()) {
-            (_, Some(joined)) => Pieces::from(joined.freeze()),
+            (_, Some(joined)) => joined.freeze(),
             (Some(d), None) => d,
             (None, None) => return Ok(None),
         };
@@ -456,7 +362,7 @@ impl Decoder {
                     })?,
             ),
         };
-        Ok(Some(Item::Event(PiecedEvent { kind, id, data })))
+        Ok(Some(Item::Event(Event::new(kind, id, data))))
     }
 }
 
@@ -564,11 +470,7 @@ mod tests {
         for _ in 0..1024 {
             d.push(&[b'x'; 1024]);
         }
-        assert!(
-            d.input.is_empty() && d.tail.capacity() < 1024,
-            "{} reads kept",
-            d.input.len()
-        );
+        assert!(d.buf.capacity() < 1024, "{} bytes kept", d.buf.capacity());
         let again = d.next_item().unwrap_err().to_string();
         assert!(again.contains("refused earlier"), "{again}");
     }
@@ -674,91 +576,71 @@ mod tests {
         assert!(d.next_item().is_err());
     }
 
-    /// The gateway's path: a ~1 MiB object arriving in ~200 KB reads comes out as views of
-    /// those reads (no byte copied), a piece per read; joined, it is the object.
+    /// A relayed event lives until it has been written on, so the gateway holds each one while
+    /// the next arrives. Decoding such a stream of ~1 MiB events must not allocate (and copy
+    /// into) a new buffer per event, let alone per read.
     #[test]
-    fn a_long_line_over_several_reads_is_handed_on_as_those_reads() {
-        let data: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    fn a_stream_of_long_events_reuses_its_buffers() {
+        let data = vec![b'x'; 1 << 20];
         let event = encode(&Event::new(EventKind::Chunk, Some(1), data.clone()));
-        let wire = Bytes::from(event.repeat(5));
-        let within = |p: &Bytes| {
-            let (start, end) = (wire.as_ptr() as usize, wire.as_ptr() as usize + wire.len());
-            (start..end).contains(&(p.as_ptr() as usize))
-        };
-        let mut d = Decoder::new(DEFAULT_MAX_LINE).one_data_line();
+        let wire = event.repeat(256);
+        let mut d = Decoder::new(DEFAULT_MAX_LINE);
+        let mut held: Option<Event> = None;
         let mut events = 0;
-        let mut offset = 0;
-        while offset < wire.len() {
-            // Reads of an odd size, so that events and reads never line up.
-            let end = (offset + 200_003).min(wire.len());
-            d.push_bytes(wire.slice(offset..end));
-            offset = end;
-            while let Some(item) = d.next_pieced().unwrap() {
+        // Reads of an odd size, so that events and reads never line up.
+        for piece in wire.chunks(200_003) {
+            d.push(piece);
+            while let Some(item) = d.next_item().unwrap() {
                 let Item::Event(e) = item else {
                     panic!("no comments were sent")
                 };
                 assert_eq!(e.data.len(), data.len());
-                assert!(e.data.parts().len() <= 7, "{} pieces", e.data.parts().len());
-                assert!(e.data.parts().iter().all(within), "a piece was copied");
-                assert_eq!(e.into_event().data, data[..]);
                 events += 1;
+                // The previous event has been "written on": drop it now, as the gateway does.
+                held = Some(e);
             }
         }
-        assert_eq!(events, 5);
-    }
-
-    /// A peer trickling bytes: short reads are copied together, so a line's pieces stay few
-    /// whatever the reads' sizes, and its bytes are the same.
-    #[test]
-    fn short_reads_are_joined_so_pieces_stay_few() {
-        let max = 1 << 20;
-        let data = vec![b'x'; 256 * 1024];
-        let wire = encode(&Event::new(EventKind::Chunk, None, data.clone()));
-        for sizes in [
-            &[1usize][..],
-            &[1, MIN_PIECE],
-            &[MIN_PIECE - 1, 1],
-            &[7, 70_000],
-        ] {
-            let mut d = Decoder::new(max);
-            let mut got = Vec::new();
-            let (mut offset, mut turn) = (0, 0);
-            while offset < wire.len() {
-                let end = (offset + sizes[turn % sizes.len()]).min(wire.len());
-                d.push(&wire[offset..end]);
-                (offset, turn) = (end, turn + 1);
-                while let Some(Item::Event(e)) = d.next_pieced().unwrap() {
-                    got.push(e);
-                }
-            }
-            assert_eq!(got.len(), 1, "{sizes:?}");
-            let pieces = got[0].data.parts().len();
-            assert!(
-                pieces <= 2 * data.len() / MIN_PIECE + 2,
-                "{sizes:?}: {pieces} pieces"
-            );
-            assert_eq!(got[0].data.to_bytes(), data[..], "{sizes:?}");
-        }
-        // A `\r\n` line end cut between two reads: the `\r` is not data.
-        let mut d = Decoder::new(max);
-        d.push_bytes(Bytes::from(
-            [b"event: log\ndata: ".as_slice(), &[b'y'; MIN_PIECE], b"\r"].concat(),
-        ));
-        d.push_bytes(Bytes::from_static(b"\n\n"));
-        let Ok(Some(Item::Event(e))) = d.next_pieced() else {
-            panic!("no event")
-        };
-        assert_eq!(e.data.to_bytes(), vec![b'y'; MIN_PIECE]);
+        drop(held);
+        assert_eq!(events, 256);
+        // The first event grows by doubling; from then on three buffers take turns.
+        assert!(
+            d.allocations <= 8,
+            "{} allocations for 256 events",
+            d.allocations
+        );
     }
 
     #[test]
-    fn pieces_are_equal_when_their_bytes_are() {
-        let mut a = Pieces::from(Bytes::from_static(b"ab"));
-        a.push(Bytes::from_static(b"c"));
-        assert_eq!(a, Pieces::from(Bytes::from_static(b"abc")));
-        assert_ne!(a, Pieces::from(Bytes::from_static(b"abd")));
-        assert_ne!(a, Pieces::from(Bytes::from_static(b"ab")));
-        assert_eq!(Pieces::default().into_bytes(), Bytes::new());
+    fn spare_buffers_go_once_the_events_are_short_again() {
+        let mut d = Decoder::new(DEFAULT_MAX_LINE);
+        let long = encode(&Event::new(EventKind::Chunk, None, vec![b'x'; 100_000]));
+        let mut held = Vec::new();
+        for piece in long.repeat(4).chunks(30_001) {
+            d.push(piece);
+            while let Some(item) = d.next_item().unwrap() {
+                held.push(item);
+            }
+        }
+        assert_eq!(held.len(), 4);
+        assert!(!d.spares.is_empty(), "long events keep spares");
+        d.push(&encode(&Event::new(EventKind::End, None, "{}")));
+        assert!(matches!(d.next_item(), Ok(Some(Item::Event(_)))));
+        assert!(d.spares.is_empty(), "{} spare buffers", d.spares.len());
+    }
+
+    #[test]
+    fn lines_of_megabytes_keep_no_spares() {
+        let mut d = Decoder::new(DEFAULT_MAX_LINE);
+        let event = encode(&Event::new(EventKind::Chunk, None, vec![b'x'; 3 << 20]));
+        let mut held = Vec::new();
+        for piece in event.repeat(4).chunks(1 << 20) {
+            d.push(piece);
+            while let Some(item) = d.next_item().unwrap() {
+                held.push(item);
+            }
+        }
+        assert_eq!(held.len(), 4);
+        assert!(d.spares.is_empty(), "{} spare buffers", d.spares.len());
     }
 
     #[test]
