@@ -78,14 +78,17 @@ fn sample() -> connector::package::Package {
 }
 
 /// Runs `sri package …` with `env`, returning (success, stdout, stderr).
-fn sri_package(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+fn sri_package<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     sri_package_in(None, args, env)
 }
 
 /// [`sri_package`] run from `cwd` (else this process's directory).
-fn sri_package_in(
+fn sri_package_in<S: AsRef<std::ffi::OsStr>>(
     cwd: Option<&Path>,
-    args: &[&str],
+    args: &[S],
     env: &[(&str, &str)],
 ) -> (bool, String, String) {
     let mut cmd = Command::new(fresh_sri());
@@ -102,6 +105,30 @@ fn sri_package_in(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// What a function zip build names: the plugin, the architecture, the bootstrap, the cache, uv
+/// and the output; then `extra`.
+fn zip_args(
+    plugin: &Path,
+    arch: &str,
+    bootstrap: &Path,
+    cache: &Path,
+    uv: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = vec![plugin.display().to_string(), "--arch".into(), arch.into()];
+    for (flag, path) in [
+        ("--bootstrap", bootstrap),
+        ("--cache-dir", cache),
+        ("--uv", uv),
+        ("-o", out),
+    ] {
+        args.extend([flag.to_owned(), path.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 fn check_sample_zip(a: &Artifact, arch: Arch) {
@@ -273,26 +300,10 @@ fn a_dependency_without_a_wheel_for_the_target_is_named_with_the_fix() {
     let cache = cache_in(&dir);
     let (arm, x86) = (lambda_bootstrap("arm64"), lambda_bootstrap("x86_64"));
     let out = dir.path().join("out.zip");
-    let args = |arch: &str, boot: &Path| -> Vec<String> {
-        vec![
-            plugin.display().to_string(),
-            "--arch".into(),
-            arch.into(),
-            "--offline".into(),
-            "--wheelhouse".into(),
-            wh.display().to_string(),
-            "--bootstrap".into(),
-            boot.display().to_string(),
-            "--cache-dir".into(),
-            cache.display().to_string(),
-            "--uv".into(),
-            uv().display().to_string(),
-            "-o".into(),
-            out.display().to_string(),
-        ]
-    };
-    let a = args("arm64", &arm);
-    let (ok, _, err) = sri_package(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let wheelhouse = ["--offline", "--wheelhouse", wh.to_str().unwrap()];
+    let args =
+        |arch: &str, boot: &Path| zip_args(&plugin, arch, boot, &cache, &uv(), &out, &wheelhouse);
+    let (ok, _, err) = sri_package(&args("arm64", &arm), &[]);
     assert!(!ok, "arm64 has no wheel: {err}");
     for needle in [
         "`sri-only-x86` has no wheel",
@@ -313,8 +324,7 @@ fn a_dependency_without_a_wheel_for_the_target_is_named_with_the_fix() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    let a = args("x86_64", &x86);
-    let (ok, stdout, err) = sri_package(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let (ok, stdout, err) = sri_package(&args("x86_64", &x86), &[]);
     assert!(ok, "x86_64 has the wheel: {err}");
     assert!(stdout.contains("cache        miss"), "{stdout}");
     let files = unzip(&out);
@@ -334,24 +344,10 @@ fn without_an_interpreter_of_the_target_version_it_ships_no_bytecode_and_says_so
     tiny_plugin(&plugin, "sri-only-x86==0.1.0\n");
     let cache = cache_in(&dir);
     let x86 = lambda_bootstrap("x86_64");
+    let wheelhouse = ["--offline", "--wheelhouse", wh.to_str().unwrap()];
     let run = |out: &Path, env: &[(&str, &str)]| {
         sri_package(
-            &[
-                plugin.to_str().unwrap(),
-                "--arch",
-                "x86_64",
-                "--offline",
-                "--wheelhouse",
-                wh.to_str().unwrap(),
-                "--bootstrap",
-                x86.to_str().unwrap(),
-                "--cache-dir",
-                cache.to_str().unwrap(),
-                "--uv",
-                uv().to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ],
+            &zip_args(&plugin, "x86_64", &x86, &cache, &uv(), out, &wheelhouse),
             env,
         )
     };
@@ -419,23 +415,20 @@ fn offline_installs_come_from_the_wheelhouse_alone() {
     let zip = dir.path().join("offline.zip");
     let x86 = lambda_bootstrap("x86_64");
     let (ok, stdout, err) = sri_package(
-        &[
-            plugin_dir("sample").to_str().unwrap(),
-            "--arch",
+        &zip_args(
+            &plugin_dir("sample"),
             "x86_64",
-            "--offline",
-            "--wheelhouse",
-            wh.to_str().unwrap(),
-            "--no-bytecode",
-            "--bootstrap",
-            x86.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--uv",
-            uv().to_str().unwrap(),
-            "-o",
-            zip.to_str().unwrap(),
-        ],
+            &x86,
+            &cache,
+            &uv(),
+            &zip,
+            &[
+                "--offline",
+                "--wheelhouse",
+                wh.to_str().unwrap(),
+                "--no-bytecode",
+            ],
+        ),
         &[
             ("UV_INDEX_URL", "http://127.0.0.1:9/"),
             ("UV_DEFAULT_INDEX", "http://127.0.0.1:9/"),
@@ -518,20 +511,15 @@ fn dependency_files_are_parsed_before_uv_and_uv_sees_none_of_the_environment() {
             std::fs::write(path, bytes).unwrap();
         }
         std::fs::write(plugin.join("requirements.txt"), requirements).unwrap();
-        let args = [
-            plugin.to_str().unwrap(),
-            "--arch",
+        let args = zip_args(
+            &plugin,
             "x86_64",
-            "--no-bytecode",
-            "--bootstrap",
-            x86.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--uv",
-            spy.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
+            &x86,
+            &cache,
+            &spy,
+            &out,
+            &["--no-bytecode"],
+        );
         sri_package(&args, &[("SRI_TEST_CANARY", canary.as_str())])
     };
     for (requirements, words) in [
@@ -590,21 +578,15 @@ fn sri_package_writes_the_sdk_layer_beside_a_trimmed_zip() {
     let sample = plugin_dir("sample");
     let run = |out: &Path, layer: &str| {
         sri_package(
-            &[
-                sample.to_str().unwrap(),
-                "--arch",
+            &zip_args(
+                &sample,
                 "x86_64",
-                "--bootstrap",
-                x86.to_str().unwrap(),
-                "--cache-dir",
-                cache.to_str().unwrap(),
-                "--uv",
-                uv().to_str().unwrap(),
-                "--sdk-layer",
-                layer,
-                "-o",
-                out.to_str().unwrap(),
-            ],
+                &x86,
+                &cache,
+                &uv(),
+                out,
+                &["--sdk-layer", layer],
+            ),
             &[],
         )
     };
@@ -685,25 +667,16 @@ fn relative_paths_are_taken_from_where_sri_runs() {
     std::os::unix::fs::symlink(uv(), dir.path().join("tools/uv")).unwrap();
     let x86 = lambda_bootstrap("x86_64");
     let sample = plugin_dir("sample");
-    let (ok, _, err) = sri_package_in(
-        Some(dir.path()),
-        &[
-            sample.to_str().unwrap(),
-            "--arch",
-            "x86_64",
-            "--bootstrap",
-            x86.to_str().unwrap(),
-            "--cache-dir",
-            "cache",
-            "--uv",
-            "tools/uv",
-            "--sdk-layer",
-            "false",
-            "-o",
-            "fn.zip",
-        ],
-        &[],
+    let args = zip_args(
+        &sample,
+        "x86_64",
+        &x86,
+        Path::new("cache"),
+        Path::new("tools/uv"),
+        Path::new("fn.zip"),
+        &["--sdk-layer", "false"],
     );
+    let (ok, _, err) = sri_package_in(Some(dir.path()), &args, &[]);
     assert!(ok, "{err}");
     let files = unzip(&dir.path().join("fn.zip"));
     assert!(
