@@ -73,8 +73,6 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults for `target`: [`default_bootstrap`], [`default_cache_dir`], [`default_uv`],
-    /// bytecode on, the default index, no wheelhouse.
     /// The same options with the paths that uv and Python are handed made absolute: they run
     /// in a scratch directory of their own, where a path relative to ours (`--cache-dir c`,
     /// `--uv .venv/tools/bin/uv`, the `.sri-cache` default) names nothing. A bare program name
@@ -93,6 +91,8 @@ impl Options {
         Ok(o)
     }
 
+    /// Defaults for `target`: [`default_bootstrap`], [`default_cache_dir`], [`default_uv`],
+    /// bytecode on, the default index, no wheelhouse.
     pub fn new(target: Target) -> Self {
         Self {
             target,
